@@ -1,0 +1,135 @@
+"""The `stillhouse` command: the composition root. Every failure a user can cause ends here as
+one line on stderr and a non-zero exit code (`StillhouseError.exit_code`), never a traceback.
+
+    stillhouse --help
+    stillhouse version
+    stillhouse demo build                  # corpus, tokenizer, teacher (cached under the state dir)
+    stillhouse demo run                    # build, serve the teacher on vLLM, ask it real tickets
+    stillhouse engines serve --model PATH  # one vLLM server in the foreground; Ctrl-C stops it
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from stillhouse import __version__
+from stillhouse.common.config import Settings, load_settings
+from stillhouse.common.errors import StillhouseError
+
+app = typer.Typer(
+    name="stillhouse",
+    help="Distill, serve, A/B-test, judge and promote student language models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+engines_app = typer.Typer(help="Run vLLM inference engines.", no_args_is_help=True)
+demo_app = typer.Typer(help="The embedded demo world (no GPU, no model hub).", no_args_is_help=True)
+app.add_typer(engines_app, name="engines")
+app.add_typer(demo_app, name="demo")
+
+
+def _settings(ctx: typer.Context) -> Settings:
+    return ctx.obj["settings_loader"]()
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="YAML config (default: ./stillhouse.yaml if present)."),
+    ] = None,
+) -> None:
+    # Settings load lazily so that `--help` and `version` work even with a broken config.
+    ctx.obj = {"settings_loader": lambda: load_settings(config)}
+
+
+@app.command()
+def version() -> None:
+    """Print the Stillhouse version."""
+    typer.echo(f"stillhouse {__version__}")
+
+
+@engines_app.command("serve")
+def engines_serve(
+    ctx: typer.Context,
+    model: Annotated[Path, typer.Option(help="Model directory (config.json + weights).")],
+    name: Annotated[str | None, typer.Option(help="Served model name (default: dir name).")] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Port (default: config, else a free one).")
+    ] = None,
+    engine_arg: Annotated[
+        list[str] | None,
+        typer.Option("--engine-arg", help="Passed to vLLM as is; repeat for each token."),
+    ] = None,
+) -> None:
+    """Serve one model with vLLM in the foreground until Ctrl-C."""
+    from stillhouse.serving.engine import EngineSpec, VllmEngine
+
+    settings = _settings(ctx)
+    spec = EngineSpec(model, name or model.resolve().name, port, tuple(engine_arg or ()))
+    engine = VllmEngine(spec, settings.engine, settings.logs_dir)
+    console = Console(stderr=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        with console.status(f"starting vLLM for {model} (log: {engine.log_path})"):
+            engine.start()
+            engine.wait_ready()
+        console.print(
+            f"serving [bold]{spec.served_model_name}[/] at {engine.base_url}  (Ctrl-C stops)"
+        )
+        while not stop.wait(1.0):
+            if engine.exited():
+                raise StillhouseError(f"vLLM server exited; see {engine.log_path}")
+    except KeyboardInterrupt:
+        console.print("stopping...")
+    finally:
+        engine.stop()
+    console.print("stopped")
+
+
+@demo_app.command("build")
+def demo_build(
+    ctx: typer.Context,
+    force: Annotated[bool, typer.Option(help="Rebuild even if the cache is current.")] = False,
+) -> None:
+    """Build (or reuse) the demo corpus, tokenizer and teacher, and print the teacher's accuracy."""
+    from stillhouse.rollout.demo.build import build_demo_world, ensure_teacher_evaluated
+    from stillhouse.rollout.demo.report import print_build_summary
+
+    settings = _settings(ctx)
+    console = Console()
+    world = build_demo_world(settings, force=force, console=console)
+    ensure_teacher_evaluated(world, settings, console)
+    print_build_summary(world, console)
+
+
+@demo_app.command("run")
+def demo_run(ctx: typer.Context) -> None:
+    """Build the demo world, serve the teacher on vLLM and send it real tickets."""
+    from stillhouse.rollout.demo.run import run_demo
+
+    run_demo(_settings(ctx), Console())
+
+
+def main() -> None:
+    try:
+        app()
+    except StillhouseError as e:
+        Console(stderr=True, highlight=False, soft_wrap=True).print(f"error: {e}", markup=False)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

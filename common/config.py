@@ -1,0 +1,168 @@
+"""Configuration: one YAML file parsed into typed pydantic models, environment overrides on top.
+
+Lookup: `--config PATH`, else `$STILLHOUSE_CONFIG`, else `./stillhouse.yaml` if present, else the
+embedded demo defaults (state in `./.stillhouse/`). An environment variable
+`STILLHOUSE_<SECTION>__<FIELD>` overrides one field, e.g.
+
+    STILLHOUSE_ENGINE__CPU_KVCACHE_SPACE_GIB=2
+    STILLHOUSE_STATE_DIR=/var/lib/stillhouse
+    STILLHOUSE_ENGINE__EXTRA_ARGS='["--enforce-eager"]'     # JSON for lists and maps
+
+Secrets (API keys) are `SecretStr`: they print as `**********` and are never logged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from stillhouse.common.errors import ConfigError
+
+ENV_PREFIX = "STILLHOUSE_"
+CONFIG_ENV = "STILLHOUSE_CONFIG"
+DEFAULT_CONFIG_FILE = "stillhouse.yaml"
+
+
+class _Section(BaseModel):
+    # A typo in a key is an error, not a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EngineSettings(_Section):
+    """How `serving` starts a vLLM OpenAI-compatible server."""
+
+    host: str = "127.0.0.1"
+    port: int | None = Field(default=None, ge=1, le=65535, description="None picks a free port")
+    max_model_len: int = Field(default=512, ge=16)
+    max_logprobs: int = Field(default=20, ge=0, le=1000)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    enforce_eager: bool = False
+    extra_args: tuple[str, ...] = ()
+    ready_timeout_s: float = Field(default=600.0, gt=0)
+    stop_grace_s: float = Field(default=15.0, ge=0)
+    # vLLM CPU backend: GiB reserved for the KV cache, and which cores its OpenMP threads use.
+    cpu_kvcache_space_gib: int = Field(default=1, ge=1)
+    cpu_omp_threads_bind: str = "auto"
+    api_key: SecretStr | None = None
+
+
+class DemoSettings(_Section):
+    """The embedded demo world: corpus size, model sizes and training budget."""
+
+    seed: int = 1234
+    n_train: int = Field(default=6000, ge=18)
+    n_val: int = Field(default=600, ge=18)
+    n_test: int = Field(default=600, ge=18)
+    vocab_size: int = Field(default=2048, ge=300, le=65536)
+    judge_share: float = Field(default=0.5, ge=0, le=1)
+    teacher_epochs: float = Field(default=3.0, gt=0)
+    teacher_hidden_size: int = Field(default=256, ge=64)
+    teacher_layers: int = Field(default=4, ge=1)
+    # Context length the demo models are built for; engine.max_model_len must not exceed it.
+    max_positions: int = Field(default=512, ge=64)
+
+
+class Settings(_Section):
+    state_dir: Path = Path(".stillhouse")
+    engine: EngineSettings = EngineSettings()
+    demo: DemoSettings = DemoSettings()
+
+    @field_validator("state_dir")
+    @classmethod
+    def _expand(cls, v: Path) -> Path:
+        return v.expanduser()
+
+    @property
+    def demo_dir(self) -> Path:
+        return self.state_dir / "demo"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+
+def _env_value(raw: str) -> Any:
+    # Lists and maps come as JSON; everything else stays a string for pydantic to coerce.
+    stripped = raw.strip()
+    if stripped[:1] in "[{":
+        try:
+            return json.loads(stripped)
+        except json.JSONDecodeError:
+            return raw
+    return raw
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Nested overrides from `STILLHOUSE_A__B=value` variables (`STILLHOUSE_CONFIG` excluded)."""
+    tree: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+            continue
+        path = name[len(ENV_PREFIX) :].lower().split("__")
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config error: {name} conflicts with another override")
+        node[path[-1]] = _env_value(raw)
+    return tree
+
+
+def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _deep_merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _one_line(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"config error in {source}: {field}: {first['msg']}{more}"
+
+
+def resolve_config_path(explicit: Path | None, environ: Mapping[str, str]) -> Path | None:
+    if explicit is not None:
+        return explicit
+    if environ.get(CONFIG_ENV):
+        return Path(environ[CONFIG_ENV])
+    default = Path(DEFAULT_CONFIG_FILE)
+    return default if default.is_file() else None
+
+
+def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from `path` (or the lookup above) with environment overrides applied."""
+    environ = os.environ if environ is None else environ
+    path = resolve_config_path(path, environ)
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config error: file not found: {path}") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"config error in {path}{where}: not valid YAML") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config error in {path}: the top level must be a mapping")
+        data = loaded or {}
+    overrides = env_overrides(environ)
+    if overrides:
+        source += " + STILLHOUSE_* environment"
+    try:
+        return Settings.model_validate(_deep_merge(data, overrides))
+    except ValidationError as e:
+        raise ConfigError(_one_line(e, source)) from None

@@ -1,0 +1,102 @@
+"""The demo world's two task formats, shared by training (rollout) and evaluation (eval).
+
+Task (a), triage: the user message asks to triage a ticket; the assistant answers
+
+    category: billing
+    priority: high
+    reply: we have opened a billing review for you. a specialist will ...
+
+Task (b), judge: the user message holds a ticket and a candidate answer; the assistant answers
+with a JSON verdict `{"score": 1-5, "reason": "..."}` (see `judge_verdict` for the rubric).
+
+Both are rendered through the tokenizer's chat template, so a chat request to vLLM sees exactly
+the text the model was trained on. For raw completions the prompt ends with `category:` and the
+answer starts with ` billing` (a trailing space would be a token the model never saw).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+TRIAGE_INSTRUCTION = "triage this support ticket."
+JUDGE_INSTRUCTION = "grade this answer to a support ticket."
+
+_ANSWER_RE = re.compile(
+    r"^\s*category:\s*(?P<category>[a-z]+)\s*\n\s*priority:\s*(?P<priority>[a-z]+)\s*"
+    r"(?:\n\s*reply:\s*(?P<reply>.*))?$",
+    re.DOTALL,
+)
+
+
+@dataclass(frozen=True)
+class TriageAnswer:
+    category: str
+    priority: str
+    reply: str
+
+
+def triage_user_message(ticket_text: str) -> str:
+    return f"{TRIAGE_INSTRUCTION}\nticket: {ticket_text}"
+
+
+def triage_answer(category: str, priority: str, reply: str) -> str:
+    return f"category: {category}\npriority: {priority}\nreply: {reply}"
+
+
+def parse_triage_answer(text: str) -> TriageAnswer | None:
+    """The answer's fields, or None when the text is not in the triage format."""
+    m = _ANSWER_RE.match(text)
+    if m is None:
+        return None
+    return TriageAnswer(m["category"], m["priority"], (m["reply"] or "").strip())
+
+
+def judge_user_message(ticket_text: str, candidate_answer: str) -> str:
+    return f"{JUDGE_INSTRUCTION}\nticket: {ticket_text}\nanswer:\n{candidate_answer}"
+
+
+def judge_verdict(
+    true_category: str,
+    true_priority: str,
+    category: str,
+    priority: str,
+    priorities: tuple[str, ...],
+) -> dict[str, object]:
+    """The ground-truth verdict for a candidate: 5 both right, 4/3 category right and priority
+    one/two levels off, 2 category wrong but priority right, 1 both wrong."""
+    cat_ok = category == true_category
+    prio_ok = priority == true_priority
+    if cat_ok and prio_ok:
+        return {"score": 5, "reason": "category and priority are correct"}
+    if cat_ok:
+        known = priority in priorities
+        off = abs(priorities.index(priority) - priorities.index(true_priority)) if known else 2
+        return {"score": 4 if off == 1 else 3, "reason": f"priority should be {true_priority}"}
+    if prio_ok:
+        return {"score": 2, "reason": f"category should be {true_category}"}
+    return {
+        "score": 1,
+        "reason": f"category should be {true_category} and priority should be {true_priority}",
+    }
+
+
+def render_verdict(verdict: dict[str, object]) -> str:
+    return json.dumps(verdict, separators=(", ", ": "))
+
+
+def parse_verdict(text: str) -> dict[str, object] | None:
+    """A strict parse: a JSON object with an integer score 1..5 and a string reason."""
+    try:
+        obj = json.loads(text)
+    except (json.JSONDecodeError, TypeError):
+        return None
+    if not isinstance(obj, dict):
+        return None
+    score, reason = obj.get("score"), obj.get("reason")
+    if isinstance(score, bool) or not isinstance(score, int) or not 1 <= score <= 5:
+        return None
+    if not isinstance(reason, str):
+        return None
+    return {"score": score, "reason": reason}

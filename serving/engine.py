@@ -1,0 +1,213 @@
+"""Start and stop vLLM OpenAI-compatible servers as subprocesses.
+
+    engine = VllmEngine(EngineSpec(model_path=Path("model"), served_model_name="teacher"), settings)
+    with engine:                    # start, wait for /v1/models, ..., then stop
+        print(engine.base_url)      # http://127.0.0.1:PORT/v1
+
+The server runs in its own process group, so stopping it (SIGTERM, then SIGKILL after the grace
+period) takes its workers along; a failed start raises `EngineStartError` quoting the log tail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+
+from stillhouse.common.config import EngineSettings
+from stillhouse.common.errors import EngineStartError, UsageError
+
+VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+LOG_TAIL_LINES = 25
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """One model to serve: where its weights are and the name clients ask for."""
+
+    model_path: Path
+    served_model_name: str
+    port: int | None = None  # overrides the settings' port; None there too picks a free one
+    extra_args: tuple[str, ...] = field(default_factory=tuple)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def build_engine_command(
+    spec: EngineSpec, settings: EngineSettings, port: int, python: str = sys.executable
+) -> list[str]:
+    """The server's argv: our typed settings first, passthrough arguments last (they win)."""
+    cmd = [
+        python, "-m", VLLM_SERVER_MODULE,
+        "--model", str(spec.model_path),
+        "--served-model-name", spec.served_model_name,
+        "--host", settings.host,
+        "--port", str(port),
+        "--max-model-len", str(settings.max_model_len),
+        "--max-logprobs", str(settings.max_logprobs),
+        "--dtype", settings.dtype,
+        "--uvicorn-log-level", "warning",
+    ]  # fmt: skip
+    if settings.enforce_eager:
+        cmd.append("--enforce-eager")
+    cmd.extend(settings.extra_args)
+    cmd.extend(spec.extra_args)
+    return cmd
+
+
+def build_engine_env(settings: EngineSettings, base: Mapping[str, str]) -> dict[str, str]:
+    """The server's environment: the caller's, plus the CPU backend's settings and the API key."""
+    env = dict(base)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kvcache_space_gib))
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", settings.cpu_omp_threads_bind)
+    # vLLM must not try a model hub: this machine (and most clusters' pods) cannot reach one.
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("VLLM_NO_USAGE_STATS", "1")
+    env.setdefault("DO_NOT_TRACK", "1")
+    if settings.api_key is not None:
+        env["VLLM_API_KEY"] = settings.api_key.get_secret_value()
+    return env
+
+
+def read_log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64 * 1024))
+            text = f.read().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return "(no log written)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def validate_model_dir(path: Path) -> None:
+    """Fail in milliseconds, not after vLLM's start-up, when the path cannot be a model."""
+    if not path.exists():
+        raise UsageError(f"model path does not exist: {path}")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise UsageError(f"not a model directory (no config.json): {path}")
+
+
+class VllmEngine:
+    """A vLLM server subprocess with a bounded start, a readiness wait and a clean stop."""
+
+    def __init__(
+        self,
+        spec: EngineSpec,
+        settings: EngineSettings,
+        log_dir: Path,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.settings = settings
+        self.port = spec.port or settings.port or free_port(settings.host)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_dir / f"engine-{spec.served_model_name}-{self.port}.log"
+        self._environ = dict(os.environ if environ is None else environ)
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.settings.host}:{self.port}/v1"
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    def exited(self) -> bool:
+        """True once the server process has ended (or was never started)."""
+        return self._proc is None or self._proc.poll() is not None
+
+    def start(self) -> None:
+        validate_model_dir(self.spec.model_path)
+        cmd = build_engine_command(self.spec, self.settings, self.port)
+        with self.log_path.open("wb") as log:
+            self._proc = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=build_engine_env(self.settings, self._environ),
+                start_new_session=True,  # own process group: stop() reaches every worker
+            )
+
+    def wait_ready(self, timeout_s: float | None = None) -> None:
+        """Poll `/v1/models` until it answers 200; raise with the log tail if the server dies
+        or the deadline passes (and stop it, so nothing is left behind)."""
+        timeout_s = self.settings.ready_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+        headers = {}
+        if self.settings.api_key is not None:
+            headers["Authorization"] = f"Bearer {self.settings.api_key.get_secret_value()}"
+        with httpx.Client(timeout=2.0, headers=headers) as client:
+            while True:
+                code = self._proc.poll() if self._proc is not None else -1
+                if code is not None:
+                    self.stop()
+                    raise EngineStartError(
+                        f"vLLM server for {self.spec.model_path} exited with code {code} "
+                        f"before it was ready; last lines of {self.log_path}:\n"
+                        f"{read_log_tail(self.log_path)}"
+                    )
+                with contextlib.suppress(httpx.HTTPError):
+                    if client.get(f"{self.base_url}/models").status_code == 200:
+                        return
+                if time.monotonic() >= deadline:
+                    self.stop()
+                    raise EngineStartError(
+                        f"vLLM server for {self.spec.model_path} was not ready within "
+                        f"{timeout_s:.0f} s; last lines of {self.log_path}:\n"
+                        f"{read_log_tail(self.log_path)}"
+                    )
+                time.sleep(0.5)
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """SIGTERM to the whole process group, SIGKILL after the grace period. Idempotent."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        grace_s = self.settings.stop_grace_s if grace_s is None else grace_s
+        _signal_group(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc.pid, signal.SIGKILL)
+            proc.wait()
+        # Workers may outlive the leader by a moment; the group kill leaves none behind.
+        _signal_group(proc.pid, signal.SIGKILL)
+
+    def __enter__(self) -> VllmEngine:
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)

@@ -1,0 +1,79 @@
+"""Shared fixtures. The expensive ones (a built demo world, a running vLLM server) are built once
+per test session; the demo world is also cached on disk between runs by its input hash."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from stillhouse.common.config import DemoSettings, EngineSettings, Settings
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A small, fast-to-build variant of the demo world: same code path, minutes become seconds.
+TINY_DEMO = DemoSettings(
+    n_train=900,
+    n_val=36,
+    n_test=90,
+    vocab_size=700,
+    judge_share=0.3,
+    teacher_epochs=1.0,
+    teacher_hidden_size=64,
+    teacher_layers=1,
+)
+TEST_ENGINE = EngineSettings(
+    max_model_len=256, enforce_eager=True, ready_timeout_s=420, stop_grace_s=10
+)
+
+
+def processes_in_group(pgid: int) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE and os.getpgid(proc.pid) == pgid:
+                found.append(proc)
+        except (psutil.Error, ProcessLookupError):
+            continue
+    return found
+
+
+@pytest.fixture(scope="session")
+def group_processes():
+    """`group_processes(pgid)`: the live processes of a process group (to assert it is empty)."""
+    return processes_in_group
+
+
+@pytest.fixture(scope="session")
+def tiny_settings() -> Settings:
+    return Settings(state_dir=REPO / ".stillhouse" / "test", demo=TINY_DEMO, engine=TEST_ENGINE)
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tiny_settings: Settings):
+    from stillhouse.rollout.demo.build import build_demo_world
+
+    return build_demo_world(tiny_settings)
+
+
+@pytest.fixture(scope="session")
+def teacher_engine(tiny_world, tiny_settings: Settings) -> Iterator:
+    """One vLLM CPU server on the tiny teacher for the whole session; stopped at the end, and
+    the stop is checked: nothing of its process group may survive."""
+    from stillhouse.serving.engine import EngineSpec, VllmEngine
+
+    engine = VllmEngine(
+        EngineSpec(tiny_world.teacher_dir, "teacher"), tiny_settings.engine, tiny_settings.logs_dir
+    )
+    engine.start()
+    pgid = engine.pid
+    try:
+        engine.wait_ready()
+        yield engine
+    finally:
+        engine.stop()
+    assert pgid is not None
+    assert processes_in_group(pgid) == [], "vLLM processes survived stop()"

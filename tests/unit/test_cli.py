@@ -1,0 +1,63 @@
+"""The `stillhouse` command as a user runs it: a subprocess, from a directory of its own."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import stillhouse
+
+
+def run(args: list[str], cwd: Path, env: dict[str, str] | None = None):
+    return subprocess.run(
+        [sys.executable, "-m", "stillhouse", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+
+
+def test_help_lists_the_subcommands(tmp_path):
+    result = run(["--help"], tmp_path)
+    assert result.returncode == 0
+    for word in ("version", "engines", "demo"):
+        assert word in result.stdout
+
+
+def test_version_prints_the_package_version(tmp_path):
+    result = run(["version"], tmp_path)
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"stillhouse {stillhouse.__version__}"
+
+
+def test_invalid_config_is_one_line_and_exit_2(tmp_path):
+    (tmp_path / "stillhouse.yaml").write_text("engine:\n  max_logprobs: lots\n")
+    result = run(["engines", "serve", "--model", "x"], tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "engine.max_logprobs" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_model_path_is_one_line_and_exit_2(tmp_path):
+    result = run(["engines", "serve", "--model", str(tmp_path / "nope")], tmp_path)
+    assert result.returncode == 2
+    assert "does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_the_package_installs_under_stillhouse_only(tmp_path):
+    ok = subprocess.run(
+        [sys.executable, "-c", "import stillhouse.eval, stillhouse.serving, stillhouse.rollout"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert ok.returncode == 0, ok.stderr
+    bare = subprocess.run(
+        [sys.executable, "-c", "import eval"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert bare.returncode != 0
+    assert "No module named 'eval'" in bare.stderr
