@@ -23,12 +23,14 @@ from pathlib import Path
 from types import TracebackType
 
 import httpx
+import psutil
 
 from stillhouse.common.config import EngineSettings
 from stillhouse.common.errors import EngineStartError, UsageError
 
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 LOG_TAIL_LINES = 25
+KILL_WAIT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -181,14 +183,16 @@ class VllmEngine:
         if proc is None:
             return
         grace_s = self.settings.stop_grace_s if grace_s is None else grace_s
+        deadline = time.monotonic() + grace_s
         _signal_group(proc.pid, signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
+        # vLLM's engine-core worker may outlive the API server by a moment: give the group the
+        # rest of the grace period, then SIGKILL whatever is left and wait until it is gone.
+        if not _wait_group_gone(proc.pid, deadline):
             _signal_group(proc.pid, signal.SIGKILL)
-            proc.wait()
-        # Workers may outlive the leader by a moment; the group kill leaves none behind.
-        _signal_group(proc.pid, signal.SIGKILL)
+            _wait_group_gone(proc.pid, time.monotonic() + KILL_WAIT_S)
+        proc.wait()
 
     def __enter__(self) -> VllmEngine:
         self.start()
@@ -211,3 +215,20 @@ class VllmEngine:
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
+
+
+def group_alive(pgid: int) -> bool:
+    """True while any process of the group is still running (zombies do not count)."""
+    for proc in psutil.process_iter(["pid", "status"]):
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(proc.pid) == pgid:
+                return True
+    return False
+
+
+def _wait_group_gone(pgid: int, deadline: float) -> bool:
+    while group_alive(pgid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True

@@ -16,12 +16,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 # A small, fast-to-build variant of the demo world: same code path, minutes become seconds.
 TINY_DEMO = DemoSettings(
-    n_train=900,
+    n_train=600,
     n_val=36,
     n_test=90,
     vocab_size=700,
     judge_share=0.3,
-    teacher_epochs=1.0,
+    teacher_epochs=8.0,
     teacher_hidden_size=64,
     teacher_layers=1,
 )

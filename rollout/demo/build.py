@@ -123,9 +123,7 @@ def _train_teacher(
     demo = settings.demo
     exs = examples.build_training_examples(tok, train_split, demo.judge_share, demo.seed)
     shape = teacher_shape(demo)
-    model = train.new_model(
-        train.llama_config(shape, tok, demo.max_positions), demo.seed
-    )
+    model = train.new_model(train.llama_config(shape, tok, demo.max_positions), demo.seed)
     n_params = train.count_parameters(model)
     n_tokens = sum(len(ids) for ids, _ in exs)
     console.print(

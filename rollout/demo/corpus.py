@@ -246,8 +246,8 @@ class CorpusSpec:
     n_val: int = 600
     n_test: int = 600
     # Share of hard tickets: training sees them less often than the test split does.
-    train_hard_share: float = 0.4
-    eval_hard_share: float = 0.5
+    train_hard_share: float = 0.5
+    eval_hard_share: float = 0.4
     rare_share_in_train: float = 0.06
 
     def __post_init__(self) -> None:
@@ -359,7 +359,7 @@ def _make_ticket(
     if rng.random() < 0.6:
         text = f"{text} {rng.choice(SIGNOFFS).capitalize()}."
     if "typos" in tags:
-        text = _add_typos(text, rng, rate=0.12)
+        text = _add_typos(text, rng, rate=0.08)
     elif rng.random() < 0.2:
         text = _add_typos(text, rng, rate=0.02)
     return text

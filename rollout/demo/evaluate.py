@@ -30,6 +30,8 @@ class TriageScore:
     hard_n: int
     hard_category_accuracy: float
     hard_priority_accuracy: float
+    # (category, priority) accuracy per hard tag: where the misses are
+    by_tag: dict[str, tuple[float, float]]
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ def score_triage(tickets: Sequence[Ticket], outputs: Sequence[str]) -> TriageSco
     if len(tickets) != len(outputs):
         raise ValueError("one output per ticket")
     cat = pri = parsed = hard_n = hard_cat = hard_pri = 0
+    per_tag: dict[str, list[int]] = {}
     for ticket, out in zip(tickets, outputs, strict=True):
         answer = parse_triage_answer(out)
         ok_c = answer is not None and answer.category == ticket.category
@@ -59,6 +62,11 @@ def score_triage(tickets: Sequence[Ticket], outputs: Sequence[str]) -> TriageSco
             hard_n += 1
             hard_cat += ok_c
             hard_pri += ok_p
+        for tag in ticket.tags:
+            counts = per_tag.setdefault(tag, [0, 0, 0])
+            counts[0] += 1
+            counts[1] += ok_c
+            counts[2] += ok_p
     n = len(tickets)
     return TriageScore(
         n=n,
@@ -68,6 +76,7 @@ def score_triage(tickets: Sequence[Ticket], outputs: Sequence[str]) -> TriageSco
         hard_n=hard_n,
         hard_category_accuracy=_ratio(hard_cat, hard_n),
         hard_priority_accuracy=_ratio(hard_pri, hard_n),
+        by_tag={t: (_ratio(c, n), _ratio(p, n)) for t, (n, c, p) in sorted(per_tag.items())},
     )
 
 

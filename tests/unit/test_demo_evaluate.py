@@ -20,6 +20,7 @@ def test_triage_score_counts_fields_and_the_hard_slice_separately():
     assert score.priority_accuracy == 1.0
     assert score.hard_category_accuracy == 0.0
     assert score.hard_priority_accuracy == 1.0
+    assert score.by_tag == {"rare_phrase": (0.0, 1.0)}
 
 
 def test_unparseable_answers_count_as_wrong_not_as_missing():
