@@ -68,10 +68,26 @@ class DemoSettings(_Section):
     max_positions: int = Field(default=512, ge=64)
 
 
+class MlflowSettings(_Section):
+    """Tracking and model registry. No URI: SQLite and an artifact folder under the state dir."""
+
+    tracking_uri: str | None = None
+    experiment: str = "stillhouse"
+    registered_model: str = "stillhouse-student"
+
+
+class ScheduleSettings(_Section):
+    """When `stillhouse schedule` re-distills: a 5-field cron expression, evaluated in UTC."""
+
+    cron: str = "0 2 * * 0"  # Sundays at 02:00 UTC
+
+
 class Settings(_Section):
     state_dir: Path = Path(".stillhouse")
     engine: EngineSettings = EngineSettings()
     demo: DemoSettings = DemoSettings()
+    mlflow: MlflowSettings = MlflowSettings()
+    schedule: ScheduleSettings = ScheduleSettings()
 
     @field_validator("state_dir")
     @classmethod
@@ -85,6 +101,17 @@ class Settings(_Section):
     @property
     def logs_dir(self) -> Path:
         return self.state_dir / "logs"
+
+    @property
+    def tracking_uri(self) -> str:
+        if self.mlflow.tracking_uri:
+            return self.mlflow.tracking_uri
+        return f"sqlite:///{(self.state_dir / 'mlflow.db').resolve()}"
+
+    @property
+    def artifact_root(self) -> Path:
+        """Where the default (SQLite) backend keeps run artifacts and model files."""
+        return (self.state_dir / "mlartifacts").resolve()
 
 
 def _env_value(raw: str) -> Any:

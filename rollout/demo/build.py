@@ -29,6 +29,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from transformers.utils import logging as hf_logging
 
 from stillhouse.common import prompts
 from stillhouse.common.config import DemoSettings, Settings
@@ -142,6 +143,7 @@ def _train_teacher(
     seconds = time.monotonic() - started
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
+    hf_logging.disable_progress_bar()  # our own progress bar already said what happens
     model.save_pretrained(str(out_dir), safe_serialization=True)
     tok.save_pretrained(str(out_dir))  # vLLM reads the tokenizer from the model directory
     return {

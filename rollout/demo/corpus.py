@@ -248,7 +248,7 @@ class CorpusSpec:
     # Share of hard tickets: training sees them less often than the test split does.
     train_hard_share: float = 0.5
     eval_hard_share: float = 0.4
-    rare_share_in_train: float = 0.06
+    rare_share_in_train: float = 0.04
 
     def __post_init__(self) -> None:
         for name in ("n_train", "n_val", "n_test"):
@@ -321,7 +321,8 @@ def _sentence(clause: str) -> str:
 
 def _make_ticket(
     rng: random.Random, category: str, priority: str, tags: tuple[str, ...], rare_p: float
-) -> str:
+) -> tuple[str, bool]:
+    """The ticket's text, and whether it used a rare paraphrase."""
     rare = "rare_phrase" in tags or rng.random() < rare_p
     issue = _pick_phrase(rng, ISSUES[category], rare).format(order=_order_id(rng))
     cue = _pick_phrase(rng, PRIORITY_CUES[priority], rare and rng.random() < 0.5)
@@ -362,15 +363,15 @@ def _make_ticket(
         text = _add_typos(text, rng, rate=0.08)
     elif rng.random() < 0.2:
         text = _add_typos(text, rng, rate=0.02)
-    return text
+    return text, rare
 
 
-def _hard_tags(rng: random.Random, hard_share: float) -> tuple[str, ...]:
+def _hard_tags(rng: random.Random, hard_share: float, kinds: tuple[str, ...]) -> tuple[str, ...]:
     if rng.random() >= hard_share:
         return ()
-    first = rng.choice(HARD_TAGS)
+    first = rng.choice(kinds)
     if rng.random() < 0.25:  # some tickets are hard in two ways at once
-        second = rng.choice([t for t in HARD_TAGS if t != first])
+        second = rng.choice([t for t in kinds if t != first])
         return tuple(sorted((first, second)))
     return (first,)
 
@@ -383,8 +384,12 @@ def _generate_split(
     made = 0
     while made < n:
         category, priority = combos[made % len(combos)]
-        tags = _hard_tags(rng, hard_share)
-        text = _make_ticket(rng, category, priority, tags, rare_p)
+        # Training never asks for rare phrasings; it meets them only at the base rate `rare_p`.
+        kinds = HARD_TAGS if split != "train" else tuple(t for t in HARD_TAGS if t != "rare_phrase")
+        tags = _hard_tags(rng, hard_share, kinds)
+        text, rare = _make_ticket(rng, category, priority, tags, rare_p)
+        if rare:
+            tags = tuple(sorted({*tags, "rare_phrase"}))
         if text in seen:  # splits must not share a ticket text
             continue
         seen.add(text)

@@ -44,7 +44,9 @@ def teacher_eval_table(result: dict[str, Any]) -> Table:
         _mark(triage["priority_accuracy"], BARS["priority"]),
     )
     for tag, (cat, pri) in triage.get("by_tag", {}).items():
-        table.add_row(f"  {tag} tickets: category / priority", "", f"{_pct(cat)} / {_pct(pri)}")
+        table.add_row(
+            f"  {tag.replace('_', ' ')} (category / priority)", "", f"{_pct(cat)} / {_pct(pri)}"
+        )
     table.add_row("answers in triage format", _pct(triage["parsed"]), "", "", "")
     table.add_row(
         "judge verdicts parse as JSON",
