@@ -68,6 +68,89 @@ class DemoSettings(_Section):
     max_positions: int = Field(default=512, ge=64)
 
 
+class DataSettings(_Section):
+    """Which prompts a re-distillation trains on."""
+
+    # JSONL of prompts or chat messages; None: the demo corpus's train split.
+    source: Path | None = None
+    window_days: float | None = Field(default=7.0, gt=0)
+    max_prompts: int = Field(default=4000, ge=10)
+    heldout_share: float = Field(default=0.1, gt=0, lt=0.5)
+
+
+class TeacherSettings(_Section):
+    """The teacher that produces targets: a model to serve with vLLM, or a running endpoint."""
+
+    model: str | None = None  # a model directory; None: the demo teacher
+    base_url: str | None = None  # an OpenAI-compatible server already running; None: start one
+    served_name: str = "teacher"
+    api_key: SecretStr | None = None
+    targets: Literal["black-box", "grey-box", "white-box"] = "grey-box"
+    top_k: int = Field(default=20, ge=1, le=1000)
+    max_tokens: int = Field(default=64, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    batch_size: int = Field(default=32, ge=1, le=1024)
+    concurrency: int = Field(default=4, ge=1, le=256)
+    timeout_s: float = Field(default=120.0, gt=0)
+    retries: int = Field(default=3, ge=0, le=10)
+
+
+class FilterSettings(_Section):
+    """Rejection sampling of teacher outputs before training."""
+
+    min_tokens: int = Field(default=2, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    drop_truncated: bool = True
+    answer_format: Literal["triage"] | None = "triage"
+    min_judge_score: int | None = Field(default=None, ge=1, le=5)
+
+
+class StudentSettings(_Section):
+    """The student: a fresh Llama of this shape, or warm-started from a model (champion)."""
+
+    warm_start: str | None = None  # a model directory or models:/name@alias
+    hidden_size: int = Field(default=128, ge=64)
+    intermediate_size: int = Field(default=384, ge=1)
+    num_layers: int = Field(default=2, ge=1)
+    num_kv_heads: int | None = Field(default=None, ge=1)
+    lora_rank: int | None = Field(default=None, ge=1, le=1024)  # 32-64 is usual for distillation
+    lora_alpha: int = Field(default=64, ge=1)
+
+
+class KdSettings(_Section):
+    """loss = alpha * T^2 * divergence(teacher, student) + (1 - alpha) * CE(teacher tokens)."""
+
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl"] = "forward_kl"
+    alpha: float = Field(default=0.9, ge=0.0, le=1.0)
+    temperature: float = Field(default=1.0, gt=0.0, le=20.0)
+    beta: float = Field(default=0.5, ge=0.0, le=1.0)
+    skew: float = Field(default=0.1, ge=0.0, le=1.0)
+
+
+class TrainingSettings(_Section):
+    epochs: int = Field(default=6, ge=1, le=1000)
+    learning_rate: float = Field(default=3e-3, gt=0.0, le=1.0)
+    warmup_ratio: float = Field(default=0.05, ge=0.0, lt=1.0)
+    min_lr_ratio: float = Field(default=0.05, ge=0.0, le=1.0)
+    weight_decay: float = Field(default=0.01, ge=0.0, le=1.0)
+    batch_tokens: int = Field(default=4096, ge=64)
+    grad_clip: float = Field(default=1.0, gt=0.0)
+    patience: int = Field(default=2, ge=1)  # epochs without held-out KL improvement
+    seed: int = 0
+
+
+class RedistillSettings(_Section):
+    data: DataSettings = DataSettings()
+    teacher: TeacherSettings = TeacherSettings()
+    filter: FilterSettings = FilterSettings()
+    student: StudentSettings = StudentSettings()
+    kd: KdSettings = KdSettings()
+    training: TrainingSettings = TrainingSettings()
+    # The demo also trains an SFT-only student (alpha = 0) and reports it beside the KD one.
+    sft_baseline: bool = True
+    evaluate_served: bool = True  # serve the student with vLLM for task metrics
+
+
 class MlflowSettings(_Section):
     """Tracking and model registry. No URI: SQLite and an artifact folder under the state dir."""
 
@@ -88,6 +171,7 @@ class Settings(_Section):
     demo: DemoSettings = DemoSettings()
     mlflow: MlflowSettings = MlflowSettings()
     schedule: ScheduleSettings = ScheduleSettings()
+    redistill: RedistillSettings = RedistillSettings()
 
     @field_validator("state_dir")
     @classmethod

@@ -34,7 +34,8 @@ from transformers.utils import logging as hf_logging
 from stillhouse.common import prompts
 from stillhouse.common.config import DemoSettings, Settings
 from stillhouse.common.errors import DemoBuildError
-from stillhouse.rollout.demo import corpus, examples, tokenizer, train
+from stillhouse.rollout import training as train
+from stillhouse.rollout.demo import corpus, examples, tokenizer
 from stillhouse.rollout.demo.corpus import CorpusSpec, Ticket, generate_corpus, write_jsonl
 
 MANIFEST = "manifest.json"

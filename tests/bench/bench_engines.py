@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from stillhouse.common.config import DemoSettings, EngineSettings, Settings
-from stillhouse.rollout.demo import train
+from stillhouse.rollout import training as train
 from stillhouse.rollout.demo.build import build_demo_world, teacher_shape
 from stillhouse.serving.engine import EngineSpec, VllmEngine
 

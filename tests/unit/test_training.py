@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from stillhouse.rollout.demo.examples import IGNORE_INDEX
-from stillhouse.rollout.demo.train import (
+from stillhouse.rollout.training import (
     ModelShape,
     SftConfig,
     collate,
