@@ -32,8 +32,10 @@ app = typer.Typer(
 )
 engines_app = typer.Typer(help="Run vLLM inference engines.", no_args_is_help=True)
 demo_app = typer.Typer(help="The embedded demo world (no GPU, no model hub).", no_args_is_help=True)
+registry_app = typer.Typer(help="The MLflow model registry.", no_args_is_help=True)
 app.add_typer(engines_app, name="engines")
 app.add_typer(demo_app, name="demo")
+app.add_typer(registry_app, name="registry")
 
 
 def _settings(ctx: typer.Context) -> Settings:
@@ -119,6 +121,65 @@ def demo_run(ctx: typer.Context) -> None:
     from stillhouse.rollout.demo.run import run_demo
 
     run_demo(_settings(ctx), Console())
+
+
+@app.command()
+def redistill(ctx: typer.Context) -> None:
+    """Distil a new student from recent prompts and register it as the `challenger`."""
+    from stillhouse.rollout.redistill import redistill as run_redistill
+    from stillhouse.rollout.report import print_redistill_outcome
+
+    console = Console()
+    outcome = run_redistill(_settings(ctx), console)
+    print_redistill_outcome(outcome, console)
+
+
+@app.command()
+def schedule(
+    ctx: typer.Context,
+    max_runs: Annotated[
+        int | None, typer.Option(help="Stop after this many runs (default: run forever).")
+    ] = None,
+) -> None:
+    """Re-distil on the configured cron schedule (default Sundays 02:00 UTC), one at a time."""
+    from stillhouse.rollout.redistill import redistill as run_redistill
+    from stillhouse.rollout.report import print_redistill_outcome
+    from stillhouse.rollout.schedule import CronSchedule, run_scheduler
+
+    settings = _settings(ctx)
+    console = Console()
+    cron = CronSchedule.parse(settings.schedule.cron)
+
+    def job(slot: object) -> None:
+        console.rule(f"re-distillation for the slot {slot}")
+        print_redistill_outcome(run_redistill(settings, console), console)
+
+    console.print(f"schedule: '{settings.schedule.cron}' (UTC); state in {settings.state_dir}")
+    run_scheduler(
+        cron,
+        job,
+        settings.state_dir,
+        max_runs=max_runs,
+        log=lambda line: console.print(line, markup=False, highlight=False),
+    )
+
+
+@registry_app.command("list")
+def registry_list(ctx: typer.Context) -> None:
+    """Versions of the student model with their aliases and key metrics."""
+    from stillhouse.common.registry import RegistryClient, versions_table
+
+    settings = _settings(ctx)
+    client = RegistryClient.from_settings(settings)
+    versions = client.list_versions()
+    if not versions:
+        Console().print(
+            f"no versions of {settings.mlflow.registered_model} yet "
+            f"(tracking URI {settings.tracking_uri})"
+        )
+        return
+    keys = ["kd.category_accuracy", "kd.category_vs_teacher", "kd.heldout_kl", "kd.parameters"]
+    Console().print(versions_table(versions, keys, title=settings.mlflow.registered_model))
 
 
 def main() -> None:

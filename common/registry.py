@@ -209,6 +209,13 @@ class RegistryClient:
             for key in added:
                 os.environ.pop(key, None)
 
+    @contextlib.contextmanager
+    def session(self, doing: str) -> Iterator[MlflowClient]:
+        """The MlflowClient for run tracking (params, metrics, artifacts), inside the same error
+        boundary: whatever it raises leaves as a one-line `RegistryError` about `doing`."""
+        with self._call(doing):
+            yield self._client()
+
     def _explain(self, e: BaseException, doing: str, missing: str | None) -> str:
         import requests
 

@@ -1,0 +1,104 @@
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from stillhouse.rollout.distill import (
+    ConfigMismatchError,
+    DistillConfig,
+    DistillExample,
+    check_compatible,
+    collate,
+    train_student,
+)
+from stillhouse.rollout.losses import KDLossConfig
+
+VOCAB = 32
+
+
+def _tiny(vocab: int = VOCAB, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        head_dim=64,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def _examples(n: int, k: int = 4) -> list[DistillExample]:
+    """Prompt [a, b, 1], answer [a, 2]: the teacher copies the first token, then stops."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        a, b = (int(x) for x in torch.randint(3, VOCAB, (2,), generator=g))
+        answer = (a, 2)
+        tops = tuple((tok, *[t for t in range(3, 3 + k) if t != tok][: k - 1]) for tok in answer)
+        lps = tuple((-0.05, *[-4.0] * (k - 1)) for _ in answer)
+        out.append(DistillExample((a, b, 1, *answer), 3, tops, lps))
+    return out
+
+
+def test_collate_masks_the_positions_that_predict_answer_tokens():
+    ex = _examples(2)
+    batch = collate([ex[0], DistillExample((5, 6, 1, 7, 8, 2), 3)], pad_id=0, top_k=4)
+    assert batch["input_ids"].shape == (2, 6)
+    # logits at position i predict token i+1: the answer of ex[0] starts at index 3
+    assert batch["mask"][0].tolist() == [False, False, True, True, False, False]
+    assert batch["targets"][0][batch["mask"][0]].tolist() == list(ex[0].input_ids[3:])
+    assert batch["targets"][1][batch["mask"][1]].tolist() == [7, 8, 2]
+    assert batch["top_ids"][0, 2].tolist() == list(ex[0].top_ids[0])
+    assert batch["attention_mask"][0].tolist() == [1, 1, 1, 1, 1, 0]
+
+
+def test_vocabulary_mismatch_is_rejected_with_the_fix():
+    class Tok:
+        def __len__(self) -> int:
+            return VOCAB
+
+    with pytest.raises(ConfigMismatchError, match="teacher's tokenizer"):
+        check_compatible(_tiny(VOCAB), Tok(), teacher=_tiny(VOCAB * 2))
+    with pytest.raises(ConfigMismatchError, match="same vocab_size"):
+        check_compatible(_tiny(VOCAB // 2), Tok())
+    check_compatible(_tiny(VOCAB), Tok(), teacher=_tiny(VOCAB))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"mode": "gray"},
+        {"epochs": 0},
+        {"learning_rate": 0.0},
+        {"mode": "grey-box", "kd": KDLossConfig(temperature=2.0)},
+    ],
+)
+def test_config_rejects_what_cannot_train(kwargs):
+    with pytest.raises(ValueError):
+        DistillConfig(**kwargs)
+
+
+def test_grey_box_distillation_lowers_held_out_kl(tmp_path):
+    student = _tiny(seed=1)
+    cfg = DistillConfig(mode="grey-box", epochs=4, learning_rate=1e-2, batch_tokens=256, patience=4)
+    result = train_student(
+        student, _examples(96), _examples(16), cfg, pad_id=0, run_dir=tmp_path, top_k=4
+    )
+    kls = [h.heldout_kl for h in result.history]
+    assert len(kls) == 4
+    assert min(kls) < 0.6 * kls[0]
+    assert result.history[result.best_epoch - 1].heldout_kl == min(kls)
+    assert result.train_tokens > 0
+
+
+def test_a_rerun_resumes_after_the_last_finished_epoch(tmp_path):
+    cfg1 = DistillConfig(epochs=1, learning_rate=1e-2, batch_tokens=256, patience=3)
+    first = train_student(_tiny(seed=1), _examples(64), _examples(8), cfg1, 0, tmp_path, top_k=4)
+    cfg2 = DistillConfig(epochs=2, learning_rate=1e-2, batch_tokens=256, patience=3)
+    second = train_student(_tiny(seed=2), _examples(64), _examples(8), cfg2, 0, tmp_path, top_k=4)
+    assert [h.epoch for h in second.history] == [1, 2]
+    assert second.history[0] == first.history[0]  # epoch 1 was not trained again
+    assert second.steps > first.steps
