@@ -178,7 +178,7 @@ def registry_list(ctx: typer.Context) -> None:
             f"(tracking URI {settings.tracking_uri})"
         )
         return
-    keys = ["kd.category_accuracy", "kd.category_vs_teacher", "kd.heldout_kl", "kd.parameters"]
+    keys = ["kd.category_accuracy", "kd.category_vs_teacher", "kd.best_heldout_kl", "kd.parameters"]
     Console().print(versions_table(versions, keys, title=settings.mlflow.registered_model))
 
 

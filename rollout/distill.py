@@ -322,6 +322,9 @@ def train_student(
         optimizer.load_state_dict(saved["optimizer"])
         best_state = saved["best"]
         progress = json.loads((ckpt / "progress.json").read_text())
+        for done in progress["history"]:  # replay, so the caller's record of epochs is whole
+            if on_epoch is not None:
+                on_epoch(EpochStats(**done))
 
     stopped_early = progress["bad_epochs"] >= cfg.patience
     model.train()

@@ -51,7 +51,35 @@ chunk's loss and its gradient w.r.t. the student logits analytically (in float32
 float64 inputs), and writes the gradient into one preallocated buffer in the logits' dtype;
 backward only scales that buffer in place and hands it over as the gradient. Peak ≈ the logits
 + one gradient buffer + one chunk's temporaries. The price: backward may run only once per
-forward (no ``retain_graph`` re-runs), and double backward is not supported.
+forward (no ``retain_graph`` re-runs), and double backward is not supported. Nothing is computed
+or written for the gradient when grad mode is off or the logits do not require grad.
+
+In-place gradient (``KDLossConfig.inplace_grad=True``, opt-in, as in Liger-Kernel): the buffer
+*is* ``student_logits``. Each chunk's gradient overwrites the rows of the logits it has just
+read (masked-out rows are zeroed; chunks never share a row, which is checked), so peak ≈ the
+logits + one chunk's temporaries. Consequences and conditions, all of which the caller owns:
+
+* From the moment the loss returns, whether or not backward ever runs, ``student_logits`` holds
+  the gradient (before backward: for an upstream gradient of 1; after: the gradient itself), not
+  logits. Whatever needs their values (argmax accuracy, entropy, a second loss on the same
+  logits) must run *before* the call.
+* Nothing may need the logits' values in backward. ``torch.nn.Linear`` / ``F.linear`` (mm or
+  addmm, with or without bias, 2-D or 3-D input, which autograd then reshapes through a view)
+  saves only its input and weight, so ``lm_head(hidden)`` qualifies, as do dtype casts and
+  scalings after it. A backward that did save them (or their base or any view: all share one
+  torch version counter, which each write here bumps), e.g. a ``tanh`` soft-cap or ``exp`` whose
+  output the logits are, or another loss that multiplies them, fails at backward with torch's
+  "modified by an inplace operation" error, never with a silently wrong gradient. Not caught,
+  because torch does not track them: aliases made with ``.data``, and custom autograd functions
+  that keep the logits on ``ctx`` instead of ``save_for_backward``.
+* For a leaf ``student_logits`` (e.g. ``lm_head(h).detach().requires_grad_()`` to split the
+  backward) ``.grad`` becomes the leaf's own storage: values and gradient are the same memory.
+  Never pass a parameter.
+* ``ValueError`` up front when it cannot work: grad mode on but the logits do not require grad
+  (with grad mode off only the loss is computed and nothing is written); the logits are not
+  contiguous (a strided slice such as ``logits[:, p - 1 : -1]`` with batch > 1: its backward
+  builds a full-size gradient anyway, so pass the whole logits and mask the prompt out); or a
+  teacher tensor shares the logits' storage (later chunks would read overwritten values).
 """
 
 from __future__ import annotations
@@ -89,6 +117,9 @@ class KDLossConfig:
         alpha: weight of the KD term in [0, 1]; 1 - alpha weighs CE on ``target_ids``.
         chunk_size: tokens per chunk; None picks one from the vocabulary size and device.
         sparse_tail_floor: ε in [0, 1), the least mass given to the teacher's tail bucket.
+        inplace_grad: write the gradient into ``student_logits`` itself instead of a separate
+            [tokens × vocab] buffer; the logits are then overwritten. Read the module docstring's
+            "In-place gradient" conditions before turning it on.
     """
 
     divergence: Divergence = "forward_kl"
@@ -98,6 +129,7 @@ class KDLossConfig:
     alpha: float = 1.0
     chunk_size: int | None = None
     sparse_tail_floor: float = 1e-6
+    inplace_grad: bool = False
 
     def __post_init__(self) -> None:
         if self.divergence not in DIVERGENCES:
@@ -113,6 +145,8 @@ class KDLossConfig:
             raise ValueError(f"chunk_size must be an int >= 1 or None, got {self.chunk_size!r}")
         if not 0.0 <= self.sparse_tail_floor < 1.0:
             raise ValueError(f"sparse_tail_floor must be in [0, 1), got {self.sparse_tail_floor}")
+        if type(self.inplace_grad) is not bool:
+            raise ValueError(f"inplace_grad must be a bool, got {self.inplace_grad!r}")
 
 
 def _wlog_ratio(w: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
@@ -190,7 +224,11 @@ def _ce_rows(
 
 
 class _ChunkedLoss(torch.autograd.Function):
-    """A scalar loss whose gradient w.r.t. ``logits`` is built chunk by chunk in forward."""
+    """A scalar loss whose gradient w.r.t. ``logits`` is built chunk by chunk in forward.
+
+    ``grad_mode``: None (no gradient), ``"buffer"`` (a new [B, T, V] tensor) or ``"inplace"``
+    (``logits``' own storage; each chunk's rows are read before they are overwritten).
+    """
 
     @staticmethod
     def forward(
@@ -199,11 +237,13 @@ class _ChunkedLoss(torch.autograd.Function):
         rows_fn: RowsFn,
         chunks: list[Chunk],
         compute_dtype: torch.dtype,
+        grad_mode: str | None,
     ) -> torch.Tensor:
         grad = None
-        if ctx.needs_input_grad[0]:  # tokens outside every chunk (masked out) get a zero gradient
-            covered = sum(end - start for _, start, end in chunks) == logits.shape[:-1].numel()
-            grad = torch.empty_like(logits) if covered else torch.zeros_like(logits)
+        if grad_mode is not None:
+            grad = logits.detach() if grad_mode == "inplace" else torch.empty_like(logits)
+            for b, start, end in _uncovered(chunks, *logits.shape[:2]):
+                grad[b, start:end].zero_()  # tokens outside every chunk (masked out)
         total = torch.zeros((), dtype=compute_dtype, device=logits.device)
         for chunk in chunks:
             loss, chunk_grad = rows_fn(chunk, grad is not None)
@@ -223,7 +263,22 @@ class _ChunkedLoss(torch.autograd.Function):
                 "it cannot be backpropagated twice (retain_graph re-runs are not supported)"
             )
         grad.mul_(grad_output.to(grad.dtype))  # in place: no second [tokens × vocab] copy
-        return grad, None, None, None
+        return grad, None, None, None, None
+
+
+def _uncovered(chunks: list[Chunk], batch: int, seq: int) -> list[Chunk]:
+    """Token ranges outside every chunk. Raises if two chunks share a token: written in place,
+    one chunk's gradient would be read as logits by the other."""
+    gaps, b_prev, t_prev = [], 0, 0
+    for b, start, end in [*sorted(chunks), (batch, 0, 0)]:
+        if b != b_prev:  # close sequence b_prev; sequences strictly between have no chunk
+            gaps += [(b_prev, t_prev, seq)] + [(s, 0, seq) for s in range(b_prev + 1, b)]
+            b_prev, t_prev = b, 0
+        if start < t_prev:
+            raise AssertionError(f"chunks overlap at sequence {b}, token {start}")
+        gaps.append((b, t_prev, start))
+        t_prev = max(t_prev, end)
+    return [(b, start, end) for b, start, end in gaps if end > start]
 
 
 def _chunks(mask: torch.Tensor | None, batch: int, seq: int, chunk: int) -> list[Chunk]:
@@ -246,8 +301,10 @@ def _prepare(
     mask: torch.Tensor | None,
     target_ids: torch.Tensor | None,
     config: KDLossConfig,
-) -> tuple[torch.Tensor, list[Chunk], int, torch.Tensor | None, torch.dtype]:
-    """As [B, T, V] (a view); return logits, chunks, counted tokens, [B, T] targets, math dtype."""
+    teacher: torch.Tensor,
+) -> tuple[torch.Tensor, list[Chunk], int, torch.Tensor | None, torch.dtype, str | None]:
+    """As [B, T, V] (a view); return logits, chunks, counted tokens, [B, T] targets, math dtype
+    and the gradient mode of :class:`_ChunkedLoss`."""
     if student_logits.dim() not in (2, 3) or not student_logits.is_floating_point():
         raise ValueError("student_logits must be a float tensor [B, T, V] or [N, V]")
     lead = student_logits.shape[:-1]
@@ -255,6 +312,7 @@ def _prepare(
         raise ValueError(f"mask shape {tuple(mask.shape)} != logits' leading {tuple(lead)}")
     if config.alpha < 1.0 and (target_ids is None or target_ids.shape != lead):
         raise ValueError("alpha < 1 needs target_ids shaped like the logits' leading dims")
+    grad_mode = _grad_mode(student_logits, config, teacher)
     logits = _batched(student_logits, 3)
     batch, seq, vocab = logits.shape
     chunk = config.chunk_size or max(1, _CHUNK_ELEMENTS.get(logits.device.type, 1 << 18) // vocab)
@@ -262,7 +320,32 @@ def _prepare(
     n_tokens = sum(end - start for _, start, end in chunks)
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     targets = None if target_ids is None else _batched(target_ids, 2)
-    return logits, chunks, n_tokens, targets, dtype
+    return logits, chunks, n_tokens, targets, dtype, grad_mode
+
+
+def _grad_mode(logits: torch.Tensor, config: KDLossConfig, teacher: torch.Tensor) -> str | None:
+    """None, "buffer" or "inplace"; ValueError where in-place writing cannot work (module doc)."""
+    if not torch.is_grad_enabled():
+        return None
+    if not config.inplace_grad:
+        return "buffer" if logits.requires_grad else None
+    if not logits.requires_grad:
+        raise ValueError(
+            "inplace_grad=True needs student_logits that require grad: the gradient is written "
+            "into them (under torch.no_grad() the loss alone is computed and nothing is written)"
+        )
+    if not logits.is_contiguous():
+        raise ValueError(
+            "inplace_grad=True needs contiguous student_logits; a strided slice of bigger logits "
+            "gets a full-size gradient from its view's backward anyway: pass the whole logits "
+            "with a mask, or use inplace_grad=False"
+        )
+    if teacher.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr():
+        raise ValueError(
+            "inplace_grad=True: the teacher tensor shares storage with student_logits, which are "
+            "overwritten chunk by chunk; pass a copy or use inplace_grad=False"
+        )
+    return "inplace"
 
 
 def _batched(x: torch.Tensor, dims: int) -> torch.Tensor:
@@ -286,7 +369,8 @@ def kd_loss(
     """Chunked ``alpha·T²·KD + (1−alpha)·CE``, mean over tokens where ``mask`` is True.
 
     Args:
-        student_logits: [B, T, V] or [N, V], any float dtype; receives the gradient.
+        student_logits: [B, T, V] or [N, V], any float dtype; receives the gradient (with
+            ``config.inplace_grad`` it is overwritten by it: see the module docstring).
         teacher_logits: same shape as ``student_logits``; never differentiated.
         mask: [B, T] (or [N]) bool or 0/1, True where a token counts; None counts every token.
         target_ids: token ids (the teacher's sampled tokens) for CE; needed when alpha < 1.
@@ -298,7 +382,9 @@ def kd_loss(
     config = config or KDLossConfig()
     if teacher_logits.shape != student_logits.shape:
         raise ValueError("teacher_logits must have the student logits' shape")
-    logits, chunks, n, targets, dtype = _prepare(student_logits, mask, target_ids, config)
+    logits, chunks, n, targets, dtype, grad_mode = _prepare(
+        student_logits, mask, target_ids, config, teacher_logits
+    )
     teacher = _batched(teacher_logits.detach(), 3)
     temp, alpha = config.temperature, config.alpha
 
@@ -321,7 +407,7 @@ def kd_loss(
             grad = ce_grad if grad is None else grad.add_(ce_grad)
         return loss, grad
 
-    return _ChunkedLoss.apply(logits, rows_fn, chunks, dtype)
+    return _ChunkedLoss.apply(logits, rows_fn, chunks, dtype, grad_mode)
 
 
 def teacher_bucket_log_probs(
@@ -350,7 +436,7 @@ def sparse_kd_loss(
     """Chunked KD against a top-k teacher, over K+1 buckets (top-k ids + tail), plus CE.
 
     Args:
-        student_logits: [B, T, V] or [N, V]; receives the gradient.
+        student_logits: [B, T, V] or [N, V]; as in :func:`kd_loss` (``inplace_grad`` included).
         teacher_topk_ids: [B, T, K] (or [N, K]) distinct token ids per position.
         teacher_topk_logprobs: their log-probabilities at temperature 1 over the full vocab.
         mask, target_ids, config: as in :func:`kd_loss`; ``config.temperature`` must be 1.
@@ -363,7 +449,9 @@ def sparse_kd_loss(
     lead = student_logits.shape[:-1]
     if teacher_topk_ids.shape != teacher_topk_logprobs.shape or teacher_topk_ids.shape[:-1] != lead:
         raise ValueError("teacher top-k ids and logprobs must both be [*student_leading_dims, K]")
-    logits, chunks, n, targets, dtype = _prepare(student_logits, mask, target_ids, config)
+    logits, chunks, n, targets, dtype, grad_mode = _prepare(
+        student_logits, mask, target_ids, config, teacher_topk_logprobs
+    )
     vocab, k = logits.shape[-1], teacher_topk_ids.shape[-1]
     if not 1 <= k <= vocab:
         raise ValueError(f"need 1 <= K <= vocab size, got K={k}, V={vocab}")
@@ -403,4 +491,4 @@ def sparse_kd_loss(
             grad = ce_grad if grad is None else grad.add_(ce_grad)
         return loss, grad
 
-    return _ChunkedLoss.apply(logits, rows_fn, chunks, dtype)
+    return _ChunkedLoss.apply(logits, rows_fn, chunks, dtype, grad_mode)

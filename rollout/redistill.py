@@ -11,6 +11,7 @@ run registers nothing (its MLflow run ends FAILED or KILLED).
 from __future__ import annotations
 
 import hashlib
+import shutil
 import json
 import time
 from collections.abc import Iterator
@@ -294,6 +295,9 @@ def redistill(
             **{k: f"{v:.4f}" for k, v in summary.items() if k.startswith("kd.")},
         }
         outcome.version = registry.register_version(run.run_id, kd_run.model_dir, tags)
+    # Registered: the checkpoints only served a resume after a crash, and a later run with
+    # this identity is refused as a duplicate anyway.
+    shutil.rmtree(run_dir, ignore_errors=True)
     outcome.seconds = time.monotonic() - started
     return outcome
 
@@ -313,8 +317,8 @@ def _summary(outcome: RedistillOutcome, world: Any) -> dict[str, float]:
     teacher_cat = teacher_eval.get("triage", {}).get("category_accuracy")
     for name, r in outcome.runs.items():
         best = _best(r.result)
-        out[f"{name}.heldout_kl"] = best.heldout_kl
-        out[f"{name}.heldout_top1"] = best.heldout_top1
+        out[f"{name}.best_heldout_kl"] = best.heldout_kl
+        out[f"{name}.best_heldout_top1"] = best.heldout_top1
         out[f"{name}.parameters"] = r.parameters
         out[f"{name}.train_seconds"] = r.result.seconds
         out[f"{name}.train_tokens_per_s"] = r.result.train_tokens / max(r.result.seconds, 1e-9)

@@ -18,6 +18,7 @@ from torch.utils._pytree import tree_leaves
 
 from stillhouse.rollout.losses import (
     KDLossConfig,
+    _uncovered,
     divergence,
     kd_loss,
     sparse_kd_loss,
@@ -132,6 +133,7 @@ def brute_force_sparse_loss(student, ids, logprobs, mask, targets, cfg) -> torch
         {"chunk_size": True},
         {"sparse_tail_floor": 1.0},
         {"sparse_tail_floor": -1e-3},
+        {"inplace_grad": 1},
     ],
 )
 def test_config_rejects_out_of_range_values(bad):
@@ -385,9 +387,10 @@ def test_under_no_grad_the_loss_is_computed_without_a_gradient():
     assert loss == kd_loss(student, teacher, mask)
 
 
-def test_backward_twice_raises_instead_of_returning_a_stale_gradient():
+@pytest.mark.parametrize("inplace_grad", [False, True])
+def test_backward_twice_raises_instead_of_returning_a_stale_gradient(inplace_grad):
     student, teacher, mask, _ = make_inputs()
-    loss = kd_loss(student, teacher, mask)
+    loss = kd_loss(student, teacher, mask, config=KDLossConfig(inplace_grad=inplace_grad))
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backpropagated twice"):
         loss.backward()
@@ -431,6 +434,169 @@ def test_chunked_loss_peak_memory_is_about_one_gradient_buffer():
         F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1).mean().backward()
     assert chunked.peak < 1.5 * one_copy
     assert straightforward.peak > 3 * one_copy
+
+
+# ---- in-place gradient (inplace_grad=True) ---------------------------------------------------
+
+HIDDEN = 6
+
+
+def lm_head_and_hidden(seed: int = 0, bias: bool = True, dtype=torch.float64, tokens=(B, T)):
+    gen = torch.Generator().manual_seed(seed)
+    lm_head = torch.nn.Linear(HIDDEN, V, bias=bias, dtype=dtype)
+    with torch.no_grad():
+        for param in lm_head.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen, dtype=dtype))
+    hidden = torch.randn(*tokens, HIDDEN, generator=gen, dtype=dtype).requires_grad_()
+    return lm_head, hidden
+
+
+def grads_through_lm_head(lm_head, hidden, loss_fn, *args) -> list[torch.Tensor]:
+    """Gradients of hidden and the lm_head's parameters when the loss is on lm_head(hidden)."""
+    leaves = [hidden, *lm_head.parameters()]
+    for leaf in leaves:
+        leaf.grad = None
+    loss_fn(lm_head(hidden), *args).backward()
+    return [leaf.grad for leaf in leaves]
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize(("kind", "extra"), KINDS, ids=KIND_IDS)
+def test_inplace_grad_through_a_linear_lm_head_equals_buffer_and_brute_force(kind, extra, alpha):
+    """What reaches the lm_head's weight, bias and the hidden states, dense and sparse, with a
+    partial mask: writing the gradient into the logits changes nothing there."""
+    lm_head, hidden = lm_head_and_hidden(seed=5)
+    _, teacher, mask, targets = make_inputs(seed=5)
+    ids, logprobs = topk_of(teacher, k=3)
+    for fn, args, brute, temperature in (
+        (kd_loss, (teacher,), brute_force_loss, 1.5),
+        (sparse_kd_loss, (ids, logprobs), brute_force_sparse_loss, 1.0),
+    ):
+        cfg = KDLossConfig(kind, alpha=alpha, temperature=temperature, chunk_size=2, **extra)
+        inplace_cfg = KDLossConfig(**{**cfg.__dict__, "inplace_grad": True})
+        want = grads_through_lm_head(lm_head, hidden, brute, *args, mask, targets, cfg)
+        buffer = grads_through_lm_head(lm_head, hidden, fn, *args, mask, targets, cfg)
+        inplace = grads_through_lm_head(lm_head, hidden, fn, *args, mask, targets, inplace_cfg)
+        for got, via_buffer, reference in zip(inplace, buffer, want, strict=True):
+            torch.testing.assert_close(got, via_buffer, rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(got, reference, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_inplace_grad_overwrites_the_logits_with_the_gradient_and_zeroes_masked_rows(dtype):
+    student, teacher, mask, targets = make_inputs(dtype=dtype)
+    cfg = KDLossConfig("jsd", alpha=0.5, chunk_size=2)
+    want_loss, want_grad = loss_and_grad(kd_loss, student, teacher, mask, targets, cfg)
+    inplace_cfg = KDLossConfig("jsd", alpha=0.5, chunk_size=2, inplace_grad=True)
+    loss = kd_loss(student, teacher, mask, targets, inplace_cfg)
+    assert loss == want_loss
+    assert torch.equal(student.detach(), want_grad)  # already in forward, before any backward
+    assert torch.equal(student.detach()[~mask], torch.zeros_like(student.detach()[~mask]))
+    (3.0 * loss).backward()
+    # A leaf's .grad *is* its storage: no copy was made, and the values are the scaled gradient.
+    assert student.grad.data_ptr() == student.data_ptr()
+    torch.testing.assert_close(student.grad, 3.0 * want_grad, rtol=0, atol=0)
+
+
+def test_inplace_grad_peak_memory_is_the_logits_alone():
+    """With logits = lm_head(hidden) made inside the tracker: the buffer path holds the logits
+    and the gradient buffer (≈ 2 copies of [N × V]), the in-place path the logits alone."""
+    n, vocab = 256, 1024
+    lm_head = torch.nn.Linear(8, vocab, bias=False)
+    hidden = torch.randn(n, 8, requires_grad=True)
+    teacher = torch.randn(n, vocab)
+    one_copy = n * vocab * 4
+    peaks = {}
+    for inplace_grad in (False, True):
+        cfg = KDLossConfig("jsd", alpha=1.0, chunk_size=4, inplace_grad=inplace_grad)
+        with LiveBytes(hidden, teacher, lm_head.weight) as tracker:
+            kd_loss(lm_head(hidden), teacher, config=cfg).backward()
+        peaks[inplace_grad] = tracker.peak / one_copy
+    assert peaks[True] < 1.25, peaks  # the logits + one 4-token chunk + the lm_head's grads
+    assert abs(peaks[False] - peaks[True] - 1.0) < 0.05, peaks  # + the gradient buffer
+
+
+def test_inplace_grad_under_no_grad_computes_the_loss_and_leaves_the_logits_alone():
+    student, teacher, mask, _ = make_inputs()
+    before = student.detach().clone()
+    with torch.no_grad():
+        loss = kd_loss(student, teacher, mask, config=KDLossConfig(inplace_grad=True))
+    assert torch.equal(student.detach(), before)
+    assert loss == kd_loss(student, teacher, mask)
+
+
+def test_inplace_grad_rejects_logits_it_cannot_write_into():
+    student, teacher, mask, _ = make_inputs()
+    cfg = KDLossConfig(inplace_grad=True)
+    ids, logprobs = topk_of(teacher, k=3)
+    with pytest.raises(ValueError, match="require grad"):
+        kd_loss(student.detach(), teacher, mask, config=cfg)
+    with pytest.raises(ValueError, match="contiguous"):  # batch 2: a strided slice
+        kd_loss(student[:, 1:-1], teacher[:, 1:-1], mask[:, 1:-1], config=cfg)
+    with pytest.raises(ValueError, match="shares storage"):
+        kd_loss(student, student.detach(), mask, config=cfg)
+    with pytest.raises(ValueError, match="shares storage"):
+        sparse_kd_loss(student, ids, student.detach()[..., :3], mask, config=cfg)
+    with pytest.raises(ValueError, match="contiguous"):
+        sparse_kd_loss(student.transpose(0, 1), ids.transpose(0, 1), logprobs.transpose(0, 1),
+                       config=cfg)  # fmt: skip
+
+
+def _exp_logits(x):
+    return x.exp()  # exp saves its output: the logits themselves
+
+
+def _exp_base_viewed(x):
+    return x.flatten(0, 1).exp().view_as(x)  # the logits are a view of a saved output
+
+
+@pytest.mark.parametrize("make_logits", [_exp_logits, _exp_base_viewed])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_inplace_grad_into_logits_a_backward_saved_raises_instead_of_a_wrong_gradient(
+    make_logits, sparse
+):
+    """torch's version counter (shared by views, bases and detached aliases) catches it."""
+    x, teacher, mask, _ = make_inputs()
+    ids, logprobs = topk_of(teacher, k=3)
+    args = (ids, logprobs) if sparse else (teacher,)
+    fn, cfg = (sparse_kd_loss if sparse else kd_loss), KDLossConfig(inplace_grad=True)
+    loss = fn(make_logits(x), *args, mask, config=cfg)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    logits = x * 1.0  # mul by a number saves nothing, but the second loss saves the logits
+    other = logits.square().sum()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (fn(logits, *args, mask, config=cfg) + other).backward()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("tokens", [(B * T,), (B, T)])
+def test_linear_backward_saves_nothing_that_shares_the_logits_storage(bias, tokens):
+    """The premise of the in-place gradient for logits = lm_head(hidden), on this torch."""
+    lm_head, hidden = lm_head_and_hidden(bias=bias, tokens=tokens)
+    logits = lm_head(hidden)
+    storage, nodes, seen = logits.untyped_storage().data_ptr(), [logits.grad_fn], set()
+    while nodes:
+        node = nodes.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for name in dir(node):
+            value = getattr(node, name) if name.startswith("_saved_") else None
+            if isinstance(value, torch.Tensor):
+                assert value.untyped_storage().data_ptr() != storage, (node, name)
+        nodes += [next_node for next_node, _ in node.next_functions]
+    assert len(seen) >= 2
+
+
+def test_chunk_gaps_are_the_masked_out_rows_and_overlapping_chunks_are_rejected():
+    assert _uncovered([(0, 1, 3), (0, 4, 5), (2, 0, 2)], batch=4, seq=5) == [
+        (0, 0, 1), (0, 3, 4), (1, 0, 5), (2, 2, 5), (3, 0, 5)
+    ]  # fmt: skip
+    assert _uncovered([], batch=2, seq=3) == [(0, 0, 3), (1, 0, 3)]
+    assert _uncovered([(0, 0, 3), (1, 0, 3)], batch=2, seq=3) == []
+    with pytest.raises(AssertionError, match="overlap"):
+        _uncovered([(1, 0, 3), (0, 0, 2), (1, 2, 4)], batch=2, seq=5)
 
 
 # ---- sparse top-k teacher ---------------------------------------------------------------------
