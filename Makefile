@@ -38,7 +38,7 @@ test-unit: $(STAMP)
 	$(BIN)/pytest -m "not slow"
 
 bench: $(STAMP)
-	$(BIN)/python tests/bench/bench_engines.py
+	$(BIN)/python tests/bench/run_all.py $(BENCH)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -124,13 +124,21 @@ def demo_run(ctx: typer.Context) -> None:
 
 
 @app.command()
-def redistill(ctx: typer.Context) -> None:
+def redistill(
+    ctx: typer.Context,
+    prepare_only: Annotated[
+        bool,
+        typer.Option(help="Collect targets and write the training jobs for accelerate; stop."),
+    ] = False,
+) -> None:
     """Distil a new student from recent prompts and register it as the `challenger`."""
     from stillhouse.rollout.redistill import redistill as run_redistill
     from stillhouse.rollout.report import print_redistill_outcome
 
     console = Console()
-    outcome = run_redistill(_settings(ctx), console)
+    outcome = run_redistill(_settings(ctx), console, prepare_only=prepare_only)
+    if prepare_only:
+        return
     print_redistill_outcome(outcome, console)
 
 

@@ -5,7 +5,7 @@ Read top to bottom: examples → batches → (student forward, teacher forward i
 checkpoint → early stop. The loop runs through `accelerate`, so the same code runs on one CPU
 here and under DDP or FSDP across GPUs and nodes:
 
-    accelerate launch --multi_gpu --num_processes 8 -m stillhouse.rollout.distill_job PLAN.json
+    accelerate launch --multi_gpu --num_processes 8 -m stillhouse.rollout.distill_job JOB_DIR
 
 Resuming: a checkpoint is written after every epoch (model, optimizer, epoch, history); a run
 started again with the same run directory continues after the last finished epoch.

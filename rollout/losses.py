@@ -62,13 +62,14 @@ logits + one chunk's temporaries. Consequences and conditions, all of which the 
 * From the moment the loss returns, whether or not backward ever runs, ``student_logits`` holds
   the gradient (before backward: for an upstream gradient of 1; after: the gradient itself), not
   logits. Whatever needs their values (argmax accuracy, entropy, a second loss on the same
-  logits) must run *before* the call.
+  logits) must run *before* the call: after it, it would silently read the gradient.
 * Nothing may need the logits' values in backward. ``torch.nn.Linear`` / ``F.linear`` (mm or
   addmm, with or without bias, 2-D or 3-D input, which autograd then reshapes through a view)
-  saves only its input and weight, so ``lm_head(hidden)`` qualifies, as do dtype casts and
-  scalings after it. A backward that did save them (or their base or any view: all share one
-  torch version counter, which each write here bumps), e.g. a ``tanh`` soft-cap or ``exp`` whose
-  output the logits are, or another loss that multiplies them, fails at backward with torch's
+  saves only its input and weight, so ``lm_head(hidden)`` qualifies, as do a dtype cast or a
+  multiplication or division by a number after it. A backward that saved the logits (or their
+  base or any view: all share one torch version counter, which each write here bumps), e.g.
+  logits that are the very output of ``exp`` or ``tanh`` (both save their output), or another
+  loss computed on them before this one that multiplies them, fails at backward with torch's
   "modified by an inplace operation" error, never with a silently wrong gradient. Not caught,
   because torch does not track them: aliases made with ``.data``, and custom autograd functions
   that keep the logits on ``ctx`` instead of ``save_for_backward``.

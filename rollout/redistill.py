@@ -11,8 +11,8 @@ run registers nothing (its MLflow run ends FAILED or KILLED).
 from __future__ import annotations
 
 import hashlib
-import shutil
 import json
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -34,6 +34,7 @@ from stillhouse.rollout.losses import KDLossConfig
 from stillhouse.rollout.student import (
     StudentRun,
     evaluate_on_vllm,
+    lora_spec,
     make_student,
     plot_history,
     train_and_save,
@@ -164,7 +165,11 @@ def _data_window(records: list[PromptRecord], now: datetime, window: timedelta |
 
 
 def redistill(
-    settings: Settings, console: Console, *, now: datetime | None = None
+    settings: Settings,
+    console: Console,
+    *,
+    now: datetime | None = None,
+    prepare_only: bool = False,
 ) -> RedistillOutcome:
     started = time.monotonic()
     now = now or datetime.now(UTC)
@@ -260,6 +265,7 @@ def redistill(
         if rs.sft_baseline and rs.kd.alpha > 0:
             variants["sft"] = distill_config(settings, sft_only=True)
         run_dir = settings.state_dir / "runs" / f"{selection.dataset_hash}-{chash}"
+        lora = lora_spec(settings)
         for name, cfg in variants.items():
             student, tok = make_student(settings, teacher_dir, registry)
             result = train_and_save(
@@ -274,8 +280,19 @@ def redistill(
                 rs.teacher.top_k,
                 console,
                 on_epoch=lambda s, n=name: run.log_metrics(_epoch_metrics(n, s), step=s.epoch),
+                lora=lora,
+                prepare_only=prepare_only,
             )
-            outcome.runs[name] = result
+            if result is not None:
+                outcome.runs[name] = result
+        if prepare_only:
+            run.set_tags({"stillhouse.prepare_only": "true"})
+            console.print(
+                "jobs written; train them with `accelerate launch -m "
+                f"stillhouse.rollout.distill_job {run_dir}/<variant>`, then run "
+                "`stillhouse redistill` again to evaluate and register"
+            )
+            return outcome
         if rs.evaluate_served and world is not None:
             for name, result in outcome.runs.items():
                 result.served = evaluate_on_vllm(settings, result.model_dir, name, world, console)

@@ -29,6 +29,7 @@ from stillhouse.rollout.distill import (
     check_compatible,
     train_student,
 )
+from stillhouse.rollout.distill_job import write_job
 from stillhouse.rollout.targets import TeacherTarget
 
 
@@ -48,6 +49,18 @@ class StudentRun:
             "result": self.result.to_dict(),
             "served": asdict(self.served) if self.served is not None else None,
         }
+
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def lora_spec(settings: Settings) -> dict[str, Any] | None:
+    """peft's LoraConfig arguments, or None for full fine-tuning (one place for both paths)."""
+    s = settings.redistill.student
+    if not s.lora_rank:
+        return None
+    return {"r": s.lora_rank, "lora_alpha": s.lora_alpha, "lora_dropout": 0.05,
+            "target_modules": LORA_TARGETS}  # fmt: skip
 
 
 def make_student(
@@ -79,24 +92,11 @@ def make_student(
         config = training.llama_config(shape, tok, teacher_cfg.max_position_embeddings)
         model = training.new_model(config, settings.redistill.training.seed)
     check_compatible(model, tok)
-    if s.lora_rank:
+    lora = lora_spec(settings)
+    if lora is not None:
         from peft import LoraConfig, get_peft_model
 
-        lora = LoraConfig(
-            r=s.lora_rank,
-            lora_alpha=s.lora_alpha,
-            lora_dropout=0.05,
-            target_modules=[
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ],
-        )
-        model = get_peft_model(model, lora)
+        model = get_peft_model(model, LoraConfig(**lora))
     return model, tok
 
 
@@ -124,12 +124,22 @@ def train_and_save(
     top_k: int,
     console: Console,
     on_epoch: Callable[[EpochStats], None] | None = None,
-) -> StudentRun:
+    *,
+    lora: dict[str, int] | None = None,
+    prepare_only: bool = False,
+) -> StudentRun | None:
+    """Train (or, with `prepare_only`, only write the job for `accelerate launch`)."""
     from stillhouse.rollout.demo.build import _progress
 
     max_len = student.config.max_position_embeddings
     train = build_examples(tok, train_pairs, max_len)
     heldout = build_examples(tok, heldout_pairs, max_len)
+    job_top_k = top_k if cfg.mode == "grey-box" else 0
+    write_job(run_dir, cfg, train, heldout, student, pad_id=tok.pad_token_id, top_k=job_top_k,
+              teacher_dir=teacher_dir, lora=lora)  # fmt: skip
+    if prepare_only:
+        console.print(f"student ({name}): job written to {run_dir} ({len(train)} examples)")
+        return None
     teacher = None
     if cfg.mode == "white-box":
         teacher = LlamaForCausalLM.from_pretrained(str(teacher_dir)).eval()
@@ -159,7 +169,7 @@ def train_and_save(
             tok.pad_token_id,
             run_dir,
             teacher=teacher,
-            top_k=top_k if cfg.mode == "grey-box" else 0,
+            top_k=job_top_k,
             on_step=lambda step, total, loss: progress.update(
                 task, completed=step, total=total, info=f"loss {loss:.3f}"
             ),

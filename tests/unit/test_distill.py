@@ -102,3 +102,33 @@ def test_a_rerun_resumes_after_the_last_finished_epoch(tmp_path):
     assert [h.epoch for h in second.history] == [1, 2]
     assert second.history[0] == first.history[0]  # epoch 1 was not trained again
     assert second.steps > first.steps
+
+
+def test_a_written_job_trains_the_same_way_in_another_process(tmp_path):
+    import subprocess
+    import sys
+
+    from stillhouse.rollout.distill_job import write_job
+
+    cfg = DistillConfig(epochs=1, learning_rate=1e-2, batch_tokens=256)
+    write_job(tmp_path, cfg, _examples(32), _examples(8), _tiny(seed=1), pad_id=0, top_k=4,
+              teacher_dir=tmp_path, lora=None)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "stillhouse.rollout.distill_job", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "trained 1 epoch(s)" in done.stdout
+    # in-process training of the same job resumes: nothing is trained twice
+    import json
+
+    job_steps = json.loads((tmp_path / "checkpoint" / "progress.json").read_text())["step"]
+    again = train_student(_tiny(seed=1), _examples(32), _examples(8), cfg, 0, tmp_path, top_k=4)
+    assert [h.epoch for h in again.history] == [1]
+    assert again.steps == job_steps > 0
+
+
+def test_distill_job_without_a_job_file_is_a_usage_line():
+    from stillhouse.rollout.distill_job import main
+
+    assert main([]) == 2
