@@ -190,7 +190,16 @@ def registry_list(ctx: typer.Context) -> None:
     Console().print(versions_table(versions, keys, title=settings.mlflow.registered_model))
 
 
+def _quiet_foreign_loggers() -> None:
+    # MLflow and alembic narrate schema migrations at INFO on first use; users need none of it.
+    import logging
+
+    for name in ("mlflow", "alembic", "httpx"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main() -> None:
+    _quiet_foreign_loggers()
     try:
         app()
     except StillhouseError as e:
