@@ -192,9 +192,12 @@ def registry_list(ctx: typer.Context) -> None:
 
 def _quiet_foreign_loggers() -> None:
     # MLflow and alembic narrate schema migrations at INFO on first use; users need none of it.
+    # MLflow resets its loggers when imported, from MLFLOW_LOGGING_LEVEL (a user's value wins).
     import logging
+    import os
 
-    for name in ("mlflow", "alembic", "httpx"):
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    for name in ("alembic", "httpx"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 

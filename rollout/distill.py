@@ -13,6 +13,7 @@ started again with the same run directory continues after the last finished epoc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -177,6 +178,9 @@ def batch_loss(
         if not mask.any():  # nothing to learn from: a zero loss that still has a graph
             return logits.sum() * 0.0
         return F.cross_entropy(logits[mask], batch["targets"][mask])
+    # Nothing reads the logits after the loss (lm_head's backward needs only its input), so the
+    # loss may write its gradient into their storage: one [tokens x vocab] tensor, not two.
+    kd_cfg = dataclasses.replace(cfg.kd, inplace_grad=torch.is_grad_enabled())
     if cfg.mode == "white-box":
         assert teacher is not None, "white-box distillation needs the teacher's weights"
         with torch.no_grad():
@@ -184,10 +188,10 @@ def batch_loss(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
             ).logits
         return kd_loss(
-            logits, t_logits[..., : logits.shape[-1]], batch["mask"], batch["targets"], cfg.kd
+            logits, t_logits[..., : logits.shape[-1]], batch["mask"], batch["targets"], kd_cfg
         )
     return sparse_kd_loss(
-        logits, batch["top_ids"], batch["top_logprobs"], batch["mask"], batch["targets"], cfg.kd
+        logits, batch["top_ids"], batch["top_logprobs"], batch["mask"], batch["targets"], kd_cfg
     )
 
 

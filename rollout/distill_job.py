@@ -56,6 +56,9 @@ def write_job(
     lora: dict[str, int] | None,
 ) -> None:
     """Everything a training process needs, so it can run on another machine."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the caller's progress display says what happens
     job_dir.mkdir(parents=True, exist_ok=True)
     base = student.get_base_model() if hasattr(student, "get_base_model") else student
     if not (job_dir / "init" / "config.json").is_file():
