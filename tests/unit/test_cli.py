@@ -61,3 +61,17 @@ def test_the_package_installs_under_stillhouse_only(tmp_path):
     )
     assert bare.returncode != 0
     assert "No module named 'eval'" in bare.stderr
+
+
+def test_schedule_with_an_invalid_cron_is_one_line_and_exit_2(tmp_path):
+    (tmp_path / "stillhouse.yaml").write_text("schedule:\n  cron: '61 2 * * 0'\n")
+    result = run(["schedule"], tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "minute" in lines[0], result.stderr
+
+
+def test_registry_list_on_an_empty_registry_says_so(tmp_path):
+    result = run(["registry", "list"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "no versions of stillhouse-student yet" in result.stdout
