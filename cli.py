@@ -186,8 +186,9 @@ def registry_list(ctx: typer.Context) -> None:
             f"(tracking URI {settings.tracking_uri})"
         )
         return
-    keys = ["kd.category_accuracy", "kd.category_vs_teacher", "kd.best_heldout_kl", "kd.parameters"]
-    Console().print(versions_table(versions, keys, title=settings.mlflow.registered_model))
+    keys = ["kd.category_accuracy", "kd.best_heldout_kl"]
+    title = f"{settings.mlflow.registered_model} ({settings.tracking_uri})"
+    Console().print(versions_table(versions, keys, tag_keys=("data_window",), title=title))
 
 
 def _quiet_foreign_loggers() -> None:

@@ -115,8 +115,12 @@ def test_registry_list_shows_the_version_and_its_alias(first_run, settings):
     import subprocess
     import sys
 
-    env = {**os.environ, "STILLHOUSE_STATE_DIR": str(settings.state_dir),
-           "STILLHOUSE_MLFLOW__TRACKING_URI": settings.tracking_uri}  # fmt: skip
+    env = {
+        **os.environ,
+        "COLUMNS": "80",  # a narrow terminal (or a pipe): the table must still show the alias
+        "STILLHOUSE_STATE_DIR": str(settings.state_dir),
+        "STILLHOUSE_MLFLOW__TRACKING_URI": settings.tracking_uri,
+    }
     out = subprocess.run(
         [sys.executable, "-m", "stillhouse", "registry", "list"],
         capture_output=True, text=True, env=env, timeout=120,
