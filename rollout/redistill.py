@@ -174,6 +174,13 @@ def redistill(
     started = time.monotonic()
     now = now or datetime.now(UTC)
     rs = settings.redistill
+    if rs.filter.min_judge_score is not None:
+        # The filter takes judge scores (targets.filter_targets), but no judge scores the
+        # targets yet: refusing beats silently dropping every target as "low_judge_score".
+        raise UsageError(
+            "redistill.filter.min_judge_score needs judge scores, which the LLM judge "
+            "(stillhouse judge) does not provide to re-distillation yet: unset it"
+        )
     world = None
     if rs.data.source is None or rs.teacher.model is None:
         world = build_demo_world(settings, console=console)

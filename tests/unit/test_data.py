@@ -99,3 +99,17 @@ def test_nothing_left_to_train_on_is_a_usage_error():
             heldout_share=0.1,
             seed=0,
         )
+
+
+def test_a_judge_score_filter_without_a_judge_is_refused_before_any_work(tmp_path):
+    from rich.console import Console
+
+    from stillhouse.common.config import FilterSettings, RedistillSettings, Settings
+    from stillhouse.rollout.redistill import redistill
+
+    settings = Settings(
+        state_dir=tmp_path, redistill=RedistillSettings(filter=FilterSettings(min_judge_score=4))
+    )
+    with pytest.raises(UsageError, match="min_judge_score"):
+        redistill(settings, Console(quiet=True))
+    assert not (tmp_path / "demo").exists()  # nothing was built
