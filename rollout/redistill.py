@@ -25,6 +25,7 @@ from rich.console import Console
 
 from stillhouse.common.config import Settings
 from stillhouse.common.errors import UsageError
+from stillhouse.common.progress import progress_bar
 from stillhouse.common.registry import RegistryClient, VersionInfo
 from stillhouse.rollout import targets as tg
 from stillhouse.rollout.data import PromptRecord, load_prompt_file, select_prompts
@@ -105,12 +106,6 @@ def teacher_endpoint(settings: Settings, teacher_dir: Path, console: Console) ->
         engine.stop()
 
 
-def _progress(console: Console):
-    from stillhouse.rollout.demo.build import _progress as make
-
-    return make(console)
-
-
 def collect(
     settings: Settings,
     teacher_dir: Path,
@@ -138,7 +133,7 @@ def collect(
             if len(cached) < len(records)
             else nullcontext("(all targets cached)")
         )
-        with endpoint as base_url, _progress(console) as progress:
+        with endpoint as base_url, progress_bar(console) as progress:
             task = progress.add_task("teacher targets", total=len(records), info="")
             client = OpenAI(base_url=base_url, api_key=key, timeout=t.timeout_s, max_retries=0)
             return tg.collect_targets(

@@ -19,6 +19,7 @@ from transformers.utils import logging as hf_logging
 
 from stillhouse.common.config import Settings
 from stillhouse.common.errors import UsageError
+from stillhouse.common.progress import progress_bar
 from stillhouse.common.registry import RegistryClient
 from stillhouse.rollout import training
 from stillhouse.rollout.distill import (
@@ -129,8 +130,6 @@ def train_and_save(
     prepare_only: bool = False,
 ) -> StudentRun | None:
     """Train (or, with `prepare_only`, only write the job for `accelerate launch`)."""
-    from stillhouse.rollout.demo.build import _progress
-
     max_len = student.config.max_position_embeddings
     train = build_examples(tok, train_pairs, max_len)
     heldout = build_examples(tok, heldout_pairs, max_len)
@@ -159,7 +158,7 @@ def train_and_save(
         if on_epoch is not None:
             on_epoch(s)
 
-    with _progress(console) as progress:
+    with progress_bar(console) as progress:
         task = progress.add_task(f"training {name}", total=None, info="")
         result = train_student(
             student,

@@ -22,19 +22,12 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from transformers.utils import logging as hf_logging
 
 from stillhouse.common import prompts
 from stillhouse.common.config import DemoSettings, Settings
 from stillhouse.common.errors import DemoBuildError
+from stillhouse.common.progress import progress_bar
 from stillhouse.rollout import training as train
 from stillhouse.rollout.demo import corpus, examples, tokenizer
 from stillhouse.rollout.demo.corpus import CorpusSpec, Ticket, generate_corpus, write_jsonl
@@ -108,20 +101,6 @@ def load_demo_world(root: Path) -> DemoWorld | None:
     return DemoWorld(root, manifest)
 
 
-def _progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    )
-
-
 def _train_teacher(
     settings: Settings, tok: Any, train_split: list[Ticket], out_dir: Path, console: Console
 ) -> dict[str, Any]:
@@ -137,7 +116,7 @@ def _train_teacher(
         f"{len(exs)} examples / {n_tokens / 1e3:.0f}k tokens per epoch"
     )
     started = time.monotonic()
-    with _progress(console) as progress:
+    with progress_bar(console) as progress:
         task = progress.add_task("training teacher", total=None, info="")
 
         def on_step(step: int, total: int, loss: float) -> None:
@@ -233,7 +212,7 @@ def evaluate_teacher(
     items = sample_judge_items(test, seed=int(world.manifest["settings"]["seed"]))
     client = OpenAI(base_url=base_url, api_key="unused", max_retries=2, timeout=300)
     started = time.monotonic()
-    with _progress(console) as progress:
+    with progress_bar(console) as progress:
         task = progress.add_task("evaluating teacher on vLLM", total=None, info="")
         triage, judge = evaluate_served_model(
             client, served_name, tok, test, items,
