@@ -27,13 +27,16 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from stillhouse.common.errors import StillhouseError
 from stillhouse.rollout.losses import KDLossConfig, kd_loss, sparse_kd_loss
 from stillhouse.rollout.targets import TeacherTarget
 from stillhouse.rollout.training import lr_at, token_budget_batches
 
 
-class ConfigMismatchError(ValueError):
+class ConfigMismatchError(StillhouseError, ValueError):
     """Student and teacher cannot be distilled together (a vocabulary mismatch, ...)."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,14 @@ def config_hash(settings: Settings, teacher_fingerprint: str) -> str:
 
 
 def distill_config(settings: Settings, *, sft_only: bool = False) -> DistillConfig:
+    """The training config; a combination pydantic cannot judge alone is one UsageError line."""
+    try:
+        return _distill_config(settings, sft_only=sft_only)
+    except ValueError as e:
+        raise UsageError(f"redistill config: {e}") from None
+
+
+def _distill_config(settings: Settings, *, sft_only: bool) -> DistillConfig:
     rs = settings.redistill
     kd = KDLossConfig(
         divergence=rs.kd.divergence,
@@ -176,6 +184,11 @@ def redistill(
             "redistill.filter.min_judge_score needs judge scores, which the LLM judge "
             "(stillhouse judge) does not provide to re-distillation yet: unset it"
         )
+    # Checked before any work: a config that cannot train fails in milliseconds, not after
+    # the teacher has answered thousands of prompts.
+    variants = {"kd": distill_config(settings)}
+    if rs.sft_baseline and rs.kd.alpha > 0:
+        variants["sft"] = distill_config(settings, sft_only=True)
     world = None
     if rs.data.source is None or rs.teacher.model is None:
         world = build_demo_world(settings, console=console)
@@ -263,9 +276,6 @@ def redistill(
         train_pairs = [(r.chat, kept[r.key]) for r in selection.train if r.key in kept]
         heldout_pairs = [(r.chat, kept[r.key]) for r in selection.heldout if r.key in kept]
 
-        variants = {"kd": distill_config(settings)}
-        if rs.sft_baseline and rs.kd.alpha > 0:
-            variants["sft"] = distill_config(settings, sft_only=True)
         run_dir = settings.state_dir / "runs" / f"{selection.dataset_hash}-{chash}"
         lora = lora_spec(settings)
         for name, cfg in variants.items():

@@ -86,9 +86,12 @@ def make_student(
                 f"redistill.student.hidden_size {s.hidden_size} must be a multiple of 64 "
                 "(head_dim 64: vLLM's CPU attention rejects smaller heads)"
             )
-        shape = training.ModelShape(
-            s.hidden_size, s.intermediate_size, s.num_layers, heads, s.num_kv_heads or heads
-        )
+        try:
+            shape = training.ModelShape(
+                s.hidden_size, s.intermediate_size, s.num_layers, heads, s.num_kv_heads or heads
+            )
+        except ValueError as e:
+            raise UsageError(f"redistill.student: {e}") from None
         teacher_cfg = LlamaForCausalLM.config_class.from_pretrained(str(teacher_dir))
         config = training.llama_config(shape, tok, teacher_cfg.max_position_embeddings)
         model = training.new_model(config, settings.redistill.training.seed)

@@ -113,3 +113,19 @@ def test_a_judge_score_filter_without_a_judge_is_refused_before_any_work(tmp_pat
     with pytest.raises(UsageError, match="min_judge_score"):
         redistill(settings, Console(quiet=True))
     assert not (tmp_path / "demo").exists()  # nothing was built
+
+
+def test_a_config_that_cannot_train_is_refused_before_any_work(tmp_path):
+    from rich.console import Console
+
+    from stillhouse.common.config import KdSettings, RedistillSettings, Settings
+    from stillhouse.rollout.redistill import redistill
+
+    # grey-box targets are top-k log-probabilities at temperature 1
+    settings = Settings(
+        state_dir=tmp_path, redistill=RedistillSettings(kd=KdSettings(temperature=2.0))
+    )
+    with pytest.raises(UsageError, match="temperature") as info:
+        redistill(settings, Console(quiet=True))
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "demo").exists()
