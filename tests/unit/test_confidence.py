@@ -53,6 +53,7 @@ def test_quantile_interpolates_linearly_between_order_statistics(q, expected):
 
 def test_quantile_matches_numpy_default_method():
     import numpy as np  # a declared dependency: no skip
+
     rng = random.Random(7)
     values = [-rng.expovariate(1.0) for _ in range(13)]
     for q in (0.0, 0.05, 0.1, 0.37, 0.5, 0.9, 1.0):
