@@ -20,7 +20,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from stillhouse.common.errors import ConfigError
 
@@ -165,6 +173,101 @@ class ScheduleSettings(_Section):
     cron: str = "0 2 * * 0"  # Sundays at 02:00 UTC
 
 
+class EngineRef(_Section):
+    """One model behind the gateway: started here (`model`: a directory or a registry reference
+    such as `models:/stillhouse-student@champion`) or already running (`base_url`)."""
+
+    model: str | None = None
+    base_url: str | None = None
+    served_name: str | None = None  # the name the engine answers to (default: its role)
+    extra_args: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> EngineRef:
+        if (self.model is None) == (self.base_url is None):
+            raise ValueError("set exactly one of `model` (start it here) or `base_url` (running)")
+        if self.base_url is not None and not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must start with http:// or https://, got {self.base_url!r}")
+        return self
+
+
+class EnginesSettings(_Section):
+    """Which models `stillhouse serve` runs. Unset roles mean the demo models."""
+
+    teacher: EngineRef | None = None
+    champion: EngineRef | None = None
+    challenger: EngineRef | None = None
+
+
+class AbSettings(_Section):
+    """The sticky A/B split between champion and challenger (changeable at runtime via admin)."""
+
+    challenger_share: float = Field(default=0.1, ge=0.0, le=1.0)
+    seed: str = Field(default="stillhouse-ab", min_length=1)
+
+
+class ConfidenceSettings(_Section):
+    """When the teacher answers instead of the student: the student's confidence below
+    `threshold`, from the first `hold_tokens` tokens of its answer."""
+
+    enabled: bool = True
+    signal: Literal["mean", "min", "quantile", "neg_mean_entropy"] = "mean"
+    threshold: float = Field(default=-0.35, le=0.0)
+    quantile: float = Field(default=0.1, gt=0.0, lt=1.0)
+    hold_tokens: int = Field(default=8, ge=1, le=4096)
+    top_k: int = Field(default=5, ge=1, le=20)
+
+
+class FallbackSettings(_Section):
+    """Failure handling: per-attempt timeout, retries, a per-request deadline, circuit breakers."""
+
+    attempt_timeout_s: float = Field(default=20.0, gt=0)
+    deadline_s: float = Field(default=60.0, gt=0)
+    retries: int = Field(default=1, ge=0, le=10)
+    breaker_failures: int = Field(default=3, ge=1)
+    breaker_cooldown_s: float = Field(default=10.0, gt=0)
+
+
+class ShadowSettings(_Section):
+    """Off the hot path, the teacher scores a share of student answers (its log-probabilities
+    of the student's tokens) so divergence can be estimated."""
+
+    fraction: float = Field(default=0.1, ge=0.0, le=1.0)
+    queue_size: int = Field(default=256, ge=1)
+    concurrency: int = Field(default=2, ge=1, le=64)
+    top_k: int = Field(default=5, ge=0, le=20)
+    timeout_s: float = Field(default=60.0, gt=0)
+
+
+class TrafficLogSettings(_Section):
+    """The durable traffic log (SQLite, WAL). `group`: committed every `flush_interval_ms`, off
+    the hot path; `strict`: a response is sent only after its record is committed."""
+
+    path: Path | None = None  # default: <state_dir>/traffic.db
+    flush_interval_ms: int = Field(default=200, ge=1, le=10_000)
+    sync: Literal["group", "strict"] = "group"
+    log_prompts: bool = True
+
+
+class GatewaySettings(_Section):
+    """The OpenAI-compatible gateway. Client keys come from the environment variable named by
+    `api_keys_env` (comma-separated), the admin key from `admin_key_env`; never from YAML."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    model_name: str = Field(default="stillhouse", min_length=1)
+    api_keys_env: str = "STILLHOUSE_API_KEYS"
+    admin_key_env: str = "STILLHOUSE_ADMIN_KEY"
+    max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    max_tokens_limit: int = Field(default=4096, ge=1)
+    engines: EnginesSettings = EnginesSettings()
+    ab: AbSettings = AbSettings()
+    confidence: ConfidenceSettings = ConfidenceSettings()
+    fallback: FallbackSettings = FallbackSettings()
+    shadow: ShadowSettings = ShadowSettings()
+    traffic_log: TrafficLogSettings = TrafficLogSettings()
+
+
 class Settings(_Section):
     state_dir: Path = Path(".stillhouse")
     engine: EngineSettings = EngineSettings()
@@ -172,6 +275,7 @@ class Settings(_Section):
     mlflow: MlflowSettings = MlflowSettings()
     schedule: ScheduleSettings = ScheduleSettings()
     redistill: RedistillSettings = RedistillSettings()
+    gateway: GatewaySettings = GatewaySettings()
 
     @field_validator("state_dir")
     @classmethod
@@ -196,6 +300,10 @@ class Settings(_Section):
     def artifact_root(self) -> Path:
         """Where the default (SQLite) backend keeps run artifacts and model files."""
         return (self.state_dir / "mlartifacts").resolve()
+
+    @property
+    def traffic_log_path(self) -> Path:
+        return self.gateway.traffic_log.path or self.state_dir / "traffic.db"
 
 
 def _env_value(raw: str) -> Any:
