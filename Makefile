@@ -44,7 +44,16 @@ test: $(STAMP)
 test-unit: $(STAMP)
 	$(BIN)/pytest -m "not slow"
 
+# bench_gateway's stub upstream (nginx) and load generator (wrk) are Debian packages. Without
+# root (or apt) the install is skipped with one line, and that bench says what is missing.
+APT_GET := DEBIAN_FRONTEND=noninteractive apt-get -y -qq -o Dpkg::Use-Pty=0
+APT_INSTALL = { test "$$(id -u)" = 0 && echo "installing $(1) with apt-get (bench_gateway needs it)" \
+	&& { $(APT_GET) install $(1) >/dev/null || { $(APT_GET) update && $(APT_GET) install $(1) >/dev/null; }; }; } \
+	|| echo "could not install $(1) (needs root and apt-get): bench_gateway will report it missing"
+
 bench: $(STAMP)
+	@PATH="$$PATH:/usr/sbin" command -v nginx >/dev/null || $(call APT_INSTALL,nginx-light)
+	@command -v wrk >/dev/null || $(call APT_INSTALL,wrk)
 	$(BIN)/python tests/bench/run_all.py $(BENCH)
 
 lint: $(STAMP)

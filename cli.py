@@ -6,6 +6,7 @@ one line on stderr and a non-zero exit code (`StillhouseError.exit_code`), never
     stillhouse demo build                  # corpus, tokenizer, teacher (cached under the state dir)
     stillhouse demo run                    # build, serve the teacher on vLLM, ask it real tickets
     stillhouse engines serve --model PATH  # one vLLM server in the foreground; Ctrl-C stops it
+    stillhouse serve                       # teacher + students behind the gateway; Ctrl-C stops
 """
 
 from __future__ import annotations
@@ -170,6 +171,28 @@ def schedule(
         max_runs=max_runs,
         log=lambda line: console.print(line, markup=False, highlight=False),
     )
+
+
+@app.command()
+def serve(
+    ctx: typer.Context,
+    port: Annotated[int | None, typer.Option(help="Gateway port (default: config, 8000).")] = None,
+) -> None:
+    """Start the engines (teacher, champion, challenger) and the gateway; Ctrl-C stops all."""
+    import os
+
+    from stillhouse.rollout.demo.engines import engine_refs
+    from stillhouse.serving.serve import resolve_engines
+    from stillhouse.serving.serve import serve as run_serve
+
+    settings = _settings(ctx)
+    if port is not None:
+        settings = settings.model_copy(
+            update={"gateway": settings.gateway.model_copy(update={"port": port})}
+        )
+    console = Console()
+    engines = resolve_engines(engine_refs(settings, console), settings)
+    run_serve(settings, engines, os.environ, console)
 
 
 @registry_app.command("list")

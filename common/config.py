@@ -211,7 +211,7 @@ class ConfidenceSettings(_Section):
     `threshold`, from the first `hold_tokens` tokens of its answer."""
 
     enabled: bool = True
-    signal: Literal["mean", "min", "quantile", "neg_mean_entropy"] = "mean"
+    signal: Literal["mean_logprob", "min_logprob", "quantile", "neg_mean_entropy"] = "mean_logprob"
     threshold: float = Field(default=-0.35, le=0.0)
     quantile: float = Field(default=0.1, gt=0.0, lt=1.0)
     hold_tokens: int = Field(default=8, ge=1, le=4096)

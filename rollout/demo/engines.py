@@ -1,0 +1,43 @@
+"""Which models `stillhouse serve` runs when the config names none: the demo teacher, and the
+registry's `champion` student (plus its `challenger`, when one is registered)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+from stillhouse.common.config import EngineRef, Settings
+from stillhouse.common.errors import UsageError
+from stillhouse.common.registry import RegistryClient
+from stillhouse.rollout.demo.build import build_demo_world
+
+
+def engine_refs(settings: Settings, console: Console) -> dict[str, EngineRef]:
+    """The configured engines, with demo defaults for the roles the config leaves unset."""
+    configured = settings.gateway.engines
+    refs: dict[str, EngineRef] = {}
+    if configured.teacher is not None:
+        refs["teacher"] = configured.teacher
+    else:
+        world = build_demo_world(settings, console=console)
+        refs["teacher"] = EngineRef(model=str(world.teacher_dir), served_name="teacher")
+    if configured.champion is not None and configured.challenger is not None:
+        return {**refs, "champion": configured.champion, "challenger": configured.challenger}
+    registry = RegistryClient.from_settings(settings)
+    name = settings.mlflow.registered_model
+    champion = registry.get_alias("champion")
+    if configured.champion is not None:
+        refs["champion"] = configured.champion
+    elif champion is None:
+        raise UsageError(
+            f"no champion student in the registry ({name}@champion): run `make demo` or "
+            "`stillhouse redistill` and promote one, or set gateway.engines.champion"
+        )
+    else:
+        refs["champion"] = EngineRef(model=champion.uri, served_name="champion")
+    if configured.challenger is not None:
+        refs["challenger"] = configured.challenger
+    else:
+        challenger = registry.get_alias("challenger")
+        if challenger is not None and (champion is None or challenger.version != champion.version):
+            refs["challenger"] = EngineRef(model=challenger.uri, served_name="challenger")
+    return refs

@@ -1,0 +1,356 @@
+"""The request path: assign an arm, ask the student, score its confidence, fall back to the
+teacher when it is unsure or fails, and record what happened.
+
+    arm = assign(user)                      sticky A/B (serving/assignment.py)
+    answer = student(arm)                   with log-probabilities, under its circuit breaker
+    if failed or confidence < threshold:    confidence over the first `hold_tokens` tokens
+        answer = teacher                    the client never sees the student's answer
+    record → traffic log, metrics; maybe → shadow queue (teacher scores the student's tokens)
+
+Streaming holds the student's first `hold_tokens` tokens before sending a byte, then streams
+either the student's continuation or, after a fallback, the teacher's whole answer, so a client
+never sees parts of two answers. The same first-N rule scores non-streamed answers, so one
+answer gets one decision whichever way it is asked for. The latency cost of holding: the
+client's first token arrives after N student tokens instead of one (about N × the student's
+inter-token time), and a fallback adds the teacher's time to first token on top.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from stillhouse.common.config import GatewaySettings
+from stillhouse.common.traffic import AbChange, TrafficRecord
+from stillhouse.serving import responses
+from stillhouse.serving.assignment import Arm, assign_arm
+from stillhouse.serving.breaker import STATE_VALUE
+from stillhouse.serving.confidence import TokenLogprobs, confidence
+from stillhouse.serving.errors import ClientError, UpstreamUnavailable, error_body
+from stillhouse.serving.metrics import GatewayMetrics
+from stillhouse.serving.requests import ParsedRequest, upstream_body
+from stillhouse.serving.shadow import ShadowJob, ShadowScorer
+from stillhouse.serving.traffic_log import TrafficLogWriter
+from stillhouse.serving.upstream import Engine, UpstreamClient, UpstreamFailure
+
+log = logging.getLogger("stillhouse.gateway")
+
+PATHS = {"chat": "/chat/completions", "completions": "/completions"}
+
+
+@dataclass
+class AbState:
+    """The live A/B split; the admin API changes it, the traffic log records each change."""
+
+    share: float
+    seed: str
+
+
+@dataclass
+class Trace:
+    """What one request did, filled in as it goes; becomes its traffic record and metrics."""
+
+    request_id: str
+    arrived: float  # wall clock
+    started: float  # monotonic
+    arm: Arm
+    user_hash: str
+    served_by: str = "none"
+    fallback_reason: str | None = None
+    confidence: float | None = None
+    upstream_s: float = 0.0
+    ttft_s: float | None = None
+    status: int = 200
+    error: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    answer: str = ""
+    student_answer: str | None = None
+    student_model: str | None = None
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: dict[str, Any]
+
+
+class StreamSink:
+    """Where a streamed answer goes (the HTTP response); the route implements it."""
+
+    async def start(self, status: int, headers: dict[str, str]) -> None:
+        raise NotImplementedError
+
+    async def send(self, chunk: bytes) -> None:
+        raise NotImplementedError
+
+
+def sse(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+@dataclass
+class Gateway:
+    settings: GatewaySettings
+    engines: dict[str, Engine]
+    client: UpstreamClient
+    metrics: GatewayMetrics
+    writer: TrafficLogWriter
+    shadow: ShadowScorer | None
+    ab: AbState
+    rng: random.Random = field(default_factory=random.Random)
+    clock: Callable[[], float] = time.monotonic
+
+    # --- A/B --------------------------------------------------------------------------------
+
+    def assign(self, key: str) -> Arm:
+        if "challenger" not in self.engines:
+            return "champion"
+        return assign_arm(key, self.ab.seed, self.ab.share)
+
+    async def set_ab(self, share: float, seed: str, actor: str) -> AbChange:
+        change = AbChange(time.time(), share, seed, self.ab.share, self.ab.seed, actor)
+        self.ab.share, self.ab.seed = share, seed
+        self.metrics.challenger_share.set(share if "challenger" in self.engines else 0.0)
+        log.info("A/B changed by %s: share %.4f -> %.4f, seed %r -> %r",
+                 actor, change.previous_share, share, change.previous_seed, seed)  # fmt: skip
+        await asyncio.wrap_future(self.writer.submit(change))
+        return change
+
+    def new_trace(self, request_id: str, key: str) -> Trace:
+        user_hash = hashlib.sha256(key.encode()).hexdigest()[:16]
+        return Trace(request_id, time.time(), self.clock(), self.assign(key), user_hash)
+
+    # --- engine calls -----------------------------------------------------------------------
+
+    def _remaining(self, trace: Trace) -> float:
+        return self.settings.fallback.deadline_s - (self.clock() - trace.started)
+
+    def attempt_timeout(self, trace: Trace) -> float:
+        remaining = self._remaining(trace)
+        if remaining <= 0:
+            raise UpstreamFailure("timeout", "the request's deadline passed")
+        return min(self.settings.fallback.attempt_timeout_s, remaining)
+
+    def failed(self, engine: Engine) -> None:
+        engine.breaker.record_failure()
+        self.metrics.engine_failures.labels(engine.role).inc()
+        self.export_breaker(engine)
+
+    def export_breaker(self, engine: Engine) -> None:
+        self.metrics.circuit_state.labels(engine.role).set(STATE_VALUE[engine.breaker.state])
+
+    async def call(
+        self,
+        engine: Engine,
+        trace: Trace,
+        attempt: Callable[[float], Awaitable[Any]],
+        retry_timeouts: bool,
+    ) -> Any:
+        """Run `attempt(timeout)` against `engine` with bounded retries inside the deadline,
+        under its circuit breaker. Raises the last `UpstreamFailure`."""
+        tries = 1 + self.settings.fallback.retries
+        last = UpstreamFailure("circuit_open", f"{engine.role} circuit is open")
+        for _ in range(tries):
+            if not engine.breaker.allow():
+                self.export_breaker(engine)
+                raise last
+            started = self.clock()
+            try:
+                result = await attempt(self.attempt_timeout(trace))
+            except UpstreamFailure as failure:
+                self.failed(engine)
+                last = failure
+                if failure.reason == "timeout" and not retry_timeouts:
+                    break
+                continue
+            except ClientError:
+                engine.breaker.release_probe()
+                raise
+            except BaseException:
+                engine.breaker.release_probe()
+                raise
+            finally:
+                trace.upstream_s += self.clock() - started
+            engine.breaker.record_success()
+            self.export_breaker(engine)
+            return result
+        raise last
+
+    # --- decisions --------------------------------------------------------------------------
+
+    def low_confidence(self, tokens: list[TokenLogprobs] | None, trace: Trace) -> bool:
+        conf = self.settings.confidence
+        if not conf.enabled:
+            return False
+        if tokens is None:
+            trace.fallback_reason = "no_logprobs"
+            return True
+        score = confidence(tokens[: conf.hold_tokens], conf.signal, conf.quantile)
+        trace.confidence = score
+        self.metrics.confidence.labels(trace.arm).observe(max(score, -1e9))
+        if score < conf.threshold or score == float("-inf"):
+            trace.fallback_reason = "low_confidence"
+            return True
+        return False
+
+    def wants_shadow(self) -> bool:
+        fraction = self.settings.shadow.fraction
+        return self.shadow is not None and fraction > 0 and self.rng.random() < fraction
+
+    def student_body(self, request: ParsedRequest, engine: Engine, shadow: bool) -> dict:
+        body = upstream_body(
+            request, engine.served_name, logprobs_top=self.settings.confidence.top_k,
+            token_ids=shadow,
+        )  # fmt: skip
+        if shadow and not request.wants_logprobs:
+            body["return_tokens_as_token_ids"] = True  # top-k by id, for the overlap bound
+        return body
+
+    # --- non-streaming ----------------------------------------------------------------------
+
+    async def complete(self, request: ParsedRequest, trace: Trace) -> Reply:
+        student = self.engines[trace.arm]
+        trace.student_model = student.ref
+        path = PATHS[request.endpoint]
+        shadow = self.wants_shadow()
+        data: dict[str, Any] | None = None
+        try:
+            body = self.student_body(request, student, shadow)
+            data = await self.call(
+                student,
+                trace,
+                lambda t: self.client.post_json(student, path, body, t),
+                retry_timeouts=False,
+            )
+            tokens = responses.token_logprobs(data, request.endpoint)
+            if self.low_confidence(tokens, trace):
+                trace.student_answer = responses.answer_text(data, request.endpoint)
+            else:
+                trace.served_by = trace.arm
+        except UpstreamFailure as failure:
+            trace.fallback_reason = failure.reason
+        if trace.fallback_reason is not None:
+            self.metrics.fallbacks.labels(trace.fallback_reason).inc()
+            if shadow:
+                shadow = False
+            teacher = self.engines["teacher"]
+            body = upstream_body(request, teacher.served_name, logprobs_top=None)
+            try:
+                data = await self.call(
+                    teacher,
+                    trace,
+                    lambda t: self.client.post_json(teacher, path, body, t),
+                    retry_timeouts=True,
+                )
+            except UpstreamFailure as failure:
+                raise UpstreamUnavailable(
+                    f"no engine could answer: student {trace.fallback_reason}, "
+                    f"teacher {failure.reason}"
+                ) from None
+            trace.served_by = "teacher"
+        assert data is not None
+        if shadow:
+            self._offer_shadow(trace, data, request.endpoint)
+        trace.answer = responses.answer_text(data, request.endpoint)
+        trace.prompt_tokens, trace.completion_tokens = responses.usage_counts(data)
+        added = trace.served_by != "teacher"
+        responses.shape_for_client(data, request, self.settings.model_name, added_logprobs=added)
+        return Reply(200, self.route_headers(trace), data)
+
+    def _offer_shadow(self, trace: Trace, data: dict[str, Any], endpoint: str) -> None:
+        prompt_ids, answer_ids = responses.token_ids(data)
+        tokens = responses.token_logprobs(data, endpoint) or []
+        top = responses.top_by_token_id(data, endpoint)
+        self.offer_shadow(trace, prompt_ids, answer_ids, tokens, top)
+
+    def offer_shadow(
+        self,
+        trace: Trace,
+        prompt_ids: list[int] | None,
+        answer_ids: list[int] | None,
+        tokens: list[TokenLogprobs],
+        top: list[dict[int, float]] | None,
+    ) -> None:
+        if self.shadow is None or not prompt_ids or not answer_ids:
+            return
+        self.shadow.offer(
+            ShadowJob(
+                request_id=trace.request_id,
+                ts=trace.arrived,
+                student_model=trace.student_model,
+                prompt_token_ids=tuple(prompt_ids),
+                token_ids=tuple(answer_ids),
+                student_logprobs=tuple(t.logprob for t in tokens),
+                student_top=tuple(top) if top is not None else None,
+            )
+        )
+
+    def route_headers(self, trace: Trace) -> dict[str, str]:
+        return {
+            "x-request-id": trace.request_id,
+            "x-stillhouse-arm": trace.arm,
+            "x-stillhouse-served-by": trace.served_by,
+            "x-stillhouse-fallback": trace.fallback_reason or "none",
+        }
+
+    # --- bookkeeping ------------------------------------------------------------------------
+
+    def outcome(self, trace: Trace) -> str:
+        if trace.status < 400:
+            return "ok"
+        if trace.status == 503:
+            return "unavailable"
+        return "client_error" if trace.status < 500 else "error"
+
+    async def finish(self, request: ParsedRequest | None, trace: Trace, endpoint: str) -> None:
+        """Metrics and the traffic record for a finished request. In strict mode it returns
+        only once the record is committed (the caller sends the end of the answer after)."""
+        latency = self.clock() - trace.started
+        self.metrics.requests.labels(trace.arm, trace.served_by, self.outcome(trace)).inc()
+        self.metrics.latency.labels(trace.arm).observe(latency)
+        if trace.ttft_s is not None:
+            self.metrics.ttft.labels(trace.arm).observe(trace.ttft_s)
+        self.metrics.overhead.observe(max(0.0, latency - trace.upstream_s))
+        log_prompt = self.settings.traffic_log.log_prompts and request is not None
+        record = TrafficRecord(
+            request_id=trace.request_id,
+            ts=trace.arrived,
+            endpoint=endpoint,
+            arm=trace.arm,
+            served_by=trace.served_by,
+            status=trace.status,
+            latency_s=latency,
+            stream=bool(request and request.stream),
+            student_model=trace.student_model,
+            fallback_reason=trace.fallback_reason,
+            confidence=trace.confidence,
+            ttft_s=trace.ttft_s,
+            prompt_tokens=trace.prompt_tokens,
+            completion_tokens=trace.completion_tokens,
+            user_hash=trace.user_hash,
+            prompt=request.prompt_text() if log_prompt and request else None,
+            answer=trace.answer if log_prompt else None,
+            student_answer=trace.student_answer if log_prompt else None,
+            error=trace.error,
+        )
+        future = self.writer.submit(record)
+        if self.settings.traffic_log.sync == "strict":
+            await asyncio.wrap_future(future)
+
+    def fail(self, trace: Trace, exc: BaseException) -> dict[str, Any]:
+        status, body = error_body(exc)
+        trace.status = status
+        trace.error = body["error"]["message"][:500]
+        return body

@@ -1,0 +1,137 @@
+"""Every Prometheus metric the gateway exports, in one place, on its own registry (no globals).
+
+Names carry the `stillhouse_` prefix and unit suffixes; labels take bounded values only:
+arm (champion, challenger), served_by and engine (teacher, champion, challenger, none),
+outcome, and fallback reason. Never prompts, users or model versions.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+CONFIDENCE_BUCKETS = (
+    -5.0,
+    -3.0,
+    -2.0,
+    -1.5,
+    -1.0,
+    -0.75,
+    -0.5,
+    -0.35,
+    -0.25,
+    -0.15,
+    -0.1,
+    -0.05,
+    0.0,
+)
+
+OUTCOMES = ("ok", "client_error", "unavailable", "error")
+FALLBACK_REASONS = (
+    "low_confidence",
+    "timeout",
+    "connection",
+    "upstream_5xx",
+    "circuit_open",
+    "no_logprobs",
+)
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "stillhouse_gateway_requests",
+            "Requests by A/B arm, the engine that answered and the outcome.",
+            ["arm", "served_by", "outcome"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "stillhouse_gateway_request_duration_seconds",
+            "End-to-end request latency at the gateway, by arm.",
+            ["arm"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "stillhouse_gateway_time_to_first_token_seconds",
+            "Time from request arrival to the first streamed byte, by arm.",
+            ["arm"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.overhead = Histogram(
+            "stillhouse_gateway_overhead_seconds",
+            "Gateway time per request not spent waiting on engines.",
+            buckets=OVERHEAD_BUCKETS,
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "stillhouse_gateway_fallbacks",
+            "Requests the teacher answered instead of the student, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.confidence = Histogram(
+            "stillhouse_gateway_confidence",
+            "The student's confidence score (the configured signal), by arm.",
+            ["arm"],
+            buckets=CONFIDENCE_BUCKETS,
+            registry=r,
+        )
+        self.circuit_state = Gauge(
+            "stillhouse_gateway_circuit_state",
+            "Circuit breaker per engine: 0 closed, 1 half-open, 2 open.",
+            ["engine"],
+            registry=r,
+        )
+        self.engine_failures = Counter(
+            "stillhouse_gateway_engine_failures",
+            "Failed engine calls (timeouts, connection errors, 5xx), by engine.",
+            ["engine"],
+            registry=r,
+        )
+        self.challenger_share = Gauge(
+            "stillhouse_gateway_challenger_share",
+            "The share of users assigned to the challenger arm.",
+            registry=r,
+        )
+        self.shadow_queue_depth = Gauge(
+            "stillhouse_shadow_queue_depth",
+            "Shadow-scoring jobs waiting for the teacher.",
+            registry=r,
+        )
+        self.shadow_dropped = Counter(
+            "stillhouse_shadow_dropped",
+            "Shadow jobs dropped because the queue was full.",
+            registry=r,
+        )
+        self.shadow_scored = Counter(
+            "stillhouse_shadow_scored", "Student answers scored by the teacher.", registry=r
+        )
+        self.shadow_errors = Counter(
+            "stillhouse_shadow_errors", "Shadow-scoring calls that failed.", registry=r
+        )
+        self.traffic_log_write_errors = Counter(
+            "stillhouse_traffic_log_write_errors",
+            "Traffic-log records that could not be written (failed commits, a full queue).",
+            registry=r,
+        )
+        self.traffic_log_pending = Gauge(
+            "stillhouse_traffic_log_pending_records",
+            "Records accepted but not yet committed: what a crash now would lose.",
+            registry=r,
+        )
+        self.traffic_log_commit = Histogram(
+            "stillhouse_traffic_log_commit_seconds",
+            "Time per traffic-log group commit.",
+            buckets=(*OVERHEAD_BUCKETS, 0.25, 0.5, 1.0),
+            registry=r,
+        )
+        self.traffic_log_committed = Counter(
+            "stillhouse_traffic_log_records_committed", "Traffic-log records committed.", registry=r
+        )
+        for reason in FALLBACK_REASONS:
+            self.fallbacks.labels(reason)
