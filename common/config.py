@@ -35,6 +35,11 @@ from stillhouse.common.errors import ConfigError
 ENV_PREFIX = "STILLHOUSE_"
 CONFIG_ENV = "STILLHOUSE_CONFIG"
 DEFAULT_CONFIG_FILE = "stillhouse.yaml"
+API_KEYS_ENV = "STILLHOUSE_API_KEYS"
+ADMIN_KEY_ENV = "STILLHOUSE_ADMIN_KEY"
+# Variables that share the prefix but are not config overrides: the config file's path and the
+# gateway's secrets (read by the gateway itself, never parsed into Settings).
+NOT_OVERRIDES = frozenset({CONFIG_ENV, API_KEYS_ENV, ADMIN_KEY_ENV})
 
 
 class _Section(BaseModel):
@@ -256,8 +261,8 @@ class GatewaySettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     model_name: str = Field(default="stillhouse", min_length=1)
-    api_keys_env: str = "STILLHOUSE_API_KEYS"
-    admin_key_env: str = "STILLHOUSE_ADMIN_KEY"
+    api_keys_env: str = API_KEYS_ENV
+    admin_key_env: str = ADMIN_KEY_ENV
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     max_tokens_limit: int = Field(default=4096, ge=1)
     engines: EnginesSettings = EnginesSettings()
@@ -318,10 +323,10 @@ def _env_value(raw: str) -> Any:
 
 
 def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
-    """Nested overrides from `STILLHOUSE_A__B=value` variables (`STILLHOUSE_CONFIG` excluded)."""
+    """Nested overrides from `STILLHOUSE_A__B=value` variables (except `NOT_OVERRIDES`)."""
     tree: dict[str, Any] = {}
     for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+        if not name.startswith(ENV_PREFIX) or name in NOT_OVERRIDES:
             continue
         path = name[len(ENV_PREFIX) :].lower().split("__")
         node = tree

@@ -234,7 +234,7 @@ def _gateway_counts(url: str) -> str:
         for v in re.findall(r"^stillhouse_gateway_fallbacks_total(?:\{[^}]*\})? (\S+)$", text, re.M)
     )
     by = ", ".join(f"{k} {v:,.0f}" for k, v in answered.most_common() if v) or "none counted"
-    return f"its /metrics: requests by engine/outcome {by}; teacher fallbacks {fallbacks:,.0f}"
+    return f"answered (its /metrics): {by}; fallbacks to the teacher {fallbacks:,.0f}"
 
 
 def run_target(name: str, start: Starter, wrk_bin: str, tmp: Path, duration_s: float, log) -> Row:
@@ -262,7 +262,7 @@ def baseline(first: Row, last: Row) -> Row:
         loads[clients] = replace(
             fast, p50_ms=min(a.p50_ms, b.p50_ms), p99_ms=min(a.p99_ms, b.p99_ms)
         )
-    note = "measured first and last; each cell the lower latency and the higher req/s of the two"
+    note = "measured first and last; per cell the lower latency and the higher req/s"
     return Row(first.name, loads, [note])
 
 
@@ -298,7 +298,7 @@ def report(console: Console, rows: list[Row], duration_s: float) -> None:
     console.print("+p50/+p99: overhead, the target's latency minus direct-to-stub's")
     for row in rows:
         for note in ([f"n/a: {row.na}"] if row.na else []) + row.notes:
-            console.print(escape(f"  {row.name}: {note}"), soft_wrap=True)
+            console.print(escape(f"  {row.name}: {note}"))
 
     by_kind = {
         kind: next((r for r in rows if r.name.startswith(kind)), None)
@@ -332,7 +332,7 @@ def report(console: Console, rows: list[Row], duration_s: float) -> None:
     checks.append(
         f"p50 overhead at 1 client {'n/a' if p50 is None else f'{p50:.2f} ms'} (< 1 ms: {met})"
     )
-    console.print("goals: " + "; ".join(checks), soft_wrap=True)
+    console.print("goals:\n" + "\n".join(f"  {c}" for c in checks))
 
 
 def main() -> int:
@@ -340,10 +340,10 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
     parser.add_argument("--skip-litellm", action="store_true", help="leave LiteLLM out")
     args = parser.parse_args()
-    console = Console()
+    console = Console(width=min(Console().width, 100))
 
     def log(message: str) -> None:
-        console.print(message, soft_wrap=True)
+        console.print(message)
 
     nginx, wrk_bin = stub.find_nginx(), wrk.find_wrk()
     if not nginx or not wrk_bin:
@@ -357,7 +357,6 @@ def main() -> int:
         f"note: wrk, the stub and each server share the machine's {os.cpu_count()} cores (they "
         f"cannot be pinned apart); load average before the run {load1:.2f} (1 min), "
         f"{load5:.2f} (5 min): other work on the machine shows up in p99 first",
-        soft_wrap=True,
     )
     with tempfile.TemporaryDirectory(prefix="stillhouse-bench-gateway-") as tmp_name:
         tmp = Path(tmp_name)

@@ -98,3 +98,12 @@ def test_secrets_never_show_in_repr_or_dump(tmp_path):
     assert settings.engine.api_key.get_secret_value() == "sk-very-secret"
     assert "sk-very-secret" not in repr(settings)
     assert "sk-very-secret" not in settings.model_dump_json()
+
+
+def test_gateway_secrets_share_the_prefix_but_are_not_config_overrides():
+    from stillhouse.common.config import load_settings
+
+    env = {"STILLHOUSE_API_KEYS": "sk-a,sk-b", "STILLHOUSE_ADMIN_KEY": "sk-admin"}
+    settings = load_settings(None, env)
+    assert settings.gateway.api_keys_env == "STILLHOUSE_API_KEYS"
+    assert "sk-a" not in repr(settings)
