@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import ipaddress
-import json
 import logging
 import re
 import time
@@ -25,6 +24,7 @@ from functools import partial
 from typing import Any
 
 import aiohttp
+import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics, generate_latest
 
@@ -135,7 +135,7 @@ def authorize_admin(request: web.Request) -> None:
 
 def json_response(body: Any, status: int = 200, headers: Mapping[str, str] | None = None):
     return web.Response(
-        body=json.dumps(body, ensure_ascii=False).encode(),
+        body=orjson.dumps(body),
         status=status,
         content_type="application/json",
         headers=headers,

@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import orjson
+
 from stillhouse.serving.errors import InvalidRequest, ModelNotFound
 
 Endpoint = Literal["chat", "completions"]
@@ -149,8 +151,8 @@ def _check_stop(stop: Any) -> None:
 
 def decode_json(raw: bytes) -> dict[str, Any]:
     try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
         raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import orjson
 
 from stillhouse.serving.breaker import CircuitBreaker
 from stillhouse.serving.errors import UpstreamClientError
@@ -79,7 +80,7 @@ class UpstreamClient:
         try:
             async with asyncio.timeout(timeout_s):
                 async with self.session.post(
-                    engine.base_url + path, data=json.dumps(body), headers=self.headers
+                    engine.base_url + path, data=orjson.dumps(body), headers=self.headers
                 ) as resp:
                     raw = await resp.read()
                     status = resp.status
@@ -92,8 +93,8 @@ class UpstreamClient:
         if status >= 400:
             raise _client_error(status, raw)
         try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
             raise UpstreamFailure("upstream_5xx", f"{engine.role} sent invalid JSON") from None
         if not isinstance(data, dict):
             raise UpstreamFailure("upstream_5xx", f"{engine.role} sent a non-object")
@@ -107,7 +108,7 @@ class UpstreamClient:
         try:
             async with asyncio.timeout(timeout_s):
                 resp = await self.session.post(
-                    engine.base_url + path, data=json.dumps(body), headers=self.headers
+                    engine.base_url + path, data=orjson.dumps(body), headers=self.headers
                 )
         except TimeoutError:
             raise UpstreamFailure("timeout", f"{engine.role} took over {timeout_s:.1f}s") from None
@@ -143,8 +144,8 @@ async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, An
                 yield None
                 return
             try:
-                event = json.loads(payload)
-            except (json.JSONDecodeError, UnicodeDecodeError):
+                event = orjson.loads(payload)
+            except orjson.JSONDecodeError:
                 raise UpstreamFailure("upstream_5xx", "a stream event is not JSON") from None
             if not isinstance(event, dict):
                 raise UpstreamFailure("upstream_5xx", "a stream event is not an object")

@@ -8,7 +8,6 @@ from rich.console import Console
 from stillhouse.common.config import EngineRef, Settings
 from stillhouse.common.errors import UsageError
 from stillhouse.common.registry import RegistryClient
-from stillhouse.rollout.demo.build import build_demo_world
 
 
 def engine_refs(settings: Settings, console: Console) -> dict[str, EngineRef]:
@@ -18,6 +17,8 @@ def engine_refs(settings: Settings, console: Console) -> dict[str, EngineRef]:
     if configured.teacher is not None:
         refs["teacher"] = configured.teacher
     else:
+        from stillhouse.rollout.demo.build import build_demo_world  # torch: only when needed
+
         world = build_demo_world(settings, console=console)
         refs["teacher"] = EngineRef(model=str(world.teacher_dir), served_name="teacher")
     if configured.champion is not None and configured.challenger is not None:

@@ -78,11 +78,8 @@ gateway:
     champion: {{base_url: "{stub}"}}
   ab: {{challenger_share: 0.0}}
   shadow: {{fraction: 0.0}}
-  api_keys_env: {keys_env}
 """
-# Not STILLHOUSE_API_KEYS: the config loader reads every STILLHOUSE_* variable as a settings
-# override, and `api_keys` is no setting.
-KEYS_ENV = "BENCH_GATEWAY_API_KEYS"
+KEYS_ENV = "STILLHOUSE_API_KEYS"
 
 
 @dataclass
@@ -194,7 +191,7 @@ def ours(stub_url: str, tmp: Path, log) -> Iterator[Target]:
     state = tmp / "ours-state"
     config = tmp / "ours.yaml"
     config.write_text(
-        OURS_CONFIG.format(state_dir=state, port=port, stub=stub_url, keys_env=KEYS_ENV)
+        OURS_CONFIG.format(state_dir=state, port=port, stub=stub_url)
     )
     argv = [str(command), "--config", str(config), "serve"]
     # Only the bench's config counts: STILLHOUSE_* overrides from the caller's shell are dropped.
