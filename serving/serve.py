@@ -122,6 +122,7 @@ async def run_gateway(
         await stop.wait()
     finally:
         await runner.cleanup()
+        gc.unfreeze()  # let exit-time finalizers see those objects again
 
 
 def serve(

@@ -28,13 +28,21 @@ def engine_refs(settings: Settings, console: Console) -> dict[str, EngineRef]:
     champion = registry.get_alias("champion")
     if configured.champion is not None:
         refs["champion"] = configured.champion
-    elif champion is None:
-        raise UsageError(
-            f"no champion student in the registry ({name}@champion): run `make demo` or "
-            "`stillhouse redistill` and promote one, or set gateway.engines.champion"
-        )
-    else:
+    elif champion is not None:
         refs["champion"] = EngineRef(model=champion.uri, served_name="champion")
+    else:
+        # Before the first promotion there is no champion; the newest student stands in, so
+        # the gateway has a student to route to (it is not promoted by this).
+        challenger = registry.get_alias("challenger")
+        if challenger is None:
+            raise UsageError(
+                f"no student in the registry ({name}): run `stillhouse redistill` first "
+                "(about 7 minutes on the demo), or set gateway.engines.champion"
+            )
+        console.print(
+            f"no {name}@champion yet: the challenger {challenger.uri} serves in its place"
+        )
+        return {**refs, "champion": EngineRef(model=challenger.uri, served_name="champion")}
     if configured.challenger is not None:
         refs["challenger"] = configured.challenger
     else:
