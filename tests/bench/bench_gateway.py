@@ -190,9 +190,7 @@ def ours(stub_url: str, tmp: Path, log) -> Iterator[Target]:
     port = free_port()
     state = tmp / "ours-state"
     config = tmp / "ours.yaml"
-    config.write_text(
-        OURS_CONFIG.format(state_dir=state, port=port, stub=stub_url)
-    )
+    config.write_text(OURS_CONFIG.format(state_dir=state, port=port, stub=stub_url))
     argv = [str(command), "--config", str(config), "serve"]
     # Only the bench's config counts: STILLHOUSE_* overrides from the caller's shell are dropped.
     server = Server(
