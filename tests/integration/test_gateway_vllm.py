@@ -217,7 +217,10 @@ def test_gateway_kill9_leaves_a_clean_log_missing_at_most_the_last_flush(
     threads = [threading.Thread(target=drive, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
-    time.sleep(3.0)
+    # Kill mid-traffic once enough answers are in (a loaded machine answers slower).
+    deadline = time.monotonic() + 90
+    while len(answered) < 40 and time.monotonic() < deadline:
+        time.sleep(0.1)
     os.killpg(gw.proc.pid, signal.SIGKILL)
     killed_at = time.monotonic()
     stop.set()
