@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import signal
+import socket
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from rich.console import Console
 from stillhouse.common.config import EngineRef, Settings
 from stillhouse.common.errors import UsageError
 from stillhouse.common.registry import RegistryClient
-from stillhouse.serving.app import EngineEndpoint, build_app
+from stillhouse.serving.app import EngineEndpoint, build_app, load_keys
 from stillhouse.serving.engine import EngineSpec, VllmEngine, validate_model_dir
 
 ROLES = ("teacher", "champion", "challenger")
@@ -100,6 +101,20 @@ def start_engines(
     return endpoints
 
 
+def check_port_free(host: str, port: int) -> None:
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise UsageError(
+                f"the gateway cannot listen on {host}:{port} ({exc.strerror}); "
+                "choose another with --port or gateway.port"
+            ) from None
+
+
 async def run_gateway(
     app: web.Application, host: str, port: int, on_ready: Callable[[str], None]
 ) -> None:
@@ -108,7 +123,12 @@ async def run_gateway(
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port, shutdown_timeout=10.0)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:  # taken since the check before the engines started
+            raise UsageError(
+                f"the gateway cannot listen on {host}:{port} ({exc.strerror})"
+            ) from None
         bound = runner.addresses[0][1] if runner.addresses else port
         # Everything imported so far (aiohttp, pydantic, maybe torch via the demo) lives for the
         # whole process: frozen, it is out of the garbage collector's full passes, which
@@ -131,6 +151,9 @@ def serve(
     environ: Mapping[str, str],
     console: Console,
 ) -> None:
+    # User mistakes in the gateway's own settings end here, before minutes of engine start-up.
+    load_keys(settings, environ)
+    check_port_free(settings.gateway.host, settings.gateway.port)
     with ExitStack() as stack:
         endpoints = start_engines(engines, settings, stack, console)
         app = build_app(settings, endpoints, environ)

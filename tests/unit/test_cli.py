@@ -75,3 +75,41 @@ def test_registry_list_on_an_empty_registry_says_so(tmp_path):
     result = run(["registry", "list"], tmp_path)
     assert result.returncode == 0, result.stderr
     assert "no versions of stillhouse-student yet" in result.stdout
+
+
+SERVE_CONFIG = """\
+state_dir: {state}
+gateway:
+  host: {host}
+  port: {port}
+  engines:
+    teacher: {{base_url: "http://127.0.0.1:9/v1"}}
+    champion: {{base_url: "http://127.0.0.1:9/v1"}}
+"""
+
+
+def _serve(tmp_path: Path, host: str, port: int):
+    import os
+
+    config = tmp_path / "stillhouse.yaml"
+    config.write_text(SERVE_CONFIG.format(state=tmp_path / "state", host=host, port=port))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STILLHOUSE_")}
+    return run(["--config", str(config), "serve"], tmp_path, env)
+
+
+def test_serve_on_a_taken_port_is_one_line_before_any_engine_starts(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = _serve(tmp_path, "127.0.0.1", taken.getsockname()[1])
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: the gateway cannot listen on 127.0.0.1:")
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_serve_beyond_loopback_without_client_keys_is_refused(tmp_path):
+    result = _serve(tmp_path, "0.0.0.0", 0)
+    assert result.returncode == 2
+    assert "STILLHOUSE_API_KEYS is empty" in result.stderr and "Traceback" not in result.stderr
