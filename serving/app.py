@@ -44,7 +44,7 @@ from stillhouse.serving.errors import (
 )
 from stillhouse.serving.gateway import SSE_DONE, AbState, Gateway, StreamSink, Trace
 from stillhouse.serving.metrics import GatewayMetrics
-from stillhouse.serving.requests import Endpoint, decode_json, parse_request
+from stillhouse.serving.requests import Endpoint, ParsedRequest, decode_json, parse_request
 from stillhouse.serving.shadow import ShadowScorer
 from stillhouse.serving.streaming import stream_answer
 from stillhouse.serving.traffic_log import TrafficLogWriter
@@ -208,29 +208,32 @@ async def completions(endpoint: Endpoint, request: web.Request) -> web.StreamRes
         parsed = parse_request(raw, endpoint, gw.settings.model_name, gw.settings.max_tokens_limit)
     except ClientError as exc:
         trace = gw.new_trace(request_id, user_key(None, header_user, request_id))
-        body = gw.fail(trace, exc)
-        await gw.finish(None, trace, endpoint)
-        return json_response(body, trace.status, gw.route_headers(trace))
+        return await _failed(gw, None, endpoint, trace, exc)
     trace = gw.new_trace(request_id, user_key(parsed.user, header_user, request_id))
     if parsed.stream:
         return await _stream(gw, parsed, trace, request)
     try:
         reply = await gw.complete(parsed, trace)
     except Exception as exc:
-        return await _failed(gw, parsed, trace, exc)
+        return await _failed(gw, parsed, endpoint, trace, exc)
     await gw.finish(parsed, trace, endpoint)
     return json_response(reply.body, reply.status, reply.headers)
 
 
-async def _failed(gw: Gateway, parsed, trace: Trace, exc: Exception) -> web.Response:
+async def _failed(
+    gw: Gateway, parsed: ParsedRequest | None, endpoint: Endpoint, trace: Trace, exc: Exception
+) -> web.Response:
+    """The error answer for a request that failed before any byte was sent, recorded."""
     if not isinstance(exc, GatewayError):
         log.error("request %s failed", trace.request_id, exc_info=exc)
     body = gw.fail(trace, exc)
-    await gw.finish(parsed, trace, parsed.endpoint)
+    await gw.finish(parsed, trace, endpoint)
     return json_response(body, trace.status, gw.route_headers(trace))
 
 
-async def _stream(gw: Gateway, parsed, trace: Trace, request: web.Request) -> web.StreamResponse:
+async def _stream(
+    gw: Gateway, parsed: ParsedRequest, trace: Trace, request: web.Request
+) -> web.StreamResponse:
     sink = HttpSink(request)
     try:
         complete = await stream_answer(gw, parsed, trace, sink)
@@ -241,7 +244,7 @@ async def _stream(gw: Gateway, parsed, trace: Trace, request: web.Request) -> we
         return sink.response
     except Exception as exc:
         if sink.response is None:
-            return await _failed(gw, parsed, trace, exc)
+            return await _failed(gw, parsed, parsed.endpoint, trace, exc)
         log.error("stream %s failed", trace.request_id, exc_info=exc)
         gw.fail(trace, exc)
         complete = False
@@ -300,7 +303,6 @@ async def metrics(request: web.Request) -> web.Response:
     if gw.shadow is not None:
         m.shadow_queue_depth.set(gw.shadow.queue.qsize())
     for engine in gw.engines.values():
-        gw.metrics.circuit_state.labels(engine.role)
         gw.export_breaker(engine)
     return web.Response(
         body=generate_latest(m.registry), headers={"content-type": CONTENT_TYPE_LATEST}

@@ -183,5 +183,9 @@ def should_fall_back(
         if first_n < 1:
             raise ValueError(f"first_n must be >= 1, got {first_n}")
         tokens = tokens[:first_n]
-    score = confidence(tokens, signal, quantile)
+    return is_low(confidence(tokens, signal, quantile), threshold)
+
+
+def is_low(score: float, threshold: float) -> bool:
+    """The fallback rule on a computed score: strictly below the threshold, or −inf."""
     return score == -math.inf or score < threshold

@@ -33,8 +33,8 @@ from stillhouse.common.traffic import AbChange, TrafficRecord
 from stillhouse.serving import responses
 from stillhouse.serving.assignment import Arm, assign_arm
 from stillhouse.serving.breaker import STATE_VALUE
-from stillhouse.serving.confidence import TokenLogprobs, confidence
-from stillhouse.serving.errors import ClientError, UpstreamUnavailable, error_body
+from stillhouse.serving.confidence import TokenLogprobs, confidence, is_low
+from stillhouse.serving.errors import UpstreamUnavailable, error_body
 from stillhouse.serving.metrics import GatewayMetrics
 from stillhouse.serving.requests import ParsedRequest, upstream_body
 from stillhouse.serving.shadow import ShadowJob, ShadowScorer
@@ -150,7 +150,8 @@ class Gateway:
         self.export_breaker(engine)
 
     def export_breaker(self, engine: Engine) -> None:
-        self.metrics.circuit_state.labels(engine.role).set(STATE_VALUE[engine.breaker.state])
+        state = engine.breaker.current_state()  # an elapsed cool-down reads half-open
+        self.metrics.circuit_state.labels(engine.role).set(STATE_VALUE[state])
 
     async def call(
         self,
@@ -164,22 +165,21 @@ class Gateway:
         tries = 1 + self.settings.fallback.retries
         last = UpstreamFailure("circuit_open", f"{engine.role} circuit is open")
         for _ in range(tries):
+            # A passed deadline is no fault of the engine: checked before its breaker is asked.
+            timeout = self.attempt_timeout(trace)
             if not engine.breaker.allow():
                 self.export_breaker(engine)
                 raise last
             started = self.clock()
             try:
-                result = await attempt(self.attempt_timeout(trace))
+                result = await attempt(timeout)
             except UpstreamFailure as failure:
                 self.failed(engine)
                 last = failure
                 if failure.reason == "timeout" and not retry_timeouts:
                     break
                 continue
-            except ClientError:
-                engine.breaker.release_probe()
-                raise
-            except BaseException:
+            except BaseException:  # the client's 4xx, a cancel: no verdict on the engine
                 engine.breaker.release_probe()
                 raise
             finally:
@@ -201,7 +201,7 @@ class Gateway:
         score = confidence(tokens[: conf.hold_tokens], conf.signal, conf.quantile)
         trace.confidence = score
         self.metrics.confidence.labels(trace.arm).observe(max(score, -1e9))
-        if score < conf.threshold or score == float("-inf"):
+        if is_low(score, conf.threshold):
             trace.fallback_reason = "low_confidence"
             return True
         return False
@@ -244,8 +244,7 @@ class Gateway:
             trace.fallback_reason = failure.reason
         if trace.fallback_reason is not None:
             self.metrics.fallbacks.labels(trace.fallback_reason).inc()
-            if shadow:
-                shadow = False
+            shadow = False  # the teacher answered: nothing of the student's to score
             teacher = self.engines["teacher"]
             body = upstream_body(request, teacher.served_name, logprobs_top=None)
             try:
@@ -324,7 +323,7 @@ class Gateway:
         if trace.ttft_s is not None:
             self.metrics.ttft.labels(trace.arm).observe(trace.ttft_s)
         self.metrics.overhead.observe(max(0.0, latency - trace.upstream_s))
-        log_prompt = self.settings.traffic_log.log_prompts and request is not None
+        keep_text = self.settings.traffic_log.log_prompts
         record = TrafficRecord(
             request_id=trace.request_id,
             ts=trace.arrived,
@@ -341,9 +340,9 @@ class Gateway:
             prompt_tokens=trace.prompt_tokens,
             completion_tokens=trace.completion_tokens,
             user_hash=trace.user_hash,
-            prompt=request.prompt_text() if log_prompt and request else None,
-            answer=trace.answer if log_prompt else None,
-            student_answer=trace.student_answer if log_prompt else None,
+            prompt=request.prompt_text() if keep_text and request is not None else None,
+            answer=trace.answer if keep_text and request is not None else None,
+            student_answer=trace.student_answer if keep_text else None,
             error=trace.error,
         )
         future = self.writer.submit(record)

@@ -105,8 +105,7 @@ async def _pipe(
             raise UpstreamFailure("upstream_5xx", "the engine reported an error mid-stream")
         if collected is not None:
             collected.take(event, request.endpoint)
-        _send_ready = _account(trace, event, request)
-        if not _send_ready:
+        if not _account(trace, event, request):
             continue
         responses.shape_for_client(event, request, model, added_logprobs=added_logprobs)
         if trace.ttft_s is None:
