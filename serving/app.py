@@ -56,7 +56,7 @@ GATEWAY = web.AppKey("gateway", Gateway)
 KEYS = web.AppKey("keys", "Keys")
 STARTED = web.AppKey("started", float)
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-ROLES = ("teacher", "champion", "challenger")
+ENGINE_ROLES = ("teacher", "champion", "challenger")
 
 
 @dataclass(frozen=True)
@@ -356,9 +356,9 @@ def build_app(
     missing = [r for r in ("teacher", "champion") if r not in endpoints]
     if missing:
         raise ConfigError(f"the gateway needs a {missing[0]} engine")
-    unknown = sorted(set(endpoints) - set(ROLES))
+    unknown = sorted(set(endpoints) - set(ENGINE_ROLES))
     if unknown:
-        raise ConfigError(f"unknown engine role {unknown[0]!r}; expected one of {ROLES}")
+        raise ConfigError(f"unknown engine role {unknown[0]!r}; expected one of {ENGINE_ROLES}")
     gws = settings.gateway
     keys = load_keys(settings, environ)
     disable_created_metrics()  # `*_created` series double the scrape for nothing a panel uses

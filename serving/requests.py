@@ -21,7 +21,7 @@ from stillhouse.serving.errors import InvalidRequest, ModelNotFound
 Endpoint = Literal["chat", "completions"]
 
 MAX_TOP_LOGPROBS = 20
-ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+MESSAGE_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 
 # OpenAI's parameters plus vLLM's common sampling extras. Anything else is rejected, as OpenAI
 # does, so a misspelt parameter is not silently ignored.
@@ -118,9 +118,9 @@ def _check_messages(messages: Any) -> None:
         if not isinstance(message, dict):
             raise InvalidRequest(f"messages[{i}] must be an object", param=f"messages[{i}]")
         role = message.get("role")
-        if role not in ROLES:
+        if role not in MESSAGE_ROLES:
             raise InvalidRequest(
-                f"messages[{i}].role must be one of {sorted(ROLES)}, got {role!r}",
+                f"messages[{i}].role must be one of {sorted(MESSAGE_ROLES)}, got {role!r}",
                 param=f"messages[{i}].role",
             )
         if message.get("content") is None and role != "assistant":

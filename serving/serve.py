@@ -30,8 +30,6 @@ from stillhouse.common.registry import RegistryClient
 from stillhouse.serving.app import EngineEndpoint, build_app, load_keys
 from stillhouse.serving.engine import EngineSpec, VllmEngine, validate_model_dir
 
-ROLES = ("teacher", "champion", "challenger")
-
 
 @dataclass(frozen=True)
 class ResolvedEngine:

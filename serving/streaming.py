@@ -59,9 +59,10 @@ async def _hold(
 ) -> None:
     """Read the student's stream until `hold_tokens` tokens are in or it ends."""
     hold = gw.settings.confidence.hold_tokens
+    timeout = gw.attempt_timeout(trace)  # a passed deadline is no fault of the engine
     started = gw.clock()
     try:
-        async with asyncio.timeout(gw.attempt_timeout(trace)):
+        async with asyncio.timeout(timeout):
             while len(collected.tokens) < hold:
                 event = await anext(events, None)
                 if event is None:
@@ -97,7 +98,6 @@ async def _pipe(
     added_logprobs: bool,
 ) -> None:
     """Shape and send events until the engine's `[DONE]`; the caller sends its own `[DONE]`."""
-    model = gw.settings.model_name
     async for event in events:
         if event is None:
             return
@@ -105,13 +105,26 @@ async def _pipe(
             raise UpstreamFailure("upstream_5xx", "the engine reported an error mid-stream")
         if collected is not None:
             collected.take(event, request.endpoint)
-        if not _account(trace, event, request):
-            continue
-        responses.shape_for_client(event, request, model, added_logprobs=added_logprobs)
-        if trace.ttft_s is None:
-            trace.ttft_s = gw.clock() - trace.started
-        await sink.send(sse(event))
+        await _forward(gw, request, trace, sink, event, added_logprobs)
     raise UpstreamFailure("connection", "the stream ended without [DONE]")
+
+
+async def _forward(
+    gw: Gateway,
+    request: ParsedRequest,
+    trace: Trace,
+    sink: StreamSink,
+    event: dict[str, Any],
+    added_logprobs: bool,
+) -> None:
+    """Record one event and send it to the client in the shape it asked for."""
+    if not _account(trace, event, request):
+        return
+    model = gw.settings.model_name
+    responses.shape_for_client(event, request, model, added_logprobs=added_logprobs)
+    if trace.ttft_s is None:
+        trace.ttft_s = gw.clock() - trace.started
+    await sink.send(sse(event))
 
 
 def _account(trace: Trace, event: dict[str, Any], request: ParsedRequest) -> bool:
@@ -172,13 +185,8 @@ async def _send_student(
     events: Events,
     collected: StudentStream,
 ) -> bool:
-    model = gw.settings.model_name
     for event in collected.held:
-        if _account(trace, event, request):
-            responses.shape_for_client(event, request, model, added_logprobs=True)
-            if trace.ttft_s is None:
-                trace.ttft_s = gw.clock() - trace.started
-            await sink.send(sse(event))
+        await _forward(gw, request, trace, sink, event, added_logprobs=True)
     if collected.ended:
         return True
     try:
