@@ -38,22 +38,25 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/stillhouse demo run
 
+# The HTML report test drives headless Chromium (Debian's chromium package).
 test: $(STAMP)
+	@command -v chromium >/dev/null || $(call APT_INSTALL,chromium,test_report_chromium)
 	$(BIN)/pytest
 
 test-unit: $(STAMP)
 	$(BIN)/pytest -m "not slow"
 
-# bench_gateway's stub upstream (nginx) and load generator (wrk) are Debian packages. Without
-# root (or apt) the install is skipped with one line, and that bench says what is missing.
+# Debian packages some targets need: bench_gateway's stub upstream (nginx) and load generator
+# (wrk), the report test's browser (chromium). Without root (or apt) the install is skipped
+# with one line, and the bench or test that needs it says what is missing.
 APT_GET := DEBIAN_FRONTEND=noninteractive apt-get -y -qq -o Dpkg::Use-Pty=0
-APT_INSTALL = { test "$$(id -u)" = 0 && echo "installing $(1) with apt-get (bench_gateway needs it)" \
+APT_INSTALL = { test "$$(id -u)" = 0 && echo "installing $(1) with apt-get ($(2) needs it)" \
 	&& { $(APT_GET) install $(1) >/dev/null || { $(APT_GET) update && $(APT_GET) install $(1) >/dev/null; }; }; } \
-	|| echo "could not install $(1) (needs root and apt-get): bench_gateway will report it missing"
+	|| echo "could not install $(1) (needs root and apt-get): $(2) will report it missing"
 
 bench: $(STAMP)
-	@PATH="$$PATH:/usr/sbin" command -v nginx >/dev/null || $(call APT_INSTALL,nginx-light)
-	@command -v wrk >/dev/null || $(call APT_INSTALL,wrk)
+	@PATH="$$PATH:/usr/sbin" command -v nginx >/dev/null || $(call APT_INSTALL,nginx-light,bench_gateway)
+	@command -v wrk >/dev/null || $(call APT_INSTALL,wrk,bench_gateway)
 	$(BIN)/python tests/bench/run_all.py $(BENCH)
 
 lint: $(STAMP)

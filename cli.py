@@ -7,6 +7,7 @@ one line on stderr and a non-zero exit code (`StillhouseError.exit_code`), never
     stillhouse demo run                    # build, serve the teacher on vLLM, ask it real tickets
     stillhouse engines serve --model PATH  # one vLLM server in the foreground; Ctrl-C stops it
     stillhouse serve                       # teacher + students behind the gateway; Ctrl-C stops
+    stillhouse judge | drift | ab | report # evaluation over the traffic log (--since 2h)
 """
 
 from __future__ import annotations
@@ -193,6 +194,62 @@ def serve(
     console = Console()
     engines = resolve_engines(engine_refs(settings, console), settings)
     run_serve(settings, engines, os.environ, console)
+
+
+SinceOption = Annotated[
+    str | None,
+    typer.Option(
+        "--since",
+        help="Window start: a duration back from now (30m, 2h, 7d) or an ISO time "
+        "(default: evaluation.window_hours).",
+    ),
+]
+
+
+@app.command()
+def judge(
+    ctx: typer.Context,
+    since: SinceOption = None,
+    sample: Annotated[
+        int | None,
+        typer.Option(min=1, help="Requests per arm (default: evaluation.judge.sample_per_arm)."),
+    ] = None,
+) -> None:
+    """Judge a sample of each arm's answers with the LLM judge (single and pairwise)."""
+    from stillhouse.rollout.eval_jobs import run_judge
+
+    run_judge(_settings(ctx), Console(), since=since, sample=sample)
+
+
+@app.command()
+def drift(ctx: typer.Context, since: SinceOption = None) -> None:
+    """Student-teacher divergence per student and whether it drifted from its reference."""
+    from stillhouse.rollout.eval_jobs import run_drift
+
+    run_drift(_settings(ctx), Console(), since=since)
+
+
+@app.command()
+def ab(ctx: typer.Context, since: SinceOption = None) -> None:
+    """The A/B test: per-arm quality, fallbacks, latency, cost, SRM check and the verdict."""
+    from stillhouse.rollout.eval_jobs import run_ab
+
+    run_ab(_settings(ctx), Console(), since=since)
+
+
+@app.command()
+def report(
+    ctx: typer.Context,
+    since: SinceOption = None,
+    out: Annotated[
+        Path | None, typer.Option(help="HTML file (default: <state_dir>/reports/...).")
+    ] = None,
+) -> None:
+    """One self-contained HTML report with plots, also logged to MLflow."""
+    from stillhouse.rollout.eval_jobs import run_report
+
+    path = run_report(_settings(ctx), Console(), since=since, out=out)
+    Console().print(f"report: {path}")
 
 
 @registry_app.command("list")

@@ -9,6 +9,9 @@ Task (a), triage: the user message asks to triage a ticket; the assistant answer
 Task (b), judge: the user message holds a ticket and a candidate answer; the assistant answers
 with a JSON verdict `{"score": 1-5, "reason": "..."}` (see `judge_verdict` for the rubric).
 
+Task (c), pairwise judge: the user message holds a ticket and two answers, `a` and `b`; the
+assistant answers `{"winner": "a" | "b" | "tie", "reason": "..."}` (see `pairwise_verdict`).
+
 Both are rendered through the tokenizer's chat template, so a chat request to vLLM sees exactly
 the text the model was trained on. For raw completions the prompt ends with `category:` and the
 answer starts with ` billing` (a trailing space would be a token the model never saw).
@@ -22,6 +25,8 @@ from dataclasses import dataclass
 
 TRIAGE_INSTRUCTION = "triage this support ticket."
 JUDGE_INSTRUCTION = "grade this answer to a support ticket."
+PAIRWISE_INSTRUCTION = "compare two answers to a support ticket."
+WINNERS = ("a", "b", "tie")
 
 _ANSWER_RE = re.compile(
     r"^\s*category:\s*(?P<category>[a-z]+)\s*\n\s*priority:\s*(?P<priority>[a-z]+)\s*"
@@ -100,3 +105,33 @@ def parse_verdict(text: str) -> dict[str, object] | None:
     if not isinstance(reason, str):
         return None
     return {"score": score, "reason": reason}
+
+
+def pairwise_user_message(ticket_text: str, answer_a: str, answer_b: str) -> str:
+    return (
+        f"{PAIRWISE_INSTRUCTION}\nticket: {ticket_text}\n"
+        f"answer a:\n{answer_a}\nanswer b:\n{answer_b}"
+    )
+
+
+def pairwise_verdict(verdict_a: dict[str, object], verdict_b: dict[str, object]) -> dict[str, str]:
+    """The ground-truth comparison of two graded answers: the higher rubric score wins."""
+    score_a, score_b = int(verdict_a["score"]), int(verdict_b["score"])  # type: ignore[call-overload]
+    if score_a == score_b:
+        return {"winner": "tie", "reason": "both answers are equally good"}
+    winner, loser = ("a", verdict_b) if score_a > score_b else ("b", verdict_a)
+    return {"winner": winner, "reason": f"the other answer: {loser['reason']}"}
+
+
+def parse_pairwise_verdict(text: str) -> dict[str, str] | None:
+    """A strict parse: a JSON object with `winner` in a / b / tie and a string `reason`."""
+    try:
+        obj = json.loads(text)
+    except (json.JSONDecodeError, TypeError):
+        return None
+    if not isinstance(obj, dict):
+        return None
+    winner, reason = obj.get("winner"), obj.get("reason")
+    if winner not in WINNERS or not isinstance(reason, str):
+        return None
+    return {"winner": winner, "reason": reason}

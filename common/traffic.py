@@ -23,7 +23,7 @@ from typing import Any
 
 from stillhouse.common.errors import StillhouseError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: requests.student_completion_tokens
 
 
 class TrafficLogError(StillhouseError):
@@ -53,6 +53,9 @@ class TrafficRecord:
     answer: str | None = None  # text returned to the client
     student_answer: str | None = None  # the student's answer when the teacher replaced it
     error: str | None = None  # short error message when status >= 400
+    # Tokens the student generated before the teacher replaced its answer (a fallback pays for
+    # both); None when nothing was replaced or the count is unknown.
+    student_completion_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +90,7 @@ _REQUEST_COLUMNS = (
     "request_id", "ts", "endpoint", "arm", "served_by", "status", "latency_s", "stream",
     "student_model", "fallback_reason", "confidence", "ttft_s", "prompt_tokens",
     "completion_tokens", "user_hash", "prompt", "answer", "student_answer", "error",
+    "student_completion_tokens",
 )  # fmt: skip
 _SHADOW_COLUMNS = (
     "request_id", "ts", "student_model", "token_ids", "student_logprobs", "teacher_logprobs",
@@ -102,7 +106,7 @@ CREATE TABLE IF NOT EXISTS requests (
     served_by TEXT NOT NULL, status INTEGER NOT NULL, latency_s REAL NOT NULL,
     stream INTEGER NOT NULL, student_model TEXT, fallback_reason TEXT, confidence REAL,
     ttft_s REAL, prompt_tokens INTEGER, completion_tokens INTEGER, user_hash TEXT, prompt TEXT,
-    answer TEXT, student_answer TEXT, error TEXT
+    answer TEXT, student_answer TEXT, error TEXT, student_completion_tokens INTEGER
 );
 CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts, seq);
 CREATE INDEX IF NOT EXISTS requests_request_id ON requests (request_id);
@@ -145,6 +149,10 @@ def create_schema(conn: sqlite3.Connection) -> None:
             f"{SCHEMA_VERSION}: upgrade Stillhouse or point it at a new log"
         )
     conn.executescript(_SCHEMA)
+    if version == 1:  # 1 -> 2: one nullable column, old rows read it as None
+        with conn:
+            conn.execute("ALTER TABLE requests ADD COLUMN student_completion_tokens INTEGER")
+            conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
 
 
 def _schema_version(conn: sqlite3.Connection) -> int | None:
@@ -196,7 +204,8 @@ def to_row(item: TrafficItem) -> tuple[Any, ...]:
 
 
 def _record_from_row(row: sqlite3.Row) -> TrafficRecord:
-    values = {name: row[name] for name in _REQUEST_COLUMNS}
+    present = row.keys()  # a version-1 log has no student_completion_tokens column
+    values = {name: row[name] if name in present else None for name in _REQUEST_COLUMNS}
     values["stream"] = bool(values["stream"])
     return TrafficRecord(**values)
 

@@ -27,6 +27,7 @@ from stillhouse.common.config import Settings
 from stillhouse.common.errors import UsageError
 from stillhouse.common.progress import progress_bar
 from stillhouse.common.registry import RegistryClient, VersionInfo
+from stillhouse.common.tracking import RunTracker, flatten
 from stillhouse.rollout import targets as tg
 from stillhouse.rollout.data import PromptRecord, load_prompt_file, select_prompts
 from stillhouse.rollout.demo.build import build_demo_world
@@ -40,7 +41,6 @@ from stillhouse.rollout.student import (
     plot_history,
     train_and_save,
 )
-from stillhouse.rollout.tracking import RunTracker, flatten
 
 # Settings that change what is reported but not which student gets trained.
 _NOT_IN_CONFIG_HASH = ("evaluate_served", "sft_baseline")

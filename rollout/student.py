@@ -201,7 +201,7 @@ def evaluate_on_vllm(
             engine.start()
             engine.wait_ready()
             client = OpenAI(base_url=engine.base_url, api_key="unused", timeout=300)
-            triage, _ = evaluate_served_model(
+            triage, _, _ = evaluate_served_model(
                 client, f"student-{name}", tok, world.split("test"), []
             )
     finally:

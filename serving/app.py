@@ -21,6 +21,7 @@ import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -30,6 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics, gene
 
 from stillhouse.common.config import Settings
 from stillhouse.common.errors import ConfigError
+from stillhouse.common.traffic import AbChange, TrafficLogReader
 from stillhouse.serving.assignment import USER_HEADER, user_key
 from stillhouse.serving.breaker import CircuitBreaker
 from stillhouse.serving.errors import (
@@ -344,6 +346,19 @@ async def admin_ab(request: web.Request) -> web.Response:
     )  # fmt: skip
 
 
+def record_starting_split(
+    path: Path, writer: TrafficLogWriter, ab: AbState, has_challenger: bool
+) -> None:
+    """Log the split this process starts with (share 0 without a challenger engine), so the
+    sample-ratio check knows the share in force for every request, across restarts too."""
+    with TrafficLogReader(path) as reader:
+        changes = reader.ab_changes()
+    share = ab.share if has_challenger else 0.0
+    last = changes[-1] if changes else None
+    previous = (last.share, last.seed) if last else (share, ab.seed)
+    writer.submit(AbChange(time.time(), share, ab.seed, previous[0], previous[1], "gateway-start"))
+
+
 def build_app(
     settings: Settings,
     endpoints: Mapping[str, EngineEndpoint],
@@ -403,6 +418,8 @@ def build_app(
             timeout=aiohttp.ClientTimeout(total=None),
         )
         await asyncio.to_thread(writer.start)
+        await asyncio.to_thread(record_starting_split, settings.traffic_log_path, writer, ab,
+                                "challenger" in engines)  # fmt: skip
         if shadow is not None:
             shadow.start()
         metrics_.challenger_share.set(ab.share if "challenger" in engines else 0.0)

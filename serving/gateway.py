@@ -74,6 +74,7 @@ class Trace:
     completion_tokens: int | None = None
     answer: str = ""
     student_answer: str | None = None
+    student_completion_tokens: int | None = None
     student_model: str | None = None
 
 
@@ -238,6 +239,7 @@ class Gateway:
             tokens = responses.token_logprobs(data, request.endpoint)
             if self.low_confidence(tokens, trace):
                 trace.student_answer = responses.answer_text(data, request.endpoint)
+                trace.student_completion_tokens = responses.usage_counts(data)[1]
             else:
                 trace.served_by = trace.arm
         except UpstreamFailure as failure:
@@ -343,6 +345,7 @@ class Gateway:
             prompt=request.prompt_text() if keep_text and request is not None else None,
             answer=trace.answer if keep_text and request is not None else None,
             student_answer=trace.student_answer if keep_text else None,
+            student_completion_tokens=trace.student_completion_tokens,
             error=trace.error,
         )
         future = self.writer.submit(record)

@@ -47,7 +47,8 @@ def resolve_engine(
     """A role's engine as something to start (a local directory) or to call (a URL)."""
     name = ref.served_name or role
     if ref.base_url is not None:
-        return ResolvedEngine(role, ref.base_url, name, base_url=ref.base_url.rstrip("/"))
+        label = ref.model_uri or ref.base_url
+        return ResolvedEngine(role, label, name, base_url=ref.base_url.rstrip("/"))
     assert ref.model is not None
     if ref.model.startswith("models:/"):
         client = registry()

@@ -158,6 +158,9 @@ async def stream_answer(
             tokens = collected.tokens if collected.saw_logprobs else None
             if gw.low_confidence(tokens, trace):
                 trace.student_answer = "".join(responses.answer_text(e, ep) for e in collected.held)
+                # The held tokens; the stream is cut here, so that is what the student spent
+                # (give or take the few it generated before it saw the cancel).
+                trace.student_completion_tokens = len(collected.tokens)
         except UpstreamFailure as failure:
             trace.fallback_reason = failure.reason
         if trace.fallback_reason is None:

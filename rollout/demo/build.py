@@ -105,7 +105,9 @@ def _train_teacher(
     settings: Settings, tok: Any, train_split: list[Ticket], out_dir: Path, console: Console
 ) -> dict[str, Any]:
     demo = settings.demo
-    exs = examples.build_training_examples(tok, train_split, demo.judge_share, demo.seed)
+    exs = examples.build_training_examples(
+        tok, train_split, demo.judge_share, demo.seed, demo.pairwise_share
+    )
     shape = teacher_shape(demo)
     model = train.new_model(train.llama_config(shape, tok, demo.max_positions), demo.seed)
     n_params = train.count_parameters(model)
@@ -197,6 +199,11 @@ def sample_judge_items(tickets: list[Ticket], seed: int) -> list[examples.JudgeI
     return [examples.make_judge_item(t, rng) for t in tickets]
 
 
+def sample_pairwise_items(tickets: list[Ticket], seed: int) -> list[examples.PairwiseItem]:
+    rng = random.Random(seed)
+    return [examples.make_pairwise_item(t, rng) for t in tickets]
+
+
 def evaluate_teacher(
     world: DemoWorld, base_url: str, served_name: str, console: Console
 ) -> dict[str, Any]:
@@ -209,13 +216,15 @@ def evaluate_teacher(
 
     tok = AutoTokenizer.from_pretrained(str(world.teacher_dir))
     test = world.split("test")
-    items = sample_judge_items(test, seed=int(world.manifest["settings"]["seed"]))
+    seed = int(world.manifest["settings"]["seed"])
+    items = sample_judge_items(test, seed=seed)
+    pairs = sample_pairwise_items(test, seed=seed + 1)
     client = OpenAI(base_url=base_url, api_key="unused", max_retries=2, timeout=300)
     started = time.monotonic()
     with progress_bar(console) as progress:
         task = progress.add_task("evaluating teacher on vLLM", total=None, info="")
-        triage, judge = evaluate_served_model(
-            client, served_name, tok, test, items,
+        triage, judge, pairwise = evaluate_served_model(
+            client, served_name, tok, test, items, pairs,
             on_progress=lambda done, total: progress.update(task, completed=done, total=total),
         )  # fmt: skip
     result = {
@@ -223,6 +232,7 @@ def evaluate_teacher(
         "seconds": round(time.monotonic() - started, 1),
         "triage": asdict(triage),
         "judge": asdict(judge),
+        "pairwise": asdict(pairwise),
     }
     world.manifest["teacher_eval"] = result
     world.write_manifest()

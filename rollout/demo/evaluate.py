@@ -13,12 +13,19 @@ from dataclasses import dataclass
 from openai import OpenAI
 from transformers import PreTrainedTokenizerBase
 
-from stillhouse.common.prompts import parse_triage_answer, parse_verdict
+from stillhouse.common.prompts import parse_pairwise_verdict, parse_triage_answer, parse_verdict
 from stillhouse.rollout.demo.corpus import Ticket
-from stillhouse.rollout.demo.examples import JudgeItem, judge_messages, triage_messages
+from stillhouse.rollout.demo.examples import (
+    JudgeItem,
+    PairwiseItem,
+    judge_messages,
+    pairwise_messages,
+    triage_messages,
+)
 
 TRIAGE_MAX_TOKENS = 48
 JUDGE_MAX_TOKENS = 40
+PAIRWISE_MAX_TOKENS = 48
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,18 @@ class JudgeScore:
     parsed: float  # share of verdicts that parse as strict JSON
     exact_agreement: float  # score equals the ground-truth score
     correct_agreement: float  # "fully correct (5)" vs "not" matches ground truth
+
+
+@dataclass(frozen=True)
+class PairwiseScore:
+    """One order only (the eval judge asks both orders); agreement counts pairs where neither
+    the truth nor the judge says tie, as MT-Bench reports it."""
+
+    n: int
+    parsed: float
+    agreement: float  # winner equals the truth's, all pairs (ties included)
+    agreement_without_ties: float
+    non_tie_pairs: int
 
 
 def _ratio(hits: int, n: int) -> float:
@@ -95,6 +114,26 @@ def score_judge(items: Sequence[JudgeItem], outputs: Sequence[str]) -> JudgeScor
     return JudgeScore(n, _ratio(parsed, n), _ratio(exact, n), _ratio(correct, n))
 
 
+def score_pairwise(items: Sequence[PairwiseItem], outputs: Sequence[str]) -> PairwiseScore:
+    if len(items) != len(outputs):
+        raise ValueError("one output per pairwise item")
+    parsed = agree = non_tie = non_tie_agree = 0
+    for item, out in zip(items, outputs, strict=True):
+        verdict = parse_pairwise_verdict(out)
+        if verdict is None:
+            continue
+        parsed += 1
+        truth, said = item.verdict["winner"], verdict["winner"]
+        agree += truth == said
+        if "tie" not in (truth, said):
+            non_tie += 1
+            non_tie_agree += truth == said
+    n = len(items)
+    return PairwiseScore(
+        n, _ratio(parsed, n), _ratio(agree, n), _ratio(non_tie_agree, non_tie), non_tie
+    )
+
+
 def complete_prompts(
     client: OpenAI,
     model: str,
@@ -134,12 +173,14 @@ def evaluate_served_model(
     tokenizer: PreTrainedTokenizerBase,
     tickets: Sequence[Ticket],
     judge_items: Sequence[JudgeItem],
+    pairwise_items: Sequence[PairwiseItem] = (),
     on_progress: Callable[[int, int], None] | None = None,
-) -> tuple[TriageScore, JudgeScore]:
-    """Ask a served model every test ticket and judge item; score both against ground truth."""
+) -> tuple[TriageScore, JudgeScore, PairwiseScore]:
+    """Ask a served model every test ticket and judge item; score each against ground truth."""
     triage_prompts = render_prompts(tokenizer, [triage_messages(t) for t in tickets])
     judge_prompts = render_prompts(tokenizer, [judge_messages(i) for i in judge_items])
-    total = len(triage_prompts) + len(judge_prompts)
+    pair_prompts = render_prompts(tokenizer, [pairwise_messages(i) for i in pairwise_items])
+    total = len(triage_prompts) + len(judge_prompts) + len(pair_prompts)
 
     def report(offset: int) -> Callable[[int], None]:
         return lambda done: on_progress(offset + done, total) if on_progress else None
@@ -150,4 +191,15 @@ def evaluate_served_model(
     judge_out = complete_prompts(
         client, model, judge_prompts, JUDGE_MAX_TOKENS, on_batch=report(len(triage_prompts))
     )
-    return score_triage(tickets, triage_out), score_judge(judge_items, judge_out)
+    pair_out = complete_prompts(
+        client,
+        model,
+        pair_prompts,
+        PAIRWISE_MAX_TOKENS,
+        on_batch=report(len(triage_prompts) + len(judge_prompts)),
+    )
+    return (
+        score_triage(tickets, triage_out),
+        score_judge(judge_items, judge_out),
+        score_pairwise(pairwise_items, pair_out),
+    )

@@ -14,6 +14,8 @@ from transformers import PreTrainedTokenizerBase
 from stillhouse.common.prompts import (
     judge_user_message,
     judge_verdict,
+    pairwise_user_message,
+    pairwise_verdict,
     render_verdict,
     triage_answer,
     triage_user_message,
@@ -32,6 +34,16 @@ class JudgeItem:
     candidate_category: str
     candidate_priority: str
     verdict: dict[str, object]
+
+
+@dataclass(frozen=True)
+class PairwiseItem:
+    """Two candidate answers to one ticket, in the order shown, with the ground-truth winner."""
+
+    ticket: Ticket
+    answer_a: str
+    answer_b: str
+    verdict: dict[str, str]
 
 
 def triage_messages(ticket: Ticket) -> list[dict[str, str]]:
@@ -61,6 +73,19 @@ def judge_messages(item: JudgeItem) -> list[dict[str, str]]:
     return [{"role": "user", "content": judge_user_message(item.ticket.text, item.candidate)}]
 
 
+def make_pairwise_item(ticket: Ticket, rng: random.Random) -> PairwiseItem:
+    """Two independently corrupted candidates (each wrong half the time): every outcome, ties
+    included, in random order so the judge cannot learn a position."""
+    a = make_judge_item(ticket, rng, wrong_share=0.5)
+    b = make_judge_item(ticket, rng, wrong_share=0.5)
+    return PairwiseItem(ticket, a.candidate, b.candidate, pairwise_verdict(a.verdict, b.verdict))
+
+
+def pairwise_messages(item: PairwiseItem) -> list[dict[str, str]]:
+    content = pairwise_user_message(item.ticket.text, item.answer_a, item.answer_b)
+    return [{"role": "user", "content": content}]
+
+
 def encode_example(
     tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], answer: str
 ) -> tuple[list[int], list[int]]:
@@ -78,8 +103,10 @@ def build_training_examples(
     tickets: list[Ticket],
     judge_share: float,
     seed: int,
+    pairwise_share: float = 0.0,
 ) -> list[tuple[list[int], list[int]]]:
-    """Every ticket as a triage example, plus `judge_share` of them as judge examples."""
+    """Every ticket as a triage example, plus `judge_share` of them as judge examples and
+    `pairwise_share` as pairwise judge examples."""
     rng = random.Random(seed)
     examples = [encode_example(tokenizer, triage_messages(t), reference_answer(t)) for t in tickets]
     for t in tickets:
@@ -87,5 +114,14 @@ def build_training_examples(
             item = make_judge_item(t, rng)
             examples.append(
                 encode_example(tokenizer, judge_messages(item), render_verdict(item.verdict))
+            )
+    # A second pass with its own stream, so adding pairwise examples leaves the others as they
+    # were for the same seed.
+    pair_rng = random.Random(seed + 1)
+    for t in tickets:
+        if pair_rng.random() < pairwise_share:
+            pair = make_pairwise_item(t, pair_rng)
+            examples.append(
+                encode_example(tokenizer, pairwise_messages(pair), render_verdict(pair.verdict))
             )
     return examples

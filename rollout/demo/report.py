@@ -57,6 +57,15 @@ def teacher_eval_table(result: dict[str, Any]) -> Table:
     )
     table.add_row("judge score = ground truth", _pct(judge["exact_agreement"]), "", "", "")
     table.add_row("judge 'fully correct' agrees", _pct(judge["correct_agreement"]), "", "", "")
+    pairwise = result.get("pairwise")
+    if pairwise:  # one order only here; `stillhouse judge` asks both
+        table.add_row(
+            "pairwise judge agrees (non-tie pairs)",
+            _pct(pairwise["agreement_without_ties"]),
+            "",
+            "",
+            f"{pairwise['non_tie_pairs']} pairs",
+        )
     table.caption = (
         f"{triage['n']} tickets ({triage['hard_n']} hard), {judge['n']} judge prompts, "
         f"{result['seconds']} s"

@@ -96,7 +96,8 @@ def test_served_teacher_can_be_scored_against_ground_truth(teacher_engine, tiny_
     tok = AutoTokenizer.from_pretrained(str(tiny_world.teacher_dir))
     tickets = tiny_world.split("test")[:12]
     items = sample_judge_items(tickets, seed=0)
-    triage, judge = evaluate_served_model(_client(teacher_engine), "teacher", tok, tickets, items)
+    client = _client(teacher_engine)
+    triage, judge, _ = evaluate_served_model(client, "teacher", tok, tickets, items)
     assert triage.n == 12 and judge.n == 12
     # even the one-epoch tiny teacher has learned the answer format
     assert triage.parsed > 0.5

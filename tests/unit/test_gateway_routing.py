@@ -60,6 +60,8 @@ def test_low_confidence_falls_back_to_the_teacher(gw):
     assert record.fallback_reason == "low_confidence"
     assert record.confidence == pytest.approx(-2.0)
     assert record.student_answer.startswith("w11 ")
+    # the student's tokens are paid for too: the cost report counts them
+    assert record.student_completion_tokens == 8  # max_tokens cut its answer at 8
 
 
 def test_confidence_reads_only_the_first_hold_tokens(gw):
@@ -171,6 +173,8 @@ def test_streaming_fallback_never_mixes_two_answers(gw):
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == "w51 w52 w53 "
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4
+    (record,) = gw.records(1)
+    assert record.student_completion_tokens == 4  # the held tokens (hold_tokens = 4)
 
 
 def test_a_stream_that_breaks_after_the_decision_ends_with_an_error_event(gw):

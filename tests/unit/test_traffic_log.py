@@ -220,6 +220,31 @@ def test_create_schema_is_idempotent_and_refuses_a_newer_version(tmp_path):
         TrafficLogReader(tmp_path / "t.db")
 
 
+def test_a_version_1_log_is_migrated_and_its_old_rows_read_the_new_column_as_none(tmp_path):
+    path = tmp_path / "v1.db"
+    conn = sqlite3.connect(path)
+    create_schema(conn)
+    # Turn it back into a version-1 log: no student_completion_tokens column.
+    conn.execute("ALTER TABLE requests DROP COLUMN student_completion_tokens")
+    conn.execute("UPDATE meta SET value = '1'")
+    conn.execute(
+        "INSERT INTO requests (request_id, ts, endpoint, arm, served_by, status, latency_s, "
+        "stream) VALUES ('old', 1.0, 'chat', 'champion', 'teacher', 200, 0.1, 0)"
+    )
+    conn.commit()
+    with TrafficLogReader(path) as reader:  # a reader never writes: it reads v1 as it is
+        (old,) = reader.records()
+    assert old.request_id == "old" and old.student_completion_tokens is None
+    create_schema(conn)  # what the writer does on open
+    assert conn.execute("SELECT value FROM meta").fetchall() == [("2",)]
+    conn.execute("UPDATE requests SET student_completion_tokens = 7")
+    conn.commit()
+    conn.close()
+    with TrafficLogReader(path) as reader:
+        (old,) = reader.records()
+    assert old.student_completion_tokens == 7
+
+
 # --- commit modes ------------------------------------------------------------------------------
 
 

@@ -14,7 +14,7 @@ import contextlib
 import json
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,19 @@ class ActiveRun:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         with self.registry.session(f"log artifact {path.name}") as client:
             client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_table(self, rows: Sequence[Mapping[str, Any]], name: str) -> None:
+        """Rows as an MLflow table artifact (shown in the run's artifact view); `name` ends in
+        .json. Columns are the union of the rows' keys, missing cells None."""
+        columns: dict[str, list[Any]] = {}
+        for row in rows:
+            for key in row:
+                columns.setdefault(key, [])
+        for row in rows:
+            for key, values in columns.items():
+                values.append(row.get(key))
+        with self.registry.session(f"log table {name}") as client:
+            client.log_table(self.run_id, columns, name)
 
     def log_json(self, obj: Any, name: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:

@@ -1,0 +1,360 @@
+"""`stillhouse judge`: the LLM judge over a sample of the traffic log.
+
+    stillhouse judge                     # default window and sample (evaluation.judge)
+    stillhouse judge --since 2h --sample 50
+
+For each arm, up to `sample` answered requests not judged before by this judge and template:
+a single-answer grade of what the user received, and (with `pairwise`) a comparison with the
+teacher's answer to the same prompt, asked in both orders. A request the teacher itself
+answered (a fallback) is a tie with the teacher by definition and costs no call. Results go
+to the evaluation store (`stillhouse ab` reads them); where ground truth is known (the demo)
+each verdict is checked against it and the agreement reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from openai import APIError, AsyncOpenAI
+
+from stillhouse.common.config import Settings
+from stillhouse.common.traffic import TrafficRecord
+from stillhouse.eval.judge import Judge, JudgeConfig, JudgeStats, PairwiseJudgment
+from stillhouse.eval.judge_templates import (
+    DemoJudgeTemplate,
+    JudgeTemplate,
+    RubricJudgeTemplate,
+    ticket_from_logged_prompt,
+)
+from stillhouse.eval.store import StoredJudgment
+
+ARMS = ("champion", "challenger")
+# The served answer is "a", the teacher's reference "b": the served answer's outcome.
+_OUTCOME = {"a": "win", "b": "loss", "tie": "tie"}
+REFERENCE_MAX_TOKENS = 64
+
+
+class GroundTruth(Protocol):
+    """What a judge should have said, where it is known (the demo world); None elsewhere."""
+
+    def score(self, question: str, answer: str) -> int | None: ...
+
+    def outcome(self, question: str, answer: str, reference: str) -> str | None: ...
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """The judge against ground truth. Pairwise agreement leaves out pairs where the truth or
+    the judge says tie (as MT-Bench reports agreement "without tie")."""
+
+    single_n: int = 0
+    single_exact: float | None = None  # the judge's score equals the true score
+    single_correct: float | None = None  # "fully correct (5)" or not, as the truth says
+    pairwise_n: int = 0
+    pairwise_with_ties: float | None = None
+    non_tie_n: int = 0
+    non_tie: float | None = None
+
+
+@dataclass
+class JudgeJobResult:
+    judge_model: str
+    template_version: str
+    judged: list[StoredJudgment] = field(default_factory=list)
+    stats: JudgeStats = field(default_factory=JudgeStats)
+    skipped_already_judged: int = 0
+    references_failed: int = 0
+    agreement: Agreement = field(default_factory=Agreement)
+
+
+def make_template(settings: Settings) -> JudgeTemplate:
+    judge = settings.evaluation.judge
+    return DemoJudgeTemplate() if judge.template == "demo" else RubricJudgeTemplate(judge.rubric)
+
+
+def judge_config(settings: Settings, base_url: str) -> JudgeConfig:
+    j = settings.evaluation.judge
+    return JudgeConfig(
+        base_url=base_url,
+        model=j.model,
+        api_key_env=j.api_key_env,
+        concurrency=j.concurrency,
+        timeout_s=j.timeout_s,
+        max_parse_retries=j.max_parse_retries,
+        max_tokens=j.max_tokens,
+        structured_output=j.structured_output,
+        cache_path=settings.state_dir / "judge-cache.db",
+    )
+
+
+def question_of(record: TrafficRecord, template: JudgeTemplate) -> str | None:
+    """What the judge is shown as the question: the ticket text for the demo template, the last
+    user message (or the completions prompt) otherwise."""
+    if isinstance(template, DemoJudgeTemplate):
+        return ticket_from_logged_prompt(record.prompt)
+    if not record.prompt:
+        return None
+    try:
+        messages = json.loads(record.prompt)
+    except json.JSONDecodeError:
+        return record.prompt
+    if isinstance(messages, str):
+        return messages
+    users = [m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+    return users[-1] if users and isinstance(users[-1], str) else None
+
+
+def select_sample(
+    records: Sequence[TrafficRecord], per_arm: int, skip: set[str], seed: int = 0
+) -> dict[str, list[TrafficRecord]]:
+    """Up to `per_arm` answered requests per arm, not in `skip`, drawn at random (seeded) so a
+    sample is not just the window's first minutes."""
+    rng = random.Random(seed)
+    sample: dict[str, list[TrafficRecord]] = {}
+    for arm in ARMS:
+        pool = [
+            r for r in records
+            if r.arm == arm and r.status == 200 and r.answer and r.prompt
+            and r.request_id not in skip
+        ]  # fmt: skip
+        sample[arm] = sorted(rng.sample(pool, min(per_arm, len(pool))), key=lambda r: r.ts)
+    return sample
+
+
+async def fetch_references(
+    base_url: str,
+    model: str,
+    records: Sequence[TrafficRecord],
+    concurrency: int,
+    api_key: str = "unused",
+) -> dict[str, str]:
+    """The teacher's answer to each record's prompt (greedy); a failed call is left out."""
+    sem = asyncio.Semaphore(concurrency)
+    answers: dict[str, str] = {}
+    async with AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=2, timeout=120) as c:
+
+        async def one(record: TrafficRecord) -> None:
+            assert record.prompt is not None
+            async with sem:
+                try:
+                    if record.endpoint == "chat":
+                        out = await c.chat.completions.create(
+                            model=model, messages=json.loads(record.prompt),
+                            max_tokens=REFERENCE_MAX_TOKENS, temperature=0.0,
+                        )  # fmt: skip
+                        text = out.choices[0].message.content
+                    else:
+                        done = await c.completions.create(
+                            model=model, prompt=json.loads(record.prompt),
+                            max_tokens=REFERENCE_MAX_TOKENS, temperature=0.0,
+                        )  # fmt: skip
+                        text = done.choices[0].text
+                except (APIError, json.JSONDecodeError):
+                    return
+            if text:
+                answers[record.request_id] = text
+
+        await asyncio.gather(*(one(r) for r in records))
+    return answers
+
+
+def _stored(
+    record: TrafficRecord, kind: str, judge_model: str, version: str, status: str, **extra: object
+) -> StoredJudgment:
+    return StoredJudgment(
+        request_id=record.request_id, kind=kind, arm=record.arm, served_by=record.served_by,
+        student_model=record.student_model, judge_model=judge_model, template_version=version,
+        ts=record.ts, status=status, **extra,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def agreement_of(judged: Sequence[StoredJudgment]) -> Agreement:
+    single = [j for j in judged if j.kind == "single" and j.status == "ok" and j.truth]
+    pairs = [j for j in judged if j.kind == "pairwise" and j.status == "ok" and j.truth]
+    non_tie = [j for j in pairs if "tie" not in (j.truth, j.outcome)]
+
+    def share(hits: int, n: int) -> float | None:
+        return hits / n if n else None
+
+    return Agreement(
+        single_n=len(single),
+        single_exact=share(sum(str(j.score) == j.truth for j in single), len(single)),
+        single_correct=share(sum((j.score == 5) == (j.truth == "5") for j in single), len(single)),
+        pairwise_n=len(pairs),
+        pairwise_with_ties=share(sum(j.outcome == j.truth for j in pairs), len(pairs)),
+        non_tie_n=len(non_tie),
+        non_tie=share(sum(j.outcome == j.truth for j in non_tie), len(non_tie)),
+    )
+
+
+async def judge_sample(
+    settings: Settings,
+    sample: Mapping[str, Sequence[TrafficRecord]],
+    judge_url: str,
+    reference_url: str | None,
+    reference_model: str,
+    truth: GroundTruth | None = None,
+    on_done: Callable[[int, int], None] | None = None,
+) -> JudgeJobResult:
+    """Judge every sampled record (single, and pairwise against the teacher's answer)."""
+    template = make_template(settings)
+    config = judge_config(settings, judge_url)
+    result = JudgeJobResult(config.model, template.version)
+    records = [r for arm in ARMS for r in sample.get(arm, ())]
+    questions = {r.request_id: question_of(r, template) for r in records}
+    records = [r for r in records if questions[r.request_id]]
+    want_pairs = settings.evaluation.judge.pairwise and reference_url is not None
+    references: dict[str, str] = {}
+    if want_pairs:
+        ask = [r for r in records if r.served_by != "teacher"]
+        assert reference_url is not None
+        references = await fetch_references(
+            reference_url, reference_model, ask, settings.evaluation.judge.concurrency
+        )
+        result.references_failed = len(ask) - len(references)
+    pair_records = [r for r in records if r.request_id in references]
+    # A fallback's discarded student answer is graded too: quality against confidence (the
+    # report's curve, threshold calibration) needs the student's score on every request.
+    replaced = [r for r in records if r.served_by == "teacher" and r.student_answer]
+    total = len(records) + len(pair_records) + len(replaced)
+    done = 0
+
+    def tick(*_: object) -> None:
+        nonlocal done
+        done += 1
+        if on_done is not None:
+            on_done(done, total)
+
+    async with Judge(config, template) as judge:
+        singles, students, pairs = await asyncio.gather(
+            judge.grade_many(
+                [(questions[r.request_id] or "", r.answer or "") for r in records], tick
+            ),
+            judge.grade_many(
+                [(questions[r.request_id] or "", r.student_answer or "") for r in replaced], tick
+            ),
+            judge.compare_many(
+                [
+                    (questions[r.request_id] or "", r.answer or "", references[r.request_id])
+                    for r in pair_records
+                ],
+                tick,
+            ),
+        )
+        result.stats = judge.stats
+    for record, verdict in zip(records, singles, strict=True):
+        q = questions[record.request_id] or ""
+        true = truth.score(q, record.answer or "") if truth else None
+        result.judged.append(
+            _stored(
+                record,
+                "single",
+                config.model,
+                template.version,
+                verdict.status,
+                score=verdict.score,
+                truth=None if true is None else str(true),
+            )
+        )
+    for record, verdict in zip(replaced, students, strict=True):
+        q = questions[record.request_id] or ""
+        true = truth.score(q, record.student_answer or "") if truth else None
+        result.judged.append(
+            _stored(
+                record,
+                "student",
+                config.model,
+                template.version,
+                verdict.status,
+                score=verdict.score,
+                truth=None if true is None else str(true),
+            )
+        )
+    for record, pair in zip(pair_records, pairs, strict=True):
+        result.judged.append(_pair_row(record, pair, questions, references, truth, config.model,
+                                       template.version))  # fmt: skip
+    if want_pairs:
+        for record in records:
+            if record.served_by == "teacher":  # the teacher's own answer: a tie, no call
+                q = questions[record.request_id] or ""
+                true = truth.outcome(q, record.answer or "", record.answer or "") if truth else None
+                result.judged.append(
+                    _stored(
+                        record,
+                        "pairwise",
+                        config.model,
+                        template.version,
+                        "ok",
+                        outcome="tie",
+                        truth=true,
+                    )
+                )
+    result.agreement = agreement_of(result.judged)
+    return result
+
+
+def _pair_row(
+    record: TrafficRecord,
+    pair: PairwiseJudgment,
+    questions: Mapping[str, str | None],
+    references: Mapping[str, str],
+    truth: GroundTruth | None,
+    judge_model: str,
+    version: str,
+) -> StoredJudgment:
+    q = questions[record.request_id] or ""
+    true = truth.outcome(q, record.answer or "", references[record.request_id]) if truth else None
+    outcome = _OUTCOME[pair.outcome] if pair.outcome is not None else None
+    return _stored(record, "pairwise", judge_model, version, pair.status,
+                   outcome=outcome, truth=true)  # fmt: skip
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def judge_summary_rows(result: JudgeJobResult) -> list[dict[str, object]]:
+    """One row per arm: what this run judged and what the judge said."""
+    rows = []
+    for arm in ARMS:
+        mine = [j for j in result.judged if j.arm == arm]
+        single = [j for j in mine if j.kind == "single"]
+        pairs = [j for j in mine if j.kind == "pairwise"]
+        ok_scores = [float(j.score) for j in single if j.status == "ok" and j.score]
+        outcomes = [j.outcome for j in pairs if j.status == "ok"]
+        rows.append({
+            "arm": arm,
+            "judged": len(single),
+            "mean_score": _mean(ok_scores),
+            "wins": outcomes.count("win"),
+            "ties": outcomes.count("tie"),
+            "losses": outcomes.count("loss"),
+            "unparseable": sum(j.status == "unparseable" for j in mine),
+            "errors": sum(j.status == "error" for j in mine),
+        })  # fmt: skip
+    return rows
+
+
+def judge_metrics(result: JudgeJobResult) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for row in judge_summary_rows(result):
+        arm = row["arm"]
+        for key in ("judged", "mean_score", "wins", "ties", "losses", "unparseable", "errors"):
+            value = row[key]
+            if isinstance(value, int | float):
+                out[f"{arm}.{key}"] = float(value)
+    s = result.stats
+    out.update(calls=s.calls, cache_hits=s.cache_hits, prompt_tokens=s.prompt_tokens,
+               completion_tokens=s.completion_tokens, parse_retries=s.parse_retries,
+               unparseable=s.unparseable, errors=s.errors)  # fmt: skip
+    a = result.agreement
+    for key in ("single_exact", "single_correct", "pairwise_with_ties", "non_tie"):
+        value = getattr(a, key)
+        if value is not None:
+            out[f"agreement.{key}"] = value
+    return out

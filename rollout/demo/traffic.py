@@ -1,0 +1,94 @@
+"""Synthetic production traffic for the demo: tickets from many users sent through the gateway
+with the official `openai` client, a bounded number at a time, as a real client would.
+
+Each ticket goes out as a chat request from one of `n_users` users (the `user` field is what
+the gateway's sticky A/B assignment hashes), half of them streamed. The gateway's routing
+headers say which arm each user got and who answered; the tally is what the demo prints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from openai import APIError, AsyncOpenAI
+
+from stillhouse.common.prompts import triage_user_message
+from stillhouse.rollout.demo.corpus import Ticket
+
+MAX_TOKENS = 48
+
+
+@dataclass
+class TrafficTally:
+    sent: int = 0
+    failed: int = 0
+    by_arm: Counter[str] = field(default_factory=Counter)
+    by_served: Counter[str] = field(default_factory=Counter)
+    fallbacks: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+
+async def _one(
+    client: AsyncOpenAI, model: str, ticket: Ticket, user: str, stream: bool, tally: TrafficTally
+) -> None:
+    messages = [{"role": "user", "content": triage_user_message(ticket.text)}]
+    try:
+        raw = await client.chat.completions.with_raw_response.create(
+            model=model,
+            messages=messages,  # type: ignore[arg-type]
+            max_tokens=MAX_TOKENS,
+            temperature=0.0,
+            user=user,
+            stream=stream,
+        )
+        response = raw.parse()
+        if stream:
+            async for _ in response:  # type: ignore[union-attr]
+                pass
+    except APIError as e:
+        tally.failed += 1
+        if len(tally.errors) < 3:
+            tally.errors.append(str(e).splitlines()[0][:200])
+        return
+    headers = raw.headers
+    tally.by_arm[headers.get("x-stillhouse-arm", "?")] += 1
+    tally.by_served[headers.get("x-stillhouse-served-by", "?")] += 1
+    reason = headers.get("x-stillhouse-fallback")
+    if reason:
+        tally.fallbacks[reason] += 1
+
+
+async def drive_tickets(
+    base_url: str,
+    api_key: str,
+    model: str,
+    tickets: Sequence[Ticket],
+    *,
+    n_users: int = 150,
+    concurrency: int = 8,
+    on_done: Callable[[int], None] | None = None,
+) -> TrafficTally:
+    """Send every ticket once; ticket i comes from user `demo-user-(i mod n_users)`."""
+    tally = TrafficTally()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    queue: asyncio.Queue[tuple[int, Ticket]] = asyncio.Queue()
+    for item in enumerate(tickets):
+        queue.put_nowait(item)
+    async with AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=120) as c:
+
+        async def worker() -> None:
+            while not queue.empty():
+                i, ticket = queue.get_nowait()
+                await _one(c, model, ticket, f"demo-user-{i % n_users}", i % 2 == 1, tally)
+                tally.sent += 1
+                if on_done is not None:
+                    on_done(tally.sent)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    tally.seconds = loop.time() - started
+    return tally
