@@ -74,7 +74,7 @@ class DemoSettings(_Section):
     n_test: int = Field(default=600, ge=18)
     vocab_size: int = Field(default=2048, ge=300, le=65536)
     judge_share: float = Field(default=0.3, ge=0, le=1)
-    pairwise_share: float = Field(default=0.25, ge=0, le=1)
+    pairwise_share: float = Field(default=0.5, ge=0, le=1)
     teacher_epochs: float = Field(default=2.0, gt=0)
     teacher_hidden_size: int = Field(default=256, ge=64)
     teacher_layers: int = Field(default=4, ge=1)
@@ -297,7 +297,7 @@ class JudgeSettings(_Section):
     concurrency: int = Field(default=8, ge=1, le=256)
     timeout_s: float = Field(default=60.0, gt=0)
     max_parse_retries: int = Field(default=2, ge=0, le=10)
-    max_tokens: int = Field(default=64, ge=8, le=4096)
+    max_tokens: int = Field(default=96, ge=8, le=4096)
     structured_output: bool = True  # response_format with a JSON schema (vLLM supports it)
     sample_per_arm: int = Field(default=100, ge=1)
     pairwise: bool = True  # also compare each answer with the teacher's, both orders

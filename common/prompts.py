@@ -10,7 +10,8 @@ Task (b), judge: the user message holds a ticket and a candidate answer; the ass
 with a JSON verdict `{"score": 1-5, "reason": "..."}` (see `judge_verdict` for the rubric).
 
 Task (c), pairwise judge: the user message holds a ticket and two answers, `a` and `b`; the
-assistant answers `{"winner": "a" | "b" | "tie", "reason": "..."}` (see `pairwise_verdict`).
+assistant answers `{"reason": "a scores 5 (...); b scores 2 (...)", "winner": "a" | "b" |
+"tie"}`, reasoning first (see `pairwise_verdict`).
 
 Both are rendered through the tokenizer's chat template, so a chat request to vLLM sees exactly
 the text the model was trained on. For raw completions the prompt ends with `category:` and the
@@ -115,12 +116,18 @@ def pairwise_user_message(ticket_text: str, answer_a: str, answer_b: str) -> str
 
 
 def pairwise_verdict(verdict_a: dict[str, object], verdict_b: dict[str, object]) -> dict[str, str]:
-    """The ground-truth comparison of two graded answers: the higher rubric score wins."""
+    """The ground-truth comparison of two graded answers: the higher rubric score wins.
+
+    The reason comes first and grades each answer (its score and why): a judge that writes its
+    reasoning before its verdict decides from what it just wrote, as MT-Bench's pairwise prompt
+    asks for an explanation before the verdict. Key order matters for generation only; the
+    parser accepts either."""
     score_a, score_b = int(verdict_a["score"]), int(verdict_b["score"])  # type: ignore[call-overload]
-    if score_a == score_b:
-        return {"winner": "tie", "reason": "both answers are equally good"}
-    winner, loser = ("a", verdict_b) if score_a > score_b else ("b", verdict_a)
-    return {"winner": winner, "reason": f"the other answer: {loser['reason']}"}
+    reason = (
+        f"a scores {score_a} ({verdict_a['reason']}); b scores {score_b} ({verdict_b['reason']})"
+    )
+    winner = "tie" if score_a == score_b else "a" if score_a > score_b else "b"
+    return {"reason": reason, "winner": winner}
 
 
 def parse_pairwise_verdict(text: str) -> dict[str, str] | None:

@@ -53,6 +53,18 @@ PAIRWISE_SCHEMA: dict[str, Any] = {
 }
 
 
+# The demo teacher writes its pairwise reasoning (a grade for each answer) before the winner:
+# the same fields in the order it learned, so a grammar engine generates them that way.
+DEMO_PAIRWISE_SCHEMA: dict[str, Any] = {
+    **PAIRWISE_SCHEMA,
+    "properties": {
+        "reason": PAIRWISE_SCHEMA["properties"]["reason"],
+        "winner": PAIRWISE_SCHEMA["properties"]["winner"],
+    },
+    "required": ["reason", "winner"],
+}
+
+
 @dataclass(frozen=True)
 class SingleVerdict:
     score: int
@@ -167,6 +179,7 @@ class DemoJudgeTemplate(JudgeTemplate):
     # compact JSON puts it off its training distribution (measured on the demo teacher, 60 test
     # tickets: exact score agreement 30 -> 13, reasons 26 -> 0 right), and it never pads.
     compact_json = False
+    pairwise_schema = DEMO_PAIRWISE_SCHEMA
 
     def single_messages(self, question: str, answer: str) -> Messages:
         return [{"role": "user", "content": judge_user_message(question, answer)}]

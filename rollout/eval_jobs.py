@@ -88,7 +88,8 @@ def judge_endpoints(settings: Settings, console: Console) -> Iterator[JudgeEndpo
     from stillhouse.serving.engine import EngineSpec, VllmEngine
 
     world = build_demo_world(settings, console=console)
-    spec = EngineSpec(world.teacher_dir, judge.model, None, judge_engine_args())
+    args = judge_engine_args(judge_job.make_template(settings))
+    spec = EngineSpec(world.teacher_dir, judge.model, None, args)
     engine = VllmEngine(spec, settings.engine, settings.logs_dir)
     try:
         with console.status(f"starting the judge (demo teacher) on vLLM; log {engine.log_path}"):

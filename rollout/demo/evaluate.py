@@ -25,7 +25,7 @@ from stillhouse.rollout.demo.examples import (
 
 TRIAGE_MAX_TOKENS = 48
 JUDGE_MAX_TOKENS = 40
-PAIRWISE_MAX_TOKENS = 48
+PAIRWISE_MAX_TOKENS = 96
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from rich.console import Console
 from stillhouse.common.config import EngineRef, Settings
 from stillhouse.common.tracking import RunTracker
 from stillhouse.eval.judge import judge_engine_args
+from stillhouse.eval.judge_job import make_template
 from stillhouse.rollout import eval_jobs
 from stillhouse.rollout.demo.build import DemoWorld, build_demo_world, ensure_teacher_evaluated
 from stillhouse.rollout.demo.gateway_process import GatewayProcess, engine_overrides
@@ -64,9 +65,11 @@ def run_demo(settings: Settings, console: Console) -> DemoWorld:
 
     _step(console, 3, "serving: teacher, champion and challenger behind the gateway")
     refs = {
-        # The teacher also judges once traffic stops: structured output without padding.
+        # The teacher also judges once traffic stops, with what its judge template needs.
         "teacher": EngineRef(
-            model=str(world.teacher_dir), served_name="teacher", extra_args=judge_engine_args()
+            model=str(world.teacher_dir),
+            served_name="teacher",
+            extra_args=judge_engine_args(make_template(settings)),
         ),
         "champion": EngineRef(model=students.champion.uri, served_name="champion"),
         "challenger": EngineRef(model=students.challenger.uri, served_name="challenger"),

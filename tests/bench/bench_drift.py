@@ -24,11 +24,12 @@ Both detectors are calibrated to the same stream-level false-alarm rate α (P(an
 
 Then, on the same streams for every detector: `--seeds` no-drift streams (the realised
 false-alarm rate, FAR) and, per shift, `--seeds` streams in which a worse student (logit noise ×
-factor) takes over at `--change-at`. Delay = alarm index − change index; an alarm before the
-change is a false alarm (column "early", left out of the delays); no alarm by the end is a miss
-(an infinite delay, so a median or p90 among the misses reads "miss"). "shift" is the change of
-the clipped mean in null standard deviations, the CUSUM's own scale. Deterministic: every stream
-has its own seed.
+factor) takes over at `--change-at` plus a per-stream offset below the largest window (so a
+change does not always line up with a fixed window's block boundary). Delay = alarm index −
+change index; an alarm before the change is a false alarm (column "early", left out of the
+delays); no alarm by the end is a miss (an infinite delay, so a median or p90 among the misses
+reads "miss"). "shift" is the change of the clipped mean in null standard deviations, the
+CUSUM's own scale. Deterministic: every stream has its own seed.
 """
 
 from __future__ import annotations
@@ -73,11 +74,11 @@ def detect(
     return out
 
 
-def delays(alarms: np.ndarray, change_at: int) -> tuple[int, np.ndarray]:
+def delays(alarms: np.ndarray, change_at: np.ndarray) -> tuple[int, np.ndarray]:
     """(number of alarms before the change, delays of the others with inf for a miss)."""
     early = (alarms >= 0) & (alarms < change_at)
-    kept = alarms[~early]
-    return int(early.sum()), np.where(kept < 0, np.inf, kept - change_at).astype(float)
+    kept, at = alarms[~early], change_at[~early]
+    return int(early.sum()), np.where(kept < 0, np.inf, kept - at).astype(float)
 
 
 def quantile(values: np.ndarray, q: float) -> float:
@@ -151,11 +152,18 @@ def main() -> None:
     for index, (label, factor) in enumerate(SHIFTS.items()):
         after = sim.worse(factor)
         seeds = range(10**4 * (index + 1), 10**4 * (index + 1) + args.seeds)
-        streams = np.stack([simulate_stream(length, sim, s, change, after) for s in seeds])
-        shift = (np.minimum(streams[:, change:], cusum.clip).mean() - cusum.mean) / cusum.std
+        # A change lands anywhere relative to a fixed window's blocks: its position is drawn
+        # per stream from [change_at, change_at + the largest window).
+        changes = change + np.random.default_rng(index).integers(0, max(args.windows), args.seeds)
+        streams = np.stack([
+            simulate_stream(length, sim, s, int(c), after)
+            for s, c in zip(seeds, changes, strict=True)
+        ])  # fmt: skip
+        after_change = np.arange(length) >= changes[:, None]
+        shift = (np.minimum(streams, cusum.clip)[after_change].mean() - cusum.mean) / cusum.std
         medians = {}
         for name, alarms in detect(streams, cusum, ks, reference).items():
-            early, delay = delays(alarms, change)
+            early, delay = delays(alarms, changes)
             medians[name] = quantile(delay, 0.5)
             vs = "" if name == "cusum" else f"{ratio(medians['cusum'], medians[name]):.2f}"
             print(

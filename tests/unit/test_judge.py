@@ -38,6 +38,7 @@ from stillhouse.eval.judge import (
 )
 from stillhouse.eval.judge_cache import cache_key
 from stillhouse.eval.judge_templates import (
+    DEMO_PAIRWISE_SCHEMA,
     PAIRWISE_SCHEMA,
     SINGLE_SCHEMA,
     DemoJudgeTemplate,
@@ -297,7 +298,13 @@ def test_pairwise_asks_both_orders_and_needs_agreement(loop: LoopThread) -> None
     assert stats.calls == 6 and stats.ok == 3
     shown = {shown_answers(b) for b in fake.requests}
     assert {(GOOD, BAD), (BAD, GOOD)} <= shown  # the second order really is swapped
-    assert fake.requests[0]["response_format"]["json_schema"]["schema"] == PAIRWISE_SCHEMA
+    schema = fake.requests[0]["response_format"]["json_schema"]["schema"]
+    assert schema == DEMO_PAIRWISE_SCHEMA  # the demo template: reasoning before the verdict
+    assert list(schema["properties"]) == ["reason", "winner"]
+    assert {**schema, "required": sorted(schema["required"])} == {
+        **PAIRWISE_SCHEMA,
+        "required": sorted(PAIRWISE_SCHEMA["required"]),
+    }  # the same fields and rules, only the order differs
 
     biased = FakeJudge(responder=position_biased)
     (result,), _ = run(compare_all(config(serve(loop, biased)), [(TICKET, GOOD, BAD)]))

@@ -69,3 +69,22 @@ def test_rendered_verdict_parses_back():
 )
 def test_verdict_parse_is_strict(text):
     assert parse_verdict(text) is None
+
+
+def test_pairwise_verdict_reasons_first_and_the_higher_score_wins():
+    from stillhouse.common.prompts import pairwise_verdict, parse_pairwise_verdict, render_verdict
+
+    right = {"score": 5, "reason": "category and priority are correct"}
+    wrong = {"score": 2, "reason": "category should be billing"}
+    verdict = pairwise_verdict(wrong, right)
+    assert list(verdict) == ["reason", "winner"]  # what the model writes first
+    assert verdict["winner"] == "b"
+    assert verdict["reason"] == (
+        "a scores 2 (category should be billing); b scores 5 (category and priority are correct)"
+    )
+    assert pairwise_verdict(right, dict(right))["winner"] == "tie"
+    assert parse_pairwise_verdict(render_verdict(verdict)) == {
+        "winner": "b", "reason": verdict["reason"]
+    }  # fmt: skip
+    for bad in ('{"winner": "c", "reason": ""}', '{"winner": "a"}', "[]", "not json"):
+        assert parse_pairwise_verdict(bad) is None
