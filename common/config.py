@@ -74,8 +74,8 @@ class DemoSettings(_Section):
     n_test: int = Field(default=600, ge=18)
     vocab_size: int = Field(default=2048, ge=300, le=65536)
     judge_share: float = Field(default=0.3, ge=0, le=1)
-    pairwise_share: float = Field(default=0.5, ge=0, le=1)
-    teacher_epochs: float = Field(default=2.0, gt=0)
+    pairwise_share: float = Field(default=0.3, ge=0, le=1)
+    teacher_epochs: float = Field(default=3.0, gt=0)
     teacher_hidden_size: int = Field(default=256, ge=64)
     teacher_layers: int = Field(default=4, ge=1)
     # Context length the demo models are built for; engine.max_model_len must not exceed it.

@@ -13,6 +13,7 @@ numbers come from `stillhouse.eval.abtest` and `stillhouse.eval.cost`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -199,41 +200,41 @@ def _num(x: float | None, fmt: str = "{:.3f}") -> str:
 
 def ab_tables(report: AbReport) -> list[Table]:
     """The per-arm table and the challenger-vs-champion table, for the terminal."""
-    arms = Table(title=f"A/B per arm ({report.window})")
-    for col in ("arm", "requests", "users", "judge score", "vs teacher W/T/L",
-                "fallback", "p50 / p99 latency", "cost / request", "saved vs teacher"):  # fmt: skip
+    arms = Table(title=f"A/B per arm: quality ({report.window})")
+    for col in ("arm", "requests", "users", "judge ± CI (n)", "vs teacher W/T/L", "fallback"):
         arms.add_column(col, justify="left" if col == "arm" else "right")
+    ops = Table(title="A/B per arm: latency and cost")
+    for col in ("arm", "p50 s", "p99 s", "cost/request", "saved vs teacher"):
+        ops.add_column(col, justify="left" if col == "arm" else "right")
     for arm in ARMS:
         s, p, c = report.arms[arm], report.pairwise[arm], report.cost.arms.get(arm)
         judge = "–"
         if s.judge_n:
-            judge = f"{s.judge_mean:.2f} [{_num(s.judge_ci[0], '{:.2f}')}, " \
-                f"{_num(s.judge_ci[1], '{:.2f}')}] n={s.judge_n}"  # fmt: skip
+            half = (s.judge_ci[1] - s.judge_ci[0]) / 2 if s.judge_n >= 2 else math.nan
+            judge = f"{s.judge_mean:.2f} ± {_num(half, '{:.2f}')} ({s.judge_n})"
         arms.add_row(
-            arm,
-            str(s.n),
-            str(report.units.get(arm, 0)),
-            judge,
-            f"{p.wins}/{p.ties}/{p.losses}" if p.n else "–",
-            _num(s.fallback_rate, "{:.1%}"),
-            f"{_num(s.latency_p50, '{:.2f}')} / {_num(s.latency_p99, '{:.2f}')} s",
+            arm, str(s.n), str(report.units.get(arm, 0)), judge,
+            f"{p.wins}/{p.ties}/{p.losses}" if p.n else "–", _num(s.fallback_rate, "{:.1%}"),
+        )  # fmt: skip
+        ops.add_row(
+            arm, _num(s.latency_p50, "{:.2f}"), _num(s.latency_p99, "{:.2f}"),
             _num(c.per_request if c else None, "{:.5f}"),
             _num(c.savings_fraction if c else None, "{:.0%}"),
-        )
+        )  # fmt: skip
     verdicts = Table(title="challenger vs champion")
-    for col in ("metric", "difference [95% CI]", "always-valid CI", "MDE", "verdict"):
+    for col in ("metric", "diff [95% CI]", "always-valid", "MDE", "verdict"):
         verdicts.add_column(col, justify="left" if col in ("metric", "verdict") else "right")
-    for label, v in (("judge score", report.judge_verdict),
-                     ("pairwise vs teacher", report.pairwise_verdict)):  # fmt: skip
+    for label, v in (("judge", report.judge_verdict),
+                     ("vs teacher", report.pairwise_verdict)):  # fmt: skip
         d, s = v.difference, v.sequential
         verdicts.add_row(
             label,
-            "–" if d is None else f"{d.diff:+.3f} [{d.low:+.3f}, {d.high:+.3f}]",
-            "–" if s is None else f"[{s.low:+.3f}, {s.high:+.3f}]",
+            "–" if d is None else f"{d.diff:+.2f} [{d.low:+.2f}, {d.high:+.2f}]",
+            "–" if s is None else f"[{s.low:+.2f}, {s.high:+.2f}]",
             _num(v.mde),
             v.verdict,
         )
-    return [arms, verdicts]
+    return [arms, ops, verdicts]
 
 
 def srm_line(report: AbReport) -> str:

@@ -295,11 +295,19 @@ class Judge:
         )  # fmt: skip
 
     async def compare(self, question: str, answer_a: str, answer_b: str) -> PairwiseJudgment:
-        """Ask (a, b) and (b, a) concurrently; a win needs both orders to agree."""
+        """Ask (a, b) and (b, a) concurrently; a win needs both orders to agree. Two identical
+        answers are a tie without a call (both orders would be one prompt, one cache entry)."""
         t = self.template
         orders = ((answer_a, answer_b), (answer_b, answer_a))
         keys = [cache_key(self.config.model, self._version, "pairwise", (question, x, y))
                 for x, y in orders]  # fmt: skip
+        if answer_a == answer_b:
+            self._count_judgment("ok")
+            return PairwiseJudgment(
+                key=keys[0], status="ok", outcome="tie", first="tie", second="tie",
+                first_reason="identical answers", second_reason="identical answers",
+                attempts=0, cached=False,
+            )  # fmt: skip
         first, second = await gather_or_cancel([
             self._verdict("pairwise", k, t.pairwise_messages(question, x, y),
                           t.pairwise_schema, t.parse_pairwise)

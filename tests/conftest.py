@@ -21,6 +21,9 @@ TINY_DEMO = DemoSettings(
     n_test=90,
     vocab_size=700,
     judge_share=0.3,
+    # A little pairwise judging: on 600 tickets a one-layer model that mostly compares answers
+    # stops answering tickets in the triage format.
+    pairwise_share=0.1,
     teacher_epochs=8.0,
     teacher_hidden_size=64,
     teacher_layers=1,

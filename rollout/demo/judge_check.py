@@ -30,6 +30,10 @@ class JudgeCheck:
     agreement_with_ties: float | None
     position_consistent: float | None  # both orders named the same answer or both said tie
     stats: JudgeStats
+    # Of the pairs that have a better answer, the share where the judge named it: agreement on
+    # non-tie pairs alone would praise a judge that says "tie" to everything but one pair.
+    truth_non_tie: int = 0
+    recall: float | None = None
 
 
 async def _check(settings: Settings, judge_url: str, items: list) -> JudgeCheck:
@@ -41,6 +45,8 @@ async def _check(settings: Settings, judge_url: str, items: list) -> JudgeCheck:
     non_tie = [(i, j) for i, j in ok if "tie" not in (i.verdict["winner"], j.outcome)]
     agree = sum(i.verdict["winner"] == j.outcome for i, j in non_tie)
     consistent = sum(j.first == j.second for _, j in ok)
+    decided = [(i, j) for i, j in ok if i.verdict["winner"] != "tie"]
+    found = sum(i.verdict["winner"] == j.outcome for i, j in decided)
     return JudgeCheck(
         pairs=len(items),
         judged=len(ok),
@@ -51,6 +57,8 @@ async def _check(settings: Settings, judge_url: str, items: list) -> JudgeCheck:
         ),
         position_consistent=consistent / len(ok) if ok else None,
         stats=stats,
+        truth_non_tie=len(decided),
+        recall=found / len(decided) if decided else None,
     )
 
 

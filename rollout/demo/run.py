@@ -113,9 +113,11 @@ def run_demo(settings: Settings, console: Console) -> DemoWorld:
         verdict = "meets" if (check.agreement_non_tie or 0) >= AGREEMENT_BAR else "misses"
         console.print(
             f"judge check on {check.pairs} labelled pairs (both orders): agrees with the "
-            f"ground truth on {_pct(check.agreement_non_tie)} of {check.non_tie} non-tie pairs "
-            f"({verdict} the {AGREEMENT_BAR:.0%} bar); order-consistent on "
-            f"{_pct(check.position_consistent)}; {check.stats.unparseable} unparseable"
+            f"ground truth on {_pct(check.agreement_non_tie)} of the {check.non_tie} pairs where "
+            f"neither says tie ({verdict} the {AGREEMENT_BAR:.0%} bar); names the better answer "
+            f"in {_pct(check.recall)} of the {check.truth_non_tie} pairs that have one; "
+            f"order-consistent on {_pct(check.position_consistent)}; "
+            f"{check.stats.unparseable} unparseable"
         )
         _log_judge_check(settings, check)
         endpoints_for_judge = eval_jobs.JudgeEndpoints(teacher_url, teacher_url, "teacher")
@@ -160,5 +162,6 @@ def _log_judge_check(settings: Settings, check) -> None:
             "agreement_non_tie": check.agreement_non_tie or float("nan"),
             "agreement_with_ties": check.agreement_with_ties or float("nan"),
             "position_consistent": check.position_consistent or float("nan"),
+            "recall": check.recall or float("nan"),
             "unparseable": check.stats.unparseable,
         })  # fmt: skip

@@ -113,3 +113,17 @@ def test_serve_beyond_loopback_without_client_keys_is_refused(tmp_path):
     result = _serve(tmp_path, "0.0.0.0", 0)
     assert result.returncode == 2
     assert "STILLHOUSE_API_KEYS is empty" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_evaluation_commands_without_traffic_or_with_a_bad_window_are_one_line(tmp_path):
+    for args, expected in (
+        (["ab"], "no traffic log"),
+        (["drift", "--since", "2h"], "no traffic log"),
+        (["report"], "no traffic log"),
+        (["ab", "--since", "yesterday"], "--since 'yesterday'"),
+    ):
+        result = run(args, tmp_path)
+        assert result.returncode != 0, args
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0], (args, result.stderr)
+        assert "Traceback" not in result.stderr

@@ -289,13 +289,20 @@ def test_always_malformed_is_unparseable_and_counted(loop: LoopThread) -> None:
     assert (stats.calls, stats.unparseable, stats.ok, stats.errors) == (2, 1, 0, 0)
 
 
+def test_identical_answers_are_a_tie_without_asking(loop: LoopThread) -> None:
+    fake = FakeJudge()
+    results, stats = run(compare_all(config(serve(loop, fake)), [(TICKET, GOOD, GOOD)]))
+    assert [(r.status, r.outcome, r.attempts) for r in results] == [("ok", "tie", 0)]
+    assert fake.requests == [] and stats.calls == 0 and stats.ok == 1
+
+
 def test_pairwise_asks_both_orders_and_needs_agreement(loop: LoopThread) -> None:
     fake = FakeJudge()
     items = [(TICKET, GOOD, BAD), (TICKET, BAD, GOOD), (TICKET, BAD, BAD)]
     results, stats = run(compare_all(config(serve(loop, fake)), items))
     assert [r.outcome for r in results] == ["a", "b", "tie"]
     assert [(r.first, r.second) for r in results] == [("a", "a"), ("b", "b"), ("tie", "tie")]
-    assert stats.calls == 6 and stats.ok == 3
+    assert stats.calls == 4 and stats.ok == 3  # the identical pair costs no call
     shown = {shown_answers(b) for b in fake.requests}
     assert {(GOOD, BAD), (BAD, GOOD)} <= shown  # the second order really is swapped
     schema = fake.requests[0]["response_format"]["json_schema"]["schema"]
@@ -332,7 +339,7 @@ def test_rerun_with_cache_makes_no_calls_and_gives_the_same_results(
     fake = FakeJudge()
     cfg = config(serve(loop, fake), cache_path=tmp_path / "judge.db")
     single = [(TICKET, GOOD), (TICKET, BAD), ("another ticket", GOOD)]
-    pairs = [(TICKET, GOOD, BAD), (TICKET, BAD, BAD)]
+    pairs = [(TICKET, GOOD, BAD), (TICKET, BAD, BAD + " too")]
     first = run_judgments(cfg, DEMO, single, pairs)
     calls = len(fake.requests)
     assert calls == 3 + 4 and first.stats.cache_hits == 0
