@@ -303,6 +303,30 @@ def compute_drift(settings: Settings, window: Window) -> list[drift_job.StudentD
     return results
 
 
+def drift_table(results: Sequence[drift_job.StudentDrift], window: str) -> Table:
+    """The terminal view: the full rows (every test's numbers) go to MLflow."""
+    table = Table(title=f"divergence and drift ({window})")
+    for col in ("arm", "records", "KL k3 [95% CI]", "top-1", "PSI", "test p", "CUSUM/h",
+                "state"):  # fmt: skip
+        table.add_column(col, justify="left" if col in ("arm", "state") else "right")
+    for r in results:
+        d, rep = r.divergence, r.report
+        tests = rep.tests if rep else None
+        table.add_row(
+            r.arm,
+            str(d.n if d else 0),
+            f"{d.k3_mean:.3f} [{d.k3_ci[0]:.3f}, {d.k3_ci[1]:.3f}]" if d else "–",
+            _cell(d.top1_agreement) if d else "–",
+            _cell(tests.psi) if tests else "–",
+            f"{tests.pvalue:.2g}" if tests else "–",
+            f"{rep.sequential_statistic:.1f}/{rep.sequential_threshold:.1f}"
+            if rep and rep.sequential_statistic is not None and rep.sequential_threshold
+            else "–",
+            r.state,
+        )
+    return table
+
+
 def run_drift(
     settings: Settings, console: Console, *, since: str | None = None
 ) -> list[drift_job.StudentDrift]:
@@ -312,7 +336,7 @@ def run_drift(
     if not results:
         console.print(f"no shadow records in {window.label}: nothing to measure (is "
                       "gateway.shadow.fraction > 0?)")  # fmt: skip
-    console.print(_table(f"divergence and drift ({window.label})", drift_job.drift_rows(results)))
+    console.print(drift_table(results, window.label))
     for r in results:
         reasons = "; ".join(r.report.reasons) if r.report else r.note
         console.print(f"{r.arm} ({r.student_model}): [bold]{r.state}[/]" +

@@ -113,7 +113,7 @@ def run_demo(settings: Settings, console: Console) -> DemoWorld:
         verdict = "meets" if (check.agreement_non_tie or 0) >= AGREEMENT_BAR else "misses"
         console.print(
             f"judge check on {check.pairs} labelled pairs (both orders): agrees with the "
-            f"ground truth on {_pct(check.agreement_non_tie)} of the {check.non_tie} pairs where "
+            f"ground truth on {_pct1(check.agreement_non_tie)} of the {check.non_tie} pairs where "
             f"neither says tie ({verdict} the {AGREEMENT_BAR:.0%} bar); names the better answer "
             f"in {_pct(check.recall)} of the {check.truth_non_tie} pairs that have one; "
             f"order-consistent on {_pct(check.position_consistent)}; "
@@ -150,6 +150,10 @@ def _drive(url: str, tickets: list, console: Console):
 
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{x:.0%}"
+
+
+def _pct1(x: float | None) -> str:
+    return "–" if x is None else f"{x:.1%}"
 
 
 def _log_judge_check(settings: Settings, check) -> None:

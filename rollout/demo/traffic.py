@@ -58,7 +58,7 @@ async def _one(
     tally.by_arm[headers.get("x-stillhouse-arm", "?")] += 1
     tally.by_served[headers.get("x-stillhouse-served-by", "?")] += 1
     reason = headers.get("x-stillhouse-fallback")
-    if reason:
+    if reason and reason != "none":
         tally.fallbacks[reason] += 1
 
 
