@@ -247,34 +247,23 @@ async def judge_sample(
             ),
         )
         result.stats = judge.stats
-    for record, verdict in zip(records, singles, strict=True):
-        q = questions[record.request_id] or ""
-        true = truth.score(q, record.answer or "") if truth else None
-        result.judged.append(
-            _stored(
-                record,
-                "single",
-                config.model,
-                template.version,
-                verdict.status,
-                score=verdict.score,
-                truth=None if true is None else str(true),
+    graded = (("single", records, singles, "answer"), ("student", replaced, students,
+              "student_answer"))  # fmt: skip
+    for kind, rows, verdicts, field_name in graded:
+        for record, verdict in zip(rows, verdicts, strict=True):
+            text = getattr(record, field_name) or ""
+            true = truth.score(questions[record.request_id] or "", text) if truth else None
+            result.judged.append(
+                _stored(
+                    record,
+                    kind,
+                    config.model,
+                    template.version,
+                    verdict.status,
+                    score=verdict.score,
+                    truth=None if true is None else str(true),
+                )
             )
-        )
-    for record, verdict in zip(replaced, students, strict=True):
-        q = questions[record.request_id] or ""
-        true = truth.score(q, record.student_answer or "") if truth else None
-        result.judged.append(
-            _stored(
-                record,
-                "student",
-                config.model,
-                template.version,
-                verdict.status,
-                score=verdict.score,
-                truth=None if true is None else str(true),
-            )
-        )
     for record, pair in zip(pair_records, pairs, strict=True):
         result.judged.append(_pair_row(record, pair, questions, references, truth, config.model,
                                        template.version))  # fmt: skip
