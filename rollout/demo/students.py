@@ -21,9 +21,9 @@ from stillhouse.common.registry import RegistryClient, VersionInfo
 from stillhouse.rollout.redistill import redistill
 from stillhouse.rollout.report import print_redistill_outcome
 
-# Last week's budget: fewer prompts (1,500 of 4,000) and fewer epochs (4 of 6).
+# Last week's budget: a third of the prompts, a third of the epochs.
 LAST_WEEK_MAX_PROMPTS = 1500
-LAST_WEEK_EPOCHS = 4
+LAST_WEEK_EPOCHS = 2
 
 
 @dataclass(frozen=True)
