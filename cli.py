@@ -88,12 +88,17 @@ def engines_serve(
         with console.status(f"starting vLLM for {model} (log: {engine.log_path})"):
             engine.start()
             engine.wait_ready()
+        # Once serving, Ctrl-C is handled like SIGTERM, explicitly: a process started from a
+        # non-interactive shell's background job inherits SIGINT as ignored, and Python then
+        # never raises KeyboardInterrupt (this hung a CI run of the Ctrl-C test).
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
         console.print(
             f"serving [bold]{spec.served_model_name}[/] at {engine.base_url}  (Ctrl-C stops)"
         )
         while not stop.wait(1.0):
             if engine.exited():
                 raise StillhouseError(f"vLLM server exited; see {engine.log_path}")
+        console.print("stopping...")
     except KeyboardInterrupt:
         console.print("stopping...")
     finally:
