@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from stillhouse.common.config import DriftSettings
+from stillhouse.common.eval_settings import DriftSettings
 from stillhouse.common.traffic import ShadowRecord
 from stillhouse.eval.divergence import (
     RequestDivergence,
