@@ -30,6 +30,7 @@ from pydantic import (
 
 from stillhouse.common.errors import ConfigError
 from stillhouse.common.eval_settings import EvaluationSettings
+from stillhouse.common.rollout_settings import RolloutSettings
 from stillhouse.common.section import Section as _Section
 
 ENV_PREFIX = "STILLHOUSE_"
@@ -283,6 +284,7 @@ class Settings(_Section):
     redistill: RedistillSettings = RedistillSettings()
     gateway: GatewaySettings = GatewaySettings()
     evaluation: EvaluationSettings = EvaluationSettings()
+    rollout: RolloutSettings = RolloutSettings()
 
     @field_validator("state_dir")
     @classmethod
@@ -312,6 +314,11 @@ class Settings(_Section):
     def eval_db_path(self) -> Path:
         """Judgments, drift references and evaluation results (SQLite)."""
         return self.state_dir / "eval.db"
+
+    @property
+    def controller_dir(self) -> Path:
+        """The rollout controller's state (SQLite) and single-instance lock."""
+        return self.state_dir / "controller"
 
     @property
     def traffic_log_path(self) -> Path:

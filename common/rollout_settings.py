@@ -1,0 +1,86 @@
+"""Settings of the rollout: calibration of the fallback threshold, the gates, and the controller
+that walks a challenger through shadow → ramp → promote or roll back (the `rollout:` section)."""
+
+from __future__ import annotations
+
+from itertools import pairwise
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from stillhouse.common.section import Section as _Section
+
+
+class CalibrationSettings(_Section):
+    """`stillhouse calibrate`: pick the lowest confidence threshold (the largest student share)
+    whose rate of unacceptable student-served answers is ≤ `epsilon` with probability
+    ≥ 1 − `delta` (Learn-then-Test, fixed-sequence, exact binomial p-values).
+
+    `risk`: "served" bounds the unacceptable share among the answers the student serves;
+    "all" bounds unacceptable student answers as a share of all requests.
+    `acceptable`: an answer is acceptable when it agrees with the teacher's answer to the same
+    prompt ("teacher_match"), or when the judge grades it at least `min_judge_score` ("judge").
+    """
+
+    epsilon: float = Field(default=0.1, gt=0.0, lt=1.0)
+    delta: float = Field(default=0.1, gt=0.0, lt=1.0)
+    risk: Literal["served", "all"] = "served"
+    acceptable: Literal["teacher_match", "judge"] = "teacher_match"
+    min_judge_score: int = Field(default=4, ge=1, le=5)
+    holdout_size: int = Field(default=400, ge=20)
+    max_candidates: int = Field(default=200, ge=2, le=10_000)
+    max_tokens: int = Field(default=64, ge=1, le=4096)
+    concurrency: int = Field(default=8, ge=1, le=256)
+
+
+class GateSettings(_Section):
+    """When a rollout step passes. Every gate needs `min_samples` before it may pass or fail;
+    until then it is inconclusive."""
+
+    min_samples: int = Field(default=40, ge=2)
+    alpha: float = Field(default=0.05, gt=0.0, lt=1.0)
+    # Challenger vs champion on the pairwise score against the teacher (+1 win, 0 tie, −1 loss):
+    # not worse by more than this, by the always-valid (mSPRT) interval.
+    noninferiority_margin: float = Field(default=0.1, ge=0.0, le=2.0)
+    win_or_tie_bar: float = Field(default=0.8, ge=0.0, le=1.0)  # vs the teacher
+    divergence_margin: float = Field(default=0.05, ge=0.0)  # mean k3 KL, nats per token
+    fallback_margin: float = Field(default=0.05, ge=0.0, le=1.0)  # fallback-rate points
+    latency_p99_ratio: float = Field(default=1.5, ge=1.0)  # challenger p99 ≤ champion p99 × this
+
+
+class ControllerSettings(_Section):
+    """The rollout controller (`stillhouse controller`, or inside `stillhouse up`)."""
+
+    steps: tuple[float, ...] = (0.01, 0.05, 0.25, 0.5)  # challenger shares, increasing
+    shadow_mirror_share: float = Field(default=1.0, gt=0.0, le=1.0)
+    shadow_min_samples: int = Field(default=200, ge=1)  # mirrored challenger answers
+    min_step_samples: int = Field(default=200, ge=1)  # challenger requests per ramp step
+    min_step_s: float = Field(default=3600.0, ge=0.0)
+    max_inconclusive_s: float = Field(default=86_400.0, gt=0.0)
+    tick_s: float = Field(default=60.0, gt=0.0)
+    gateway_url: str = "http://127.0.0.1:8000"
+    judge_sample: int = Field(default=100, ge=1)  # judged requests per arm per evaluation
+
+    @field_validator("steps")
+    @classmethod
+    def _increasing(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v:
+            raise ValueError("at least one ramp step")
+        if any(not 0.0 < s <= 1.0 for s in v):
+            raise ValueError(f"every step is a share in (0, 1], got {list(v)}")
+        if any(b <= a for a, b in pairwise(v)):
+            raise ValueError(f"steps must increase, got {list(v)}")
+        return v
+
+    @field_validator("gateway_url")
+    @classmethod
+    def _http(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError(f"gateway_url must start with http:// or https://, got {v!r}")
+        return v.rstrip("/")
+
+
+class RolloutSettings(_Section):
+    calibration: CalibrationSettings = CalibrationSettings()
+    gates: GateSettings = GateSettings()
+    controller: ControllerSettings = ControllerSettings()
