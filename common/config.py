@@ -86,6 +86,10 @@ class DataSettings(_Section):
     window_days: float | None = Field(default=7.0, gt=0)
     max_prompts: int = Field(default=4000, ge=10)
     heldout_share: float = Field(default=0.1, gt=0, lt=0.5)
+    # A deliberately degraded student, to check that the rollout's gates catch one: every
+    # training prompt gets another prompt's teacher answer (held-out pairs stay true, so the
+    # run's own held-out numbers show the damage). Never on in production.
+    shuffle_targets: bool = False
 
 
 class TeacherSettings(_Section):

@@ -56,6 +56,20 @@ class RedistillOutcome:
     seconds: float = 0.0
 
 
+def shuffled_targets(pairs: list[tuple[Any, Any]], seed: int) -> list[tuple[Any, Any]]:
+    """Each prompt paired with another prompt's target (a seeded cyclic shift of a permutation,
+    so no prompt keeps its own unless all targets are the same)."""
+    import random
+
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    moved = order[1:] + order[:1]
+    out = list(pairs)
+    for src, dst in zip(order, moved, strict=True):
+        out[dst] = (pairs[dst][0], pairs[src][1])
+    return out
+
+
 def config_hash(settings: Settings, teacher_fingerprint: str) -> str:
     cfg = settings.redistill.model_dump(mode="json", exclude=set(_NOT_IN_CONFIG_HASH))
     payload = json.dumps({"redistill": cfg, "teacher": teacher_fingerprint}, sort_keys=True)
@@ -274,6 +288,9 @@ def redistill(
             }
         )
         train_pairs = [(r.chat, kept[r.key]) for r in selection.train if r.key in kept]
+        if rs.data.shuffle_targets:
+            train_pairs = shuffled_targets(train_pairs, rs.training.seed)
+            console.print("[yellow]shuffle_targets is on: training on mismatched answers[/]")
         heldout_pairs = [(r.chat, kept[r.key]) for r in selection.heldout if r.key in kept]
 
         run_dir = settings.state_dir / "runs" / f"{selection.dataset_hash}-{chash}"
