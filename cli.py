@@ -8,6 +8,10 @@ one line on stderr and a non-zero exit code (`StillhouseError.exit_code`), never
     stillhouse engines serve --model PATH  # one vLLM server in the foreground; Ctrl-C stops it
     stillhouse serve                       # teacher + students behind the gateway; Ctrl-C stops
     stillhouse judge | drift | ab | report # evaluation over the traffic log (--since 2h)
+    stillhouse calibrate [VERSION]         # the version's fallback threshold, on held-out prompts
+    stillhouse promote VERSION | rollback  # move the champion alias by hand, recorded
+    stillhouse controller                  # the rollout loop against a running gateway
+    stillhouse up                          # gateway + engines, controller and schedule together
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ def _root(
     ] = None,
 ) -> None:
     # Settings load lazily so that `--help` and `version` work even with a broken config.
-    ctx.obj = {"settings_loader": lambda: load_settings(config)}
+    ctx.obj = {"settings_loader": lambda: load_settings(config), "config": config}
 
 
 @app.command()
@@ -197,8 +201,9 @@ def serve(
             update={"gateway": settings.gateway.model_copy(update={"port": port})}
         )
     console = Console()
-    engines = resolve_engines(engine_refs(settings, console), settings)
-    run_serve(settings, engines, os.environ, console)
+    refs = engine_refs(settings, console)
+    engines = resolve_engines(refs, settings)
+    run_serve(settings, engines, os.environ, console, refs)
 
 
 SinceOption = Annotated[
@@ -274,6 +279,70 @@ def registry_list(ctx: typer.Context) -> None:
     keys = ["kd.category_accuracy", "kd.best_heldout_kl"]
     title = f"{settings.mlflow.registered_model} ({settings.tracking_uri})"
     Console().print(versions_table(versions, keys, tag_keys=("data_window",), title=title))
+
+
+@app.command()
+def calibrate(
+    ctx: typer.Context,
+    version: Annotated[
+        str | None, typer.Argument(help="A version number or alias (default: the challenger).")
+    ] = None,
+) -> None:
+    """Pick the version's fallback threshold on held-out prompts (Learn-then-Test) and tag it."""
+    from stillhouse.rollout.rollout_cmds import run_calibrate
+
+    run_calibrate(_settings(ctx), version, Console())
+
+
+ReasonOption = Annotated[str, typer.Option(help="Why, recorded with the decision.")]
+YesOption = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
+
+
+@app.command()
+def promote(
+    ctx: typer.Context,
+    version: Annotated[int, typer.Argument(min=1, help="The version to make the champion.")],
+    reason: ReasonOption = "promoted by hand",
+    yes: YesOption = False,
+) -> None:
+    """Make VERSION the champion (the old one becomes previous-champion), recorded in MLflow."""
+    from stillhouse.rollout.rollout_cmds import run_promote
+
+    run_promote(_settings(ctx), version, reason, yes, Console())
+
+
+@app.command()
+def rollback(
+    ctx: typer.Context, reason: ReasonOption = "rolled back by hand", yes: YesOption = False
+) -> None:
+    """Point champion back at previous-champion, recorded in MLflow."""
+    from stillhouse.rollout.rollout_cmds import run_rollback
+
+    run_rollback(_settings(ctx), reason, yes, Console())
+
+
+@app.command()
+def controller(ctx: typer.Context) -> None:
+    """The rollout controller: calibrate, shadow, ramp, promote or roll back each challenger."""
+    from stillhouse.rollout.rollout_cmds import run_controller_command
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    run_controller_command(_settings(ctx), Console(), stop)
+
+
+@app.command()
+def up(
+    ctx: typer.Context,
+    port: Annotated[int | None, typer.Option(help="Gateway port (default: config, 8000).")] = None,
+    schedule: Annotated[
+        bool, typer.Option(help="Also re-distil on the configured cron schedule.")
+    ] = True,
+) -> None:
+    """Engines, gateway, rollout controller and weekly re-distillation together; Ctrl-C stops."""
+    from stillhouse.rollout.up import run_up
+
+    run_up(_settings(ctx), ctx.obj["config"], Console(), port=port, with_schedule=schedule)
 
 
 def _quiet_foreign_loggers() -> None:

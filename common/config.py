@@ -215,6 +215,9 @@ class AbSettings(_Section):
 
     challenger_share: float = Field(default=0.1, ge=0.0, le=1.0)
     seed: str = Field(default="stillhouse-ab", min_length=1)
+    # Shadow phase: the share of champion-arm requests also sent, in the background, to the
+    # challenger; no user sees its answer (traffic records `served_by: mirror`).
+    mirror_share: float = Field(default=0.0, ge=0.0, le=1.0)
 
 
 class ConfidenceSettings(_Section):
@@ -248,6 +251,10 @@ class ShadowSettings(_Section):
     concurrency: int = Field(default=2, ge=1, le=64)
     top_k: int = Field(default=5, ge=0, le=20)
     timeout_s: float = Field(default=60.0, gt=0)
+    # Mirrored challenger calls (gateway.ab.mirror_share): at most this many at once, this many
+    # waiting; more are dropped and counted.
+    mirror_concurrency: int = Field(default=2, ge=1, le=64)
+    mirror_queue_size: int = Field(default=64, ge=1)
 
 
 class TrafficLogSettings(_Section):
@@ -272,6 +279,9 @@ class GatewaySettings(_Section):
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     max_tokens_limit: int = Field(default=4096, ge=1)
     engines: EnginesSettings = EnginesSettings()
+    # How often `stillhouse serve` asks the registry where its aliases point (hot swap) and
+    # for the served versions' calibrated thresholds; 0 turns the polling off.
+    watch_interval_s: float = Field(default=10.0, ge=0.0)
     ab: AbSettings = AbSettings()
     confidence: ConfidenceSettings = ConfidenceSettings()
     fallback: FallbackSettings = FallbackSettings()

@@ -29,6 +29,11 @@ class CalibrationSettings(_Section):
     min_judge_score: int = Field(default=4, ge=1, le=5)
     holdout_size: int = Field(default=400, ge=20)
     max_candidates: int = Field(default=200, ge=2, le=10_000)
+    # With risk "served", the walk starts at the first threshold serving enough answers that
+    # this many errors could still be certified: one confidently wrong answer among the top
+    # ~22 would otherwise end it at a tiny share (simulated median share 7 % vs 18 % with 2).
+    # It depends on the scores only, never the labels, so the guarantee holds.
+    start_errors: int = Field(default=2, ge=0, le=100)
     max_tokens: int = Field(default=64, ge=1, le=4096)
     concurrency: int = Field(default=8, ge=1, le=256)
 

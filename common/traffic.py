@@ -25,6 +25,12 @@ from stillhouse.common.errors import StillhouseError
 
 SCHEMA_VERSION = 2  # 2: requests.student_completion_tokens
 
+# `served_by` of a challenger answer no user saw: the shadow phase mirrors champion-arm requests
+# to the challenger (`gateway.ab.mirror_share`). Such a record has arm "challenger", request id
+# "<original id>:mirror", and `fallback_reason` set where the gateway would have fallen back.
+MIRROR = "mirror"
+MIRROR_SUFFIX = ":" + MIRROR
+
 
 class TrafficLogError(StillhouseError):
     """The traffic log is missing, unreadable, or has a schema this version does not know."""
@@ -38,7 +44,7 @@ class TrafficRecord:
     ts: float  # unix seconds, request arrival
     endpoint: str  # "chat" | "completions"
     arm: str  # "champion" | "challenger"
-    served_by: str  # "champion" | "challenger" | "teacher" | "none"
+    served_by: str  # "champion" | "challenger" | "teacher" | "none" | MIRROR (no user saw it)
     status: int  # HTTP status returned to the client
     latency_s: float  # end-to-end
     stream: bool = False

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from rich.table import Table
 
 from stillhouse.common.config import Settings
-from stillhouse.common.traffic import AbChange, TrafficRecord
+from stillhouse.common.traffic import MIRROR, AbChange, TrafficRecord
 from stillhouse.eval.abtest import (
     AbConfig,
     AbVerdict,
@@ -65,6 +65,22 @@ def share_at(ts: float, changes: Sequence[AbChange], default: float) -> float:
     return share
 
 
+def fell_back(record: TrafficRecord) -> bool:
+    """The teacher answered instead of the student, or (a mirrored challenger answer, which
+    nothing replaces) would have: its `fallback_reason` says so. A request whose teacher failed
+    as well (served_by "none", `fallback_reason` set) is an error, not a fallback."""
+    if record.served_by == MIRROR:
+        return record.fallback_reason is not None
+    return record.served_by == "teacher"
+
+
+def failed(record: TrafficRecord) -> bool:
+    """The user got an error, or would have: a mirrored call that failed where the gateway
+    would have fallen back to the teacher counts as a fallback, not an error."""
+    rescued = record.served_by == MIRROR and record.fallback_reason is not None
+    return record.status >= 400 and not rescued
+
+
 def srm_units(
     records: Sequence[TrafficRecord], changes: Sequence[AbChange], default_share: float
 ) -> tuple[dict[str, int], float]:
@@ -73,11 +89,12 @@ def srm_units(
     The unit is the user (the gateway hashes the user key, so a user's requests are not
     independent draws); a request without a user key is its own unit. A user's arm and expected
     share are taken at their last request: a ramp only ever moves users onto the challenger, so
-    the last assignment is the one the current share explains.
+    the last assignment is the one the current share explains. Mirrored challenger answers
+    (served_by "mirror") are left out: their users were assigned to the champion.
     """
     last: dict[str, TrafficRecord] = {}
     for record in records:
-        if record.arm not in ARMS:
+        if record.arm not in ARMS or record.served_by == MIRROR:
             continue
         unit = record.user_hash or f"request:{record.request_id}"
         if unit not in last or record.ts >= last[unit].ts:
@@ -124,9 +141,9 @@ def build_ab_report(
         arms[arm] = summarize_arm(
             arm,
             scores[arm],
-            [r.served_by == "teacher" for r in rows],
+            [fell_back(r) for r in rows],
             [r.latency_s for r in rows],
-            [r.status >= 400 for r in rows],
+            [failed(r) for r in rows],
             confidence=1 - config.alpha,
         )
         pairwise[arm] = pairwise_summary(
@@ -147,6 +164,14 @@ def build_ab_report(
     if not judgments:
         notes.append("no judgments in the window: run `stillhouse judge` first")
     prices = {role: Price(**p.model_dump()) for role, p in ev.prices.items()}
+    # Mirrored answers served no user: the challenger's cost is what its own users cost.
+    paid = [r for r in answered if r.served_by != MIRROR]
+    if len(paid) < len(answered):
+        notes.append(
+            f"{len(answered) - len(paid)} mirrored challenger answers (shadow, no user saw "
+            "them) are judged and counted in fallback and latency, but left out of the cost "
+            "and the sample-ratio check"
+        )
     cost = arm_costs(
         [
             Request(
@@ -156,7 +181,7 @@ def build_ab_report(
                 r.completion_tokens,
                 r.student_completion_tokens,
             )
-            for r in answered
+            for r in paid
         ],
         prices,
     )

@@ -6,7 +6,10 @@
 For each arm, up to `sample` answered requests not judged before by this judge and template:
 a single-answer grade of what the user received, and (with `pairwise`) a comparison with the
 teacher's answer to the same prompt, asked in both orders. A request the teacher itself
-answered (a fallback) is a tie with the teacher by definition and costs no call. Results go
+answered (a fallback) is a tie with the teacher by definition and costs no call. Mirrored
+challenger answers (served_by "mirror", the shadow phase: no user saw them) are sampled and
+judged as the challenger arm's, single and pairwise, whatever the gateway would have done
+with them (their `fallback_reason` says that). Results go
 to the evaluation store (`stillhouse ab` reads them); where ground truth is known (the demo)
 each verdict is checked against it and the agreement reported.
 """
@@ -23,7 +26,7 @@ from typing import Protocol
 from openai import APIError, AsyncOpenAI
 
 from stillhouse.common.config import Settings
-from stillhouse.common.traffic import TrafficRecord
+from stillhouse.common.traffic import MIRROR, TrafficRecord
 from stillhouse.eval.judge import Judge, JudgeConfig, JudgeStats, PairwiseJudgment
 from stillhouse.eval.judge_templates import (
     DemoJudgeTemplate,
@@ -192,6 +195,11 @@ def agreement_of(judged: Sequence[StoredJudgment]) -> Agreement:
     )
 
 
+def would_fall_back(record: TrafficRecord) -> bool:
+    """A mirrored challenger answer the gateway would not have served (low confidence)."""
+    return record.served_by == MIRROR and record.status < 400 and record.fallback_reason is not None
+
+
 async def judge_sample(
     settings: Settings,
     sample: Mapping[str, Sequence[TrafficRecord]],
@@ -217,10 +225,30 @@ async def judge_sample(
             reference_url, reference_model, ask, settings.evaluation.judge.concurrency
         )
         result.references_failed = len(ask) - len(references)
-    pair_records = [r for r in records if r.request_id in references]
+    # A mirrored challenger answer that would have fallen back is judged as what the user would
+    # have received, like a real fallback: the teacher's answer, a tie against it, and the
+    # discarded answer graded as the student's. Judging it raw would count against the
+    # challenger answers the gateway would never have served.
+    fell_back = {r.request_id for r in records if would_fall_back(r)}
+    records = [r for r in records if r.request_id not in fell_back or r.request_id in references]
+    pair_records = [
+        r for r in records if r.request_id in references and r.request_id not in fell_back
+    ]
     # A fallback's discarded student answer is graded too: quality against confidence (the
     # report's curve, threshold calibration) needs the student's score on every request.
-    replaced = [r for r in records if r.served_by == "teacher" and r.student_answer]
+    replaced = [
+        r
+        for r in records
+        if (r.served_by == "teacher" and r.student_answer) or r.request_id in fell_back
+    ]
+    received = {
+        r.request_id: (references[r.request_id] if r.request_id in fell_back else r.answer) or ""
+        for r in records
+    }
+    discarded = {
+        r.request_id: (r.answer if r.request_id in fell_back else r.student_answer) or ""
+        for r in replaced
+    }
     total = len(records) + len(pair_records) + len(replaced)
     done = 0
 
@@ -233,10 +261,10 @@ async def judge_sample(
     async with Judge(config, template) as judge:
         singles, students, pairs = await asyncio.gather(
             judge.grade_many(
-                [(questions[r.request_id] or "", r.answer or "") for r in records], tick
+                [(questions[r.request_id] or "", received[r.request_id]) for r in records], tick
             ),
             judge.grade_many(
-                [(questions[r.request_id] or "", r.student_answer or "") for r in replaced], tick
+                [(questions[r.request_id] or "", discarded[r.request_id]) for r in replaced], tick
             ),
             judge.compare_many(
                 [
@@ -247,11 +275,10 @@ async def judge_sample(
             ),
         )
         result.stats = judge.stats
-    graded = (("single", records, singles, "answer"), ("student", replaced, students,
-              "student_answer"))  # fmt: skip
-    for kind, rows, verdicts, field_name in graded:
+    graded = (("single", records, singles, received), ("student", replaced, students, discarded))
+    for kind, rows, verdicts, texts in graded:
         for record, verdict in zip(rows, verdicts, strict=True):
-            text = getattr(record, field_name) or ""
+            text = texts[record.request_id]
             true = truth.score(questions[record.request_id] or "", text) if truth else None
             result.judged.append(
                 _stored(
@@ -269,9 +296,11 @@ async def judge_sample(
                                        template.version))  # fmt: skip
     if want_pairs:
         for record in records:
-            if record.served_by == "teacher":  # the teacher's own answer: a tie, no call
+            if record.served_by == "teacher" or record.request_id in fell_back:
+                # What the user got (or would have got) is the teacher's answer: a tie, no call.
                 q = questions[record.request_id] or ""
-                true = truth.outcome(q, record.answer or "", record.answer or "") if truth else None
+                answer = received[record.request_id]
+                true = truth.outcome(q, answer, answer) if truth else None
                 result.judged.append(
                     _stored(
                         record,

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 
-from stillhouse.common.traffic import TrafficRecord
+from stillhouse.common.traffic import MIRROR, TrafficRecord
 from stillhouse.eval.ab_job import ARMS, AbReport
 from stillhouse.eval.drift_job import StudentDrift
 from stillhouse.eval.report import ABEffect, ArmRow, DivergencePoint, FallbackPoint, ReportData
@@ -61,7 +61,8 @@ def curve_inputs(
             continue
         if j.kind == "single" and record.served_by == "teacher":
             teacher_scores.append(float(j.score))
-        student_scored = j.kind == "student" or (j.kind == "single" and record.served_by in ARMS)
+        own = record.served_by in ARMS or record.served_by == MIRROR  # the student's answer
+        student_scored = j.kind == "student" or (j.kind == "single" and own)
         if student_scored and record.confidence is not None:
             points.append((record.confidence, float(j.score)))
     teacher = float(np.mean(teacher_scores)) if teacher_scores else None

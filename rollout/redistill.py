@@ -187,7 +187,10 @@ def redistill(
     *,
     now: datetime | None = None,
     prepare_only: bool = False,
+    alias: str | None = "challenger",
 ) -> RedistillOutcome:
+    """Distil and register one student; `alias` (default `challenger`, None for none) is set
+    on the new version."""
     started = time.monotonic()
     now = now or datetime.now(UTC)
     rs = settings.redistill
@@ -340,7 +343,7 @@ def redistill(
             "targets": rs.teacher.targets,
             **{k: f"{v:.4f}" for k, v in summary.items() if k.startswith("kd.")},
         }
-        outcome.version = registry.register_version(run.run_id, kd_run.model_dir, tags)
+        outcome.version = registry.register_version(run.run_id, kd_run.model_dir, tags, alias=alias)
     # Registered: the checkpoints only served a resume after a crash, and a later run with
     # this identity is refused as a duplicate anyway.
     shutil.rmtree(run_dir, ignore_errors=True)

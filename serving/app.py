@@ -3,7 +3,8 @@
     POST /v1/chat/completions, /v1/completions    OpenAI API (streaming and not), client key
     GET  /v1/models                               the one logical model, client key
     GET  /healthz, /readyz, /metrics              liveness, engine readiness, Prometheus
-    GET|POST /admin/ab                            the A/B share and seed, admin key
+    GET|POST /admin/ab                            the A/B share and seed, the mirror share
+                                                  (serving/mirror.py), admin key
 
 Routes are thin: authenticate, read, parse, hand over to `Gateway`, write. Every exception
 becomes OpenAI's error JSON in one place (`errors.error_body`, through the middleware).
@@ -46,6 +47,7 @@ from stillhouse.serving.errors import (
 )
 from stillhouse.serving.gateway import SSE_DONE, AbState, Gateway, StreamSink, Trace
 from stillhouse.serving.metrics import GatewayMetrics
+from stillhouse.serving.mirror import Mirror
 from stillhouse.serving.requests import Endpoint, ParsedRequest, decode_json, parse_request
 from stillhouse.serving.shadow import ShadowScorer
 from stillhouse.serving.streaming import stream_answer
@@ -57,6 +59,7 @@ log = logging.getLogger("stillhouse.gateway")
 GATEWAY = web.AppKey("gateway", Gateway)
 KEYS = web.AppKey("keys", "Keys")
 STARTED = web.AppKey("started", float)
+MIRROR = web.AppKey("mirror", Mirror)
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 ENGINE_ROLES = ("teacher", "champion", "challenger")
 
@@ -219,6 +222,7 @@ async def completions(endpoint: Endpoint, request: web.Request) -> web.StreamRes
     except Exception as exc:
         return await _failed(gw, parsed, endpoint, trace, exc)
     await gw.finish(parsed, trace, endpoint)
+    request.app[MIRROR].offer(parsed, trace)  # after the answer is decided; never waits
     return json_response(reply.body, reply.status, reply.headers)
 
 
@@ -251,6 +255,7 @@ async def _stream(
         gw.fail(trace, exc)
         complete = False
     await gw.finish(parsed, trace, parsed.endpoint)
+    request.app[MIRROR].offer(parsed, trace)  # after the answer is decided; never waits
     assert sink.response is not None
     try:
         if complete:
@@ -286,12 +291,13 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     """Ready when someone can answer: the teacher or the champion responds to /v1/models."""
     gw = request.app[GATEWAY]
-    roles = list(gw.engines)
+    snapshot = dict(gw.engines)  # a hot swap may change the table while the checks run
+    roles = list(snapshot)
     checks = await asyncio.gather(
-        *(gw.client.get_ok(gw.engines[r].base_url + "/models", 2.0) for r in roles)
+        *(gw.client.get_ok(snapshot[r].base_url + "/models", 2.0) for r in roles)
     )
     engines = {
-        role: {"up": ok, "circuit": gw.engines[role].breaker.current_state()}
+        role: {"up": ok, "circuit": snapshot[role].breaker.current_state()}
         for role, ok in zip(roles, checks, strict=True)
     }
     ready = engines["teacher"]["up"] or engines["champion"]["up"]
@@ -304,6 +310,7 @@ async def metrics(request: web.Request) -> web.Response:
     m.traffic_log_pending.set(gw.writer.pending)
     if gw.shadow is not None:
         m.shadow_queue_depth.set(gw.shadow.queue.qsize())
+    request.app[MIRROR].export()
     for engine in gw.engines.values():
         gw.export_breaker(engine)
     return web.Response(
@@ -315,6 +322,7 @@ def _ab_state(gw: Gateway) -> dict[str, Any]:
     return {
         "challenger_share": gw.ab.share,
         "seed": gw.ab.seed,
+        "mirror_share": gw.ab.mirror,
         "has_challenger": "challenger" in gw.engines,
     }
 
@@ -325,7 +333,7 @@ async def admin_ab(request: web.Request) -> web.Response:
     if request.method == "GET":
         return json_response(_ab_state(gw))
     body = decode_json(await _read_body(request))
-    unknown = sorted(set(body) - {"challenger_share", "seed", "actor"})
+    unknown = sorted(set(body) - {"challenger_share", "seed", "mirror_share", "actor"})
     if unknown:
         raise InvalidRequest(f"unrecognized argument: {unknown[0]}", param=unknown[0])
     share = body.get("challenger_share", gw.ab.share)
@@ -336,14 +344,19 @@ async def admin_ab(request: web.Request) -> web.Response:
     seed = body.get("seed", gw.ab.seed)
     if not isinstance(seed, str) or not seed:
         raise InvalidRequest("'seed' must be a non-empty string", param="seed")
+    mirror = body.get("mirror_share", gw.ab.mirror)
+    if isinstance(mirror, bool) or not isinstance(mirror, int | float) or not 0 <= mirror <= 1:
+        raise InvalidRequest("'mirror_share' must be a number in [0, 1]", param="mirror_share")
     actor = body.get("actor", "admin-api")
     if not isinstance(actor, str) or not actor or len(actor) > 100:
         raise InvalidRequest("'actor' must be a short string", param="actor")
-    change = await gw.set_ab(float(share), seed, actor)
-    return json_response(
-        {**_ab_state(gw), "previous": {"challenger_share": change.previous_share,
-                                        "seed": change.previous_seed}}
-    )  # fmt: skip
+    previous = {"challenger_share": gw.ab.share, "seed": gw.ab.seed, "mirror_share": gw.ab.mirror}
+    # A mirror-only change moves no user between arms: it is no `AbChange` (the split's trail).
+    if "mirror_share" not in body or {"challenger_share", "seed"} & set(body):
+        await gw.set_ab(float(share), seed, actor)
+    if "mirror_share" in body:
+        request.app[MIRROR].set_share(float(mirror), actor)
+    return json_response({**_ab_state(gw), "previous": previous})
 
 
 def record_starting_split(
@@ -405,12 +418,13 @@ def build_app(
     shadow = None
     if gws.shadow.fraction > 0:
         shadow = ShadowScorer(gws.shadow, engines["teacher"], client, writer, metrics_)
-    ab = AbState(gws.ab.challenger_share, gws.ab.seed)
+    ab = AbState(gws.ab.challenger_share, gws.ab.seed, gws.ab.mirror_share)
     gw = Gateway(gws, engines, client, metrics_, writer, shadow, ab)
     app = web.Application(client_max_size=gws.max_body_bytes, middlewares=[error_middleware])
     app[GATEWAY] = gw
     app[KEYS] = keys
     app[STARTED] = time.time()
+    mirror = app[MIRROR] = Mirror(gw)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         client.session = aiohttp.ClientSession(
@@ -422,12 +436,15 @@ def build_app(
                                 "challenger" in engines)  # fmt: skip
         if shadow is not None:
             shadow.start()
+        mirror.start()
+        mirror.export()
         metrics_.challenger_share.set(ab.share if "challenger" in engines else 0.0)
         for engine in engines.values():
             gw.export_breaker(engine)
         try:
             yield
         finally:
+            await mirror.stop()
             if shadow is not None:
                 await shadow.stop()
             await client.session.close()

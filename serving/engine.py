@@ -157,7 +157,8 @@ class VllmEngine:
             headers["Authorization"] = f"Bearer {self.settings.api_key.get_secret_value()}"
         with httpx.Client(timeout=2.0, headers=headers) as client:
             while True:
-                code = self._proc.poll() if self._proc is not None else -1
+                proc = self._proc  # stop() from another thread may clear it at any moment
+                code = proc.poll() if proc is not None else -1
                 if code is not None:
                     self.stop()
                     raise EngineStartError(

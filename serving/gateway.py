@@ -18,6 +18,7 @@ inter-token time), and a fallback adds the teacher's time to first token on top.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import random
@@ -44,6 +45,7 @@ from stillhouse.serving.upstream import Engine, UpstreamClient, UpstreamFailure
 log = logging.getLogger("stillhouse.gateway")
 
 PATHS = {"chat": "/chat/completions", "completions": "/completions"}
+DRAIN_POLL_S = 0.05
 
 
 @dataclass
@@ -52,6 +54,9 @@ class AbState:
 
     share: float
     seed: str
+    # Shadow phase: the fraction of requests not assigned to the challenger that are also sent
+    # to it in the background (serving/mirror.py); not a split change, so not an AbChange.
+    mirror: float = 0.0
 
 
 @dataclass
@@ -134,6 +139,50 @@ class Gateway:
         user_hash = hashlib.sha256(key.encode()).hexdigest()[:16]
         return Trace(request_id, time.time(), self.clock(), self.assign(key), user_hash)
 
+    # --- engines (hot swap) ------------------------------------------------------------------
+
+    def swap_engine(self, role: str, engine: Engine) -> Engine | None:
+        """Route `role` to `engine` from now on and return the engine it replaces (None: the
+        role is new). One event loop, no await: atomic for every request; those already
+        running keep the Engine they picked (drain it before stopping its server)."""
+        old = self.engines.get(role)
+        self.engines[role] = engine
+        self.export_breaker(engine)
+        if role == "challenger" and old is None:
+            self._challenger_presence(True)
+        return old
+
+    def remove_engine(self, role: str) -> Engine | None:
+        """Stop routing to `role` (only the challenger may go); returns its engine, to drain."""
+        if role in ("teacher", "champion"):
+            raise ValueError(f"the gateway cannot run without a {role}")
+        old = self.engines.pop(role, None)
+        if old is not None:
+            with contextlib.suppress(KeyError):
+                self.metrics.circuit_state.remove(role)
+            if role == "challenger":
+                self._challenger_presence(False)
+        return old
+
+    async def drain(self, engine: Engine, timeout_s: float) -> bool:
+        """Wait until no request uses `engine` any more; False if some still do at the end."""
+        deadline = time.monotonic() + timeout_s
+        while engine.in_flight > 0:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(DRAIN_POLL_S)
+        return True
+
+    def _challenger_presence(self, present: bool) -> None:
+        # The share in force changes without an admin call: logged like one, so the A/B
+        # sample-ratio check knows which share applied to every request.
+        share = self.ab.share if present else 0.0
+        previous = 0.0 if present else self.ab.share
+        self.metrics.challenger_share.set(share)
+        self.writer.submit(
+            AbChange(time.time(), share, self.ab.seed, previous, self.ab.seed, "engine-watcher")
+        )
+
     # --- engine calls -----------------------------------------------------------------------
 
     def _remaining(self, trace: Trace) -> float:
@@ -163,6 +212,16 @@ class Gateway:
     ) -> Any:
         """Run `attempt(timeout)` against `engine` with bounded retries inside the deadline,
         under its circuit breaker. Raises the last `UpstreamFailure`."""
+        with engine.use():  # counted in flight: a hot swap drains the old engine on this
+            return await self._attempts(engine, trace, attempt, retry_timeouts)
+
+    async def _attempts(
+        self,
+        engine: Engine,
+        trace: Trace,
+        attempt: Callable[[float], Awaitable[Any]],
+        retry_timeouts: bool,
+    ) -> Any:
         tries = 1 + self.settings.fallback.retries
         last = UpstreamFailure("circuit_open", f"{engine.role} circuit is open")
         for _ in range(tries):
@@ -192,7 +251,10 @@ class Gateway:
 
     # --- decisions --------------------------------------------------------------------------
 
-    def low_confidence(self, tokens: list[TokenLogprobs] | None, trace: Trace) -> bool:
+    def low_confidence(
+        self, tokens: list[TokenLogprobs] | None, trace: Trace, threshold: float | None = None
+    ) -> bool:
+        """`threshold`: the serving version's calibrated one; None: the configured one."""
         conf = self.settings.confidence
         if not conf.enabled:
             return False
@@ -202,7 +264,7 @@ class Gateway:
         score = confidence(tokens[: conf.hold_tokens], conf.signal, conf.quantile)
         trace.confidence = score
         self.metrics.confidence.labels(trace.arm).observe(max(score, -1e9))
-        if is_low(score, conf.threshold):
+        if is_low(score, conf.threshold if threshold is None else threshold):
             trace.fallback_reason = "low_confidence"
             return True
         return False
@@ -237,7 +299,7 @@ class Gateway:
                 retry_timeouts=False,
             )
             tokens = responses.token_logprobs(data, request.endpoint)
-            if self.low_confidence(tokens, trace):
+            if self.low_confidence(tokens, trace, student.threshold):
                 trace.student_answer = responses.answer_text(data, request.endpoint)
                 trace.student_completion_tokens = responses.usage_counts(data)[1]
             else:

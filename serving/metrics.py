@@ -36,6 +36,7 @@ FALLBACK_REASONS = (
     "circuit_open",
     "no_logprobs",
 )
+MIRROR_OUTCOMES = ("ok", "error", "dropped")
 
 
 class GatewayMetrics:
@@ -98,6 +99,13 @@ class GatewayMetrics:
             "The share of users assigned to the challenger arm.",
             registry=r,
         )
+        self.engine_swaps = Counter(
+            "stillhouse_engine_swaps",
+            "Hot swaps of a role's engine (its registry alias moved), by role and outcome: "
+            "ok, start_failed, drain_timeout, removed.",
+            ["role", "outcome"],
+            registry=r,
+        )
         self.shadow_queue_depth = Gauge(
             "stillhouse_shadow_queue_depth",
             "Shadow-scoring jobs waiting for the teacher.",
@@ -133,5 +141,19 @@ class GatewayMetrics:
         self.traffic_log_committed = Counter(
             "stillhouse_traffic_log_records_committed", "Traffic-log records committed.", registry=r
         )
+        self.mirror_share = Gauge(
+            "stillhouse_challenger_mirror_share",
+            "The share of champion-arm requests also sent to the challenger (shadow phase).",
+            registry=r,
+        )
+        self.mirror_requests = Counter(
+            "stillhouse_mirror_requests",
+            "Requests mirrored to the challenger (no user sees them), by outcome: ok, error, "
+            "dropped (the mirror queue was full or the challenger's circuit open).",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in MIRROR_OUTCOMES:
+            self.mirror_requests.labels(outcome)
         for reason in FALLBACK_REASONS:
             self.fallbacks.labels(reason)

@@ -6,15 +6,19 @@
 Each role (teacher, champion, optional challenger) is a model directory or a registry
 reference such as `models:/stillhouse-student@champion` (downloaded once into the state dir's
 cache, then started as a vLLM server here), or the `base_url` of an engine already running.
-Ctrl-C or SIGTERM stops the gateway first (in-flight requests finish), then every engine.
+A role given as a registry alias is hot-swapped when the alias moves (`serving/watcher.py`;
+`GET /admin/engines` shows where each role stands). Ctrl-C or SIGTERM stops the gateway first
+(in-flight requests finish), then every engine.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import signal
 import socket
+import sys
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -24,11 +28,28 @@ import uvloop
 from aiohttp import web
 from rich.console import Console
 
+from stillhouse.common.calibration_tags import calibration_tags
 from stillhouse.common.config import EngineRef, Settings
-from stillhouse.common.errors import UsageError
-from stillhouse.common.registry import RegistryClient
-from stillhouse.serving.app import EngineEndpoint, build_app, load_keys
-from stillhouse.serving.engine import EngineSpec, VllmEngine, validate_model_dir
+from stillhouse.common.errors import StillhouseError, UsageError
+from stillhouse.common.registry import RegistryError, parse_ref
+from stillhouse.serving.admin_engines import install_watcher
+from stillhouse.serving.app import ENGINE_ROLES, GATEWAY, EngineEndpoint, build_app, load_keys
+from stillhouse.serving.engine import EngineSpec, validate_model_dir
+from stillhouse.serving.engine_pool import (
+    EnginePool,
+    ManagedEngine,
+    PoolKey,
+    pool_key,
+    vllm_factory,
+)
+from stillhouse.serving.watcher import (
+    MlflowRegistryView,
+    ModelWatcher,
+    RegistryView,
+    WatchedRole,
+)
+
+log = logging.getLogger("stillhouse.serve")
 
 
 @dataclass(frozen=True)
@@ -39,65 +60,149 @@ class ResolvedEngine:
     model_dir: Path | None = None  # start it here
     base_url: str | None = None  # or it is running already
     extra_args: tuple[str, ...] = ()
+    watch: str | None = None  # the registry alias this role follows (hot swap)
+    tags: Mapping[str, str] | None = None  # its registry version's tags; None: not a version
+    tags_ref: str | None = None  # the registry reference its tags are re-read from
+
+    @property
+    def pool_key(self) -> PoolKey:
+        return pool_key(self.ref, self.extra_args)
+
+
+def follows_alias(ref: EngineRef) -> bool:
+    """True for a model given as a registry alias (`models:/name@alias`): hot-swapped."""
+    return ref.model is not None and ref.model.startswith("models:/") and "@" in ref.model
 
 
 def resolve_engine(
-    role: str, ref: EngineRef, settings: Settings, registry: Callable[[], RegistryClient]
-) -> ResolvedEngine:
-    """A role's engine as something to start (a local directory) or to call (a URL)."""
+    role: str, ref: EngineRef, settings: Settings, registry: RegistryView
+) -> ResolvedEngine | None:
+    """A role's engine as something to start (a local directory) or to call (a URL). None for
+    a challenger whose alias is unset: the watcher adds it once the alias appears."""
     name = ref.served_name or role
     if ref.base_url is not None:
         label = ref.model_uri or ref.base_url
-        return ResolvedEngine(role, label, name, base_url=ref.base_url.rstrip("/"))
+        tags: dict[str, str] | None = None
+        tags_ref = None
+        if ref.model_uri is not None and ref.model_uri.startswith("models:/"):
+            tags_ref = ref.model_uri
+            try:
+                info = registry.lookup(ref.model_uri)
+                tags = dict(info.tags) if info is not None else None
+            except StillhouseError as exc:  # its threshold can wait for the registry
+                log.warning("cannot read %s's tags (the configured threshold applies): %s",
+                            ref.model_uri, exc)  # fmt: skip
+        return ResolvedEngine(role, label, name, base_url=ref.base_url.rstrip("/"), tags=tags,
+                              tags_ref=tags_ref)  # fmt: skip
     assert ref.model is not None
     if ref.model.startswith("models:/"):
-        client = registry()
-        info = client.resolve(ref.model)
-        model_dir = client.download(info.uri, settings.state_dir / "cache" / "models")
-        return ResolvedEngine(role, info.uri, name, model_dir, extra_args=ref.extra_args)
+        parsed = parse_ref(ref.model, settings.mlflow.registered_model)
+        info = registry.lookup(ref.model)
+        if info is None:
+            if role == "challenger":
+                return None
+            raise RegistryError(f"no version of {parsed.name} has alias '{parsed.alias}'")
+        model_dir = registry.download(info.uri)
+        watch = ref.model if parsed.alias is not None else None
+        return ResolvedEngine(
+            role, info.uri, name, model_dir, extra_args=ref.extra_args, watch=watch,
+            tags=dict(info.tags), tags_ref=None if watch else info.uri,
+        )  # fmt: skip
     path = Path(ref.model).expanduser()
     validate_model_dir(path)
     return ResolvedEngine(role, str(path.resolve()), name, path, extra_args=ref.extra_args)
 
 
-def resolve_engines(refs: Mapping[str, EngineRef], settings: Settings) -> dict[str, ResolvedEngine]:
+def resolve_engines(
+    refs: Mapping[str, EngineRef], settings: Settings, registry: RegistryView | None = None
+) -> dict[str, ResolvedEngine]:
+    """The engines to run now. A challenger that follows an alias is left out while the alias
+    is unset or names the champion's version (`serve` still follows it)."""
     missing = [role for role in ("teacher", "champion") if role not in refs]
     if missing:
         raise UsageError(f"no {missing[0]} engine configured (gateway.engines.{missing[0]})")
-    clients: list[RegistryClient] = []
+    view = registry if registry is not None else MlflowRegistryView(settings)
+    order = [r for r in ENGINE_ROLES if r in refs] + [r for r in refs if r not in ENGINE_ROLES]
+    resolved: dict[str, ResolvedEngine] = {}
+    for role in order:
+        engine = resolve_engine(role, refs[role], settings, view)
+        if engine is None:
+            continue
+        if role == "challenger" and engine.watch and engine.ref == resolved["champion"].ref:
+            continue
+        resolved[role] = engine
+    return resolved
 
-    def registry() -> RegistryClient:
-        if not clients:
-            clients.append(RegistryClient.from_settings(settings))
-        return clients[0]
 
-    return {role: resolve_engine(role, refs[role], settings, registry) for role in refs}
+def watched_roles(
+    engines: Mapping[str, ResolvedEngine], refs: Mapping[str, EngineRef]
+) -> list[WatchedRole]:
+    """The student roles as the model watcher sees them: what each follows and serves."""
+    roles: list[WatchedRole] = []
+    for role in ("champion", "challenger"):
+        engine = engines.get(role)
+        if engine is not None:
+            local = engine.model_dir is not None
+            roles.append(
+                WatchedRole(
+                    role,
+                    follow=engine.watch or engine.tags_ref,
+                    swappable=engine.watch is not None and local,
+                    served_name=engine.served_name,
+                    extra_args=engine.extra_args,
+                    serving=engine.ref,
+                    pool_key=engine.pool_key if local else None,
+                    tags=calibration_tags(engine.tags) if engine.tags is not None else None,
+                )
+            )
+        elif role in refs and follows_alias(refs[role]):
+            ref = refs[role]
+            roles.append(WatchedRole(role, ref.model, True, ref.served_name or role,
+                                     ref.extra_args))  # fmt: skip
+    return roles
 
 
 def start_engines(
-    engines: Mapping[str, ResolvedEngine], settings: Settings, stack: ExitStack, console: Console
+    engines: Mapping[str, ResolvedEngine],
+    settings: Settings,
+    stack: ExitStack,
+    console: Console,
+    pool: EnginePool | None = None,
 ) -> dict[str, EngineEndpoint]:
-    """Start every local engine at once (they boot in parallel), then wait for each."""
-    local: dict[str, VllmEngine] = {}
+    """Start every local engine at once (they boot in parallel), then wait for each. Roles
+    serving the same version share one server. The servers live in `pool` (its owner stops
+    them), or without one in a pool that `stack` closes."""
+    if pool is None:
+        pool = EnginePool(vllm_factory(settings))
+        stack.callback(pool.close)
+    launched: dict[PoolKey, tuple[str, ManagedEngine]] = {}
+    for role, engine in engines.items():
+        if engine.model_dir is not None and engine.pool_key not in launched:
+            spec = EngineSpec(engine.model_dir, engine.served_name, None, engine.extra_args)
+            launched[engine.pool_key] = (role, pool.launch(spec))
+    for key, (role, vllm) in launched.items():
+        with console.status(f"starting vLLM for the {role}; log: {vllm.log_path}"):
+            pool.finish(key, vllm, engines[role].served_name)
     endpoints: dict[str, EngineEndpoint] = {}
     for role, engine in engines.items():
         if engine.model_dir is None:
             assert engine.base_url is not None
             endpoints[role] = EngineEndpoint(engine.base_url, engine.served_name, engine.ref)
             continue
-        spec = EngineSpec(engine.model_dir, engine.served_name, None, engine.extra_args)
-        vllm = VllmEngine(spec, settings.engine, settings.logs_dir)
-        stack.callback(vllm.stop)
-        vllm.start()
-        local[role] = vllm
-    for role, vllm in local.items():
-        with console.status(f"starting vLLM for the {role}; log: {vllm.log_path}"):
-            vllm.wait_ready()
-        console.print(f"{role:<10} {engines[role].ref}  vLLM at {vllm.base_url}")
-        endpoints[role] = EngineEndpoint(
-            vllm.base_url, engines[role].served_name, engines[role].ref
-        )
+        entry = pool.attach(engine.pool_key)
+        console.print(f"{role:<10} {engine.ref}  vLLM at {entry.base_url}")
+        endpoints[role] = EngineEndpoint(entry.base_url, entry.served_name, engine.ref)
     return endpoints
+
+
+def log_to_stderr() -> None:
+    """Stillhouse's own log lines (swaps, thresholds, A/B changes) on stderr, once."""
+    logger = logging.getLogger("stillhouse")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -149,13 +254,25 @@ def serve(
     engines: Mapping[str, ResolvedEngine],
     environ: Mapping[str, str],
     console: Console,
+    refs: Mapping[str, EngineRef] | None = None,
 ) -> None:
+    """Run the engines and the gateway until Ctrl-C. `refs` (what `engines` were resolved
+    from) lets the model watcher follow a challenger alias that is unset right now."""
     # User mistakes in the gateway's own settings end here, before minutes of engine start-up.
     load_keys(settings, environ)
     check_port_free(settings.gateway.host, settings.gateway.port)
+    log_to_stderr()
     with ExitStack() as stack:
-        endpoints = start_engines(engines, settings, stack, console)
+        pool = EnginePool(vllm_factory(settings))
+        stack.callback(pool.close)  # after the gateway has stopped: engines last
+        endpoints = start_engines(engines, settings, stack, console, pool)
         app = build_app(settings, endpoints, environ)
+        roles = watched_roles(engines, refs or {})
+        for role in roles:
+            if role.serving is None:
+                console.print(f"{role.role:<10} follows {role.follow}: none yet")
+        watcher = ModelWatcher(app[GATEWAY], pool, MlflowRegistryView(settings), roles, settings)
+        install_watcher(app, watcher)
         gw = settings.gateway
 
         def ready(url: str) -> None:

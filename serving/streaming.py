@@ -153,10 +153,11 @@ async def stream_answer(
         try:
             body = gw.student_body(request, student, shadow)
             resp = await _open(gw, student, trace, body, path, retry=False)
+            student.in_flight += 1  # its stream is open: in flight until closed (hot swap)
             events = sse_events(resp)
             await _hold(gw, student, events, collected, trace, ep)
             tokens = collected.tokens if collected.saw_logprobs else None
-            if gw.low_confidence(tokens, trace):
+            if gw.low_confidence(tokens, trace, student.threshold):
                 trace.student_answer = "".join(responses.answer_text(e, ep) for e in collected.held)
                 # The held tokens; the stream is cut here, so that is what the student spent
                 # (give or take the few it generated before it saw the cancel).
@@ -166,7 +167,7 @@ async def stream_answer(
         if trace.fallback_reason is None:
             trace.served_by = trace.arm
             await sink.start(200, gw.route_headers(trace))
-            sent_ok = await _send_student(gw, request, trace, sink, events, collected)
+            sent_ok = await _send_student(gw, request, trace, sink, events, collected, student)
             if sent_ok and shadow:
                 gw.offer_shadow(
                     trace, collected.prompt_ids, collected.answer_ids, collected.tokens,
@@ -175,6 +176,7 @@ async def stream_answer(
             return sent_ok
     finally:
         if resp is not None:
+            student.in_flight -= 1
             resp.close()
     gw.metrics.fallbacks.labels(trace.fallback_reason).inc()
     return await _stream_teacher(gw, request, trace, sink, path)
@@ -187,6 +189,7 @@ async def _send_student(
     sink: StreamSink,
     events: Events,
     collected: StudentStream,
+    student: Engine,
 ) -> bool:
     for event in collected.held:
         await _forward(gw, request, trace, sink, event, added_logprobs=True)
@@ -195,7 +198,7 @@ async def _send_student(
     try:
         await _pipe(gw, request, trace, sink, events, collected, added_logprobs=True)
     except UpstreamFailure as failure:
-        gw.failed(gw.engines[trace.arm])
+        gw.failed(student)  # the engine it picked: routing may have moved on since
         await _break_off(trace, sink, failure)
         return False
     return True
@@ -214,6 +217,7 @@ async def _stream_teacher(
         ) from None
     trace.served_by = "teacher"
     trace.answer = ""
+    teacher.in_flight += 1  # its stream is open: in flight until closed
     try:
         await sink.start(200, gw.route_headers(trace))
         try:
@@ -224,6 +228,7 @@ async def _stream_teacher(
             return False
         return True
     finally:
+        teacher.in_flight -= 1
         resp.close()
 
 

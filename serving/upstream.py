@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,15 +28,31 @@ from stillhouse.serving.errors import UpstreamClientError
 JSON_HEADERS = {"content-type": "application/json"}
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a hot swap replaces one Engine object with another
 class Engine:
-    """One engine behind the gateway, by role (teacher, champion, challenger)."""
+    """One engine behind the gateway, by role (teacher, champion, challenger).
+
+    A hot swap puts a new Engine in the gateway's routing table; requests already running keep
+    the object they picked, and `in_flight` tells when the last of them is done with it.
+    """
 
     role: str
     base_url: str  # ends in /v1
     served_name: str
     ref: str  # what the traffic log records as the model (a registry version or a path)
     breaker: CircuitBreaker
+    threshold: float | None = None  # calibrated for this version; None: the configured one
+    threshold_source: str = "config"
+    in_flight: int = 0  # engine calls and open streams now using it
+
+    @contextmanager
+    def use(self) -> Iterator[Engine]:
+        """Count a request as using this engine for the block (failures and cancels too)."""
+        self.in_flight += 1
+        try:
+            yield self
+        finally:
+            self.in_flight -= 1
 
 
 class UpstreamFailure(Exception):

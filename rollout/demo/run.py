@@ -1,24 +1,27 @@
-"""`make demo`: the loop so far, on the demo world, from nothing to an A/B verdict and a report.
+"""`make demo`: one compressed weekly cycle on the demo world, from nothing to a promotion, a
+rollback, and a report.
 
     stillhouse demo run
 
 1. Build the demo world (corpus, tokenizer, teacher; cached) and score the teacher on vLLM.
-2. Distill two students from it and register them: last week's (champion) and this week's
-   (challenger). Cached in the registry: a second run trains nothing.
-3. Serve teacher, champion and challenger on vLLM behind the gateway (`stillhouse serve` as a
-   child process), with a share of users on the challenger and every student answer scored by
-   the teacher in the shadow path.
-4. Drive synthetic tickets from many users through the gateway with the `openai` client.
-5. Evaluate that traffic: check the judge on labelled pairs, judge a sample of each arm,
-   compute divergence and drift, and the A/B statistics and verdict.
-6. Write the HTML report (and log everything to MLflow).
+2. Distill the students and register them: last week's (champion), this week's (challenger)
+   and a degraded one (shuffled answers). Cached in the registry: a second run trains nothing.
+3. Serve: the teacher on vLLM, and the gateway (`stillhouse serve` as a child process) with the
+   students given as registry aliases, so it starts them itself and hot-swaps on a move.
+   Calibrate the champion's fallback threshold.
+4. The rollout: steady ticket traffic while the controller walks this week's student through
+   calibrate → shadow → ramp → promote (the champion hot-swaps under load), then the degraded
+   student as next week's challenger, which it must roll back.
+5. Evaluation: check the judge on labelled pairs.
+6. Write the HTML report (and everything is in MLflow).
 
 Every engine and the gateway are stopped at the end, whatever happens.
 """
 
 from __future__ import annotations
 
-import asyncio
+import json
+import secrets
 import time
 from contextlib import ExitStack
 from datetime import UTC, datetime
@@ -26,22 +29,27 @@ from datetime import UTC, datetime
 from rich.console import Console
 
 from stillhouse.common.config import EngineRef, Settings
+from stillhouse.common.registry import RegistryClient
 from stillhouse.common.tracking import RunTracker
 from stillhouse.eval.judge import judge_engine_args
 from stillhouse.eval.judge_job import make_template
 from stillhouse.rollout import eval_jobs
+from stillhouse.rollout.controller_runtime import calibration_prompts, engine_of
+from stillhouse.rollout.demo import cycle
 from stillhouse.rollout.demo.build import DemoWorld, build_demo_world, ensure_teacher_evaluated
-from stillhouse.rollout.demo.gateway_process import GatewayProcess, engine_overrides
+from stillhouse.rollout.demo.gateway_process import GatewayProcess
 from stillhouse.rollout.demo.judge_check import AGREEMENT_BAR, check_judge
 from stillhouse.rollout.demo.report import print_build_summary
 from stillhouse.rollout.demo.students import ensure_demo_students
-from stillhouse.rollout.demo.traffic import drive_tickets
+from stillhouse.rollout.demo.traffic import TrafficLoop
+from stillhouse.rollout.gateway_admin import GatewayAdmin
 from stillhouse.serving.serve import resolve_engines, start_engines
 
 STEPS = 6
-CHALLENGER_SHARE = 0.3
-SHADOW_FRACTION = 1.0  # every student answer: the drift detector needs the records
+SHADOW_FRACTION = 1.0  # every student answer: the drift detector and the gates need records
 CONCURRENCY = 8
+N_USERS = 400  # enough users that a 5 % step holds about twenty of them
+GATEWAY_START_S = 1200.0  # the gateway starts both students' vLLM servers itself
 
 
 def _step(console: Console, n: int, title: str) -> None:
@@ -53,62 +61,81 @@ def demo_tickets(world: DemoWorld) -> list:
     return world.split("test") + world.split("val")
 
 
+def gateway_env(settings: Settings, teacher_url: str, admin_key: str) -> dict[str, str]:
+    name = settings.mlflow.registered_model
+
+    def follow(alias: str) -> str:
+        return json.dumps({"model": f"models:/{name}@{alias}", "served_name": alias})
+
+    return {
+        "STILLHOUSE_GATEWAY__ENGINES__TEACHER": json.dumps(
+            {"base_url": teacher_url, "served_name": "teacher"}
+        ),
+        "STILLHOUSE_GATEWAY__ENGINES__CHAMPION": follow("champion"),
+        "STILLHOUSE_GATEWAY__ENGINES__CHALLENGER": follow("challenger"),
+        "STILLHOUSE_GATEWAY__AB__CHALLENGER_SHARE": "0",  # the controller ramps it
+        "STILLHOUSE_GATEWAY__SHADOW__FRACTION": str(SHADOW_FRACTION),
+        "STILLHOUSE_GATEWAY__WATCH_INTERVAL_S": "5",
+        "STILLHOUSE_STATE_DIR": str(settings.state_dir),
+        settings.gateway.admin_key_env: admin_key,
+    }
+
+
 def run_demo(settings: Settings, console: Console) -> DemoWorld:
     started = time.monotonic()
+    settings = cycle.demo_rollout_settings(settings)
     _step(console, 1, "the demo world")
     world = build_demo_world(settings, console=console)
     ensure_teacher_evaluated(world, settings, console)
     print_build_summary(world, console)
 
-    _step(console, 2, "students: last week's (champion) and this week's (challenger)")
+    _step(console, 2, "students: last week's, this week's, and a degraded one")
     students = ensure_demo_students(settings, console)
+    cycle.reset_controller(settings)
 
-    _step(console, 3, "serving: teacher, champion and challenger behind the gateway")
-    refs = {
-        # The teacher also judges once traffic stops, with what its judge template needs.
-        "teacher": EngineRef(
-            model=str(world.teacher_dir),
-            served_name="teacher",
-            extra_args=judge_engine_args(make_template(settings)),
-        ),
-        "champion": EngineRef(model=students.champion.uri, served_name="champion"),
-        "challenger": EngineRef(model=students.challenger.uri, served_name="challenger"),
-    }
-    engines = resolve_engines(refs, settings)
+    _step(console, 3, "serving: the teacher, and the gateway following the student aliases")
+    # The teacher also judges, with what its judge template needs.
+    teacher_ref = EngineRef(
+        model=str(world.teacher_dir),
+        served_name="teacher",
+        extra_args=judge_engine_args(make_template(settings)),
+    )
+    engines = resolve_engines({"teacher": teacher_ref}, settings)
     with ExitStack() as stack:
-        endpoints = start_engines(engines, settings, stack, console)
-        env = {
-            **engine_overrides(engines, {r: e.base_url for r, e in endpoints.items()}),
-            "STILLHOUSE_GATEWAY__AB__CHALLENGER_SHARE": str(CHALLENGER_SHARE),
-            "STILLHOUSE_GATEWAY__SHADOW__FRACTION": str(SHADOW_FRACTION),
-            "STILLHOUSE_STATE_DIR": str(settings.state_dir),
-        }
-        gateway = GatewayProcess(env, settings.logs_dir / "demo-gateway.log")
+        teacher_url = start_engines(engines, settings, stack, console)["teacher"].base_url
+        admin_key = secrets.token_urlsafe(24)
+        gateway = GatewayProcess(
+            gateway_env(settings, teacher_url, admin_key), settings.logs_dir / "demo-gateway.log"
+        )
         stack.callback(gateway.stop)
-        with console.status("starting the gateway"):
-            gateway.start()
-        console.print(
-            f"gateway at {gateway.url}/v1: {CHALLENGER_SHARE:.0%} of users on the challenger, "
-            f"{SHADOW_FRACTION:.0%} of student answers shadow-scored by the teacher; "
-            f"traffic log {settings.traffic_log_path}"
+        with console.status("starting the gateway and the students' vLLM servers"):
+            gateway.start(timeout_s=GATEWAY_START_S)
+        admin = GatewayAdmin(gateway.url, admin_key)
+        stack.callback(admin.close)
+        settings = settings.model_copy(
+            update={
+                "rollout": settings.rollout.model_copy(
+                    update={
+                        "controller": settings.rollout.controller.model_copy(
+                            update={"gateway_url": gateway.url}
+                        )
+                    }
+                )
+            }
         )
+        console.print(
+            f"gateway at {gateway.url}/v1 (log {gateway.log_path}); challenger share 0 until "
+            f"the controller ramps it; traffic log {settings.traffic_log_path}"
+        )
+        _calibrate_champion(settings, admin, students.champion.version, console)
 
-        _step(console, 4, "traffic")
-        tickets = demo_tickets(world)
+        _step(console, 4, "the rollout: calibrate, shadow, ramp, promote or roll back")
         window_start = datetime.now(UTC)
-        tally = _drive(gateway.url, tickets, console)
-        console.print(
-            f"{tally.sent} tickets in {tally.seconds:.0f} s ({tally.sent / tally.seconds:.1f}/s), "
-            f"{tally.failed} failed; arms: {dict(tally.by_arm)}; served by: "
-            f"{dict(tally.by_served)}; fallbacks: {dict(tally.fallbacks) or 'none'}"
-        )
-        for error in tally.errors:
-            console.print(f"  failed request: {error}", markup=False)
-        gateway.stop()  # flushes the traffic log; the teacher keeps running to judge
+        _rollout(settings, admin, gateway.url, world, students, console)
         since = window_start.isoformat()
 
-        _step(console, 5, "evaluation: judge, divergence and drift, A/B")
-        teacher_url = endpoints["teacher"].base_url
+        _step(console, 5, "evaluation: the judge on labelled pairs")
+        gateway.stop()  # flushes the traffic log; the teacher keeps running to judge
         check = check_judge(settings, world, teacher_url)
         verdict = "meets" if (check.agreement_non_tie or 0) >= AGREEMENT_BAR else "misses"
         console.print(
@@ -120,32 +147,86 @@ def run_demo(settings: Settings, console: Console) -> DemoWorld:
             f"{check.stats.unparseable} unparseable"
         )
         _log_judge_check(settings, check)
-        endpoints_for_judge = eval_jobs.JudgeEndpoints(teacher_url, teacher_url, "teacher")
-        eval_jobs.run_judge(settings, console, since=since, endpoints=endpoints_for_judge)
-        eval_jobs.run_drift(settings, console, since=since)
-        eval_jobs.run_ab(settings, console, since=since)
 
         _step(console, 6, "report")
         path = eval_jobs.run_report(settings, console, since=since)
     console.print(f"report: [bold]{path}[/]")
     console.print(
         f"demo done in {time.monotonic() - started:.0f} s; every engine and the gateway are "
-        "stopped. Next: `stillhouse ab --since 1h`, `stillhouse report`, or `stillhouse serve`."
+        "stopped. Next: `stillhouse registry list`, `stillhouse report`, or `stillhouse up`."
     )
     return world
 
 
-def _drive(url: str, tickets: list, console: Console):
-    from stillhouse.common.progress import progress_bar
+def _calibrate_champion(settings: Settings, admin: GatewayAdmin, version: int, console) -> None:
+    from stillhouse.rollout.calibrate_job import calibrate_version, read_calibration
 
-    with progress_bar(console) as progress:
-        task = progress.add_task("tickets", total=len(tickets), info="")
-        return asyncio.run(
-            drive_tickets(
-                f"{url}/v1", "unused", "stillhouse", tickets, concurrency=CONCURRENCY,
-                on_done=lambda n: progress.update(task, completed=n),
-            )
+    registry = RegistryClient.from_settings(settings)
+    info = registry.resolve(f"models:/{registry.registered_model}/{version}")
+    found, _ = read_calibration(info.tags, settings.gateway.confidence)
+    if found is None:
+        engines = admin.engines()
+        champion, teacher = engine_of(engines, "champion"), engine_of(engines, "teacher")
+        assert champion is not None and teacher is not None
+        prompts, test_prompts = calibration_prompts(settings)
+        console.print(f"calibrating the champion (version {version}) on {len(prompts)} prompts")
+        calibrate_version(
+            settings, version,
+            student_url=champion["base_url"], student_name=champion["served_name"],
+            teacher_url=teacher["base_url"], teacher_name=teacher["served_name"],
+            prompts=prompts, test_prompts=test_prompts, console=console,
         )  # fmt: skip
+        admin.refresh()
+    else:
+        console.print(
+            f"the champion (version {version}) is calibrated: threshold {found.threshold:.4f}, "
+            f"student share {found.student_share:.0%} on {found.n} held-out prompts"
+        )
+
+
+def _rollout(settings, admin, url, world, students, console) -> None:
+    name = settings.mlflow.registered_model
+    registry = RegistryClient.from_settings(settings)
+
+    def say(line: str) -> None:
+        console.print(line, markup=False, highlight=False)
+
+    traffic = TrafficLoop(f"{url}/v1", demo_tickets(world), n_users=N_USERS,
+                          concurrency=CONCURRENCY)  # fmt: skip
+    controller = cycle.ControllerThread(settings, admin, say)
+    traffic.start()
+    controller.start()
+    try:
+        good = students.challenger.version
+        say(f"traffic: {N_USERS} users, {CONCURRENCY} at a time; challenger: version {good}")
+        first = cycle.wait_for_decision(controller, good)
+        cycle.print_outcome(first, console)
+        if first.phase == "promoted":
+            swap_started = time.time()
+            champion = cycle.wait_for_champion(admin, f"models:/{name}/{good}")
+            swap_ended = time.time()
+            sent, failed = cycle.failed_during(settings, swap_started - 5, swap_ended + 5)
+            say(
+                f"hot swap: the gateway now serves version {good} as the champion "
+                f"(threshold {champion.get('threshold')}); {sent} requests around the swap, "
+                f"{failed} failed"
+            )
+        bad = students.degraded.version
+        say(f"next week: the re-distillation registers version {bad} (shuffled answers) "
+            "as the challenger")  # fmt: skip
+        registry.set_alias("challenger", bad)
+        admin.refresh()
+        second = cycle.wait_for_decision(controller, bad)
+        cycle.print_outcome(second, console)
+    finally:
+        controller.stop()
+        tally = traffic.stop()
+    say(
+        f"traffic: {tally.sent} tickets, {tally.failed} failed; arms {dict(tally.by_arm)}; "
+        f"served by {dict(tally.by_served)}"
+    )
+    for error in tally.errors:
+        say(f"  failed request: {error}")
 
 
 def _pct(x: float | None) -> str:

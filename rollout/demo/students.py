@@ -1,4 +1,5 @@
-"""The demo's two students: last week's (the champion) and this week's (the challenger).
+"""The demo's students: last week's (the champion), this week's (the challenger), and a
+deliberately degraded one (trained on shuffled answers) for the rollout to catch.
 
 Both are real re-distillations of the demo teacher, registered in MLflow. Last week's had a
 smaller budget (fewer prompts and epochs), so the A/B test has a real difference to find. Each
@@ -6,8 +7,9 @@ run is skipped when the registry already holds a version with the same data and 
 re-distillation's own duplicate check), so a second `make demo` trains nothing.
 
 The demo then points the aliases at them: `champion` at last week's student, `challenger` at
-this week's. Moving `champion` is a promotion, which the rollout controller will own; here it
-only sets up the demo's starting point and says so.
+this week's, and drops `previous-champion`: the starting point of the rollout cycle, said so
+in one line. From there on only the rollout controller moves aliases. The degraded student is
+registered without an alias; the demo makes it the challenger for the second cycle.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ LAST_WEEK_EPOCHS = 2
 class DemoStudents:
     champion: VersionInfo
     challenger: VersionInfo
+    degraded: VersionInfo
 
 
 def last_week_settings(settings: Settings) -> Settings:
@@ -54,9 +57,24 @@ def this_week_settings(settings: Settings) -> Settings:
     return settings.model_copy(update={"redistill": rs.model_copy(update={"sft_baseline": False})})
 
 
-def _distill(settings: Settings, console: Console, label: str) -> VersionInfo:
+def degraded_settings(settings: Settings) -> Settings:
+    """Last week's budget, trained on shuffled answers: a challenger the gates must stop."""
+    base = last_week_settings(settings)
+    rs = base.redistill
+    return base.model_copy(
+        update={
+            "redistill": rs.model_copy(
+                update={"data": rs.data.model_copy(update={"shuffle_targets": True})}
+            )
+        }
+    )
+
+
+def _distill(
+    settings: Settings, console: Console, label: str, alias: str | None = "challenger"
+) -> VersionInfo:
     console.print(f"[bold]{label}[/]")
-    outcome = redistill(settings, console)
+    outcome = redistill(settings, console, alias=alias)
     if outcome.version is None:
         assert outcome.duplicate_of is not None
         return outcome.duplicate_of
@@ -69,14 +87,21 @@ def ensure_demo_students(settings: Settings, console: Console) -> DemoStudents:
         last_week_settings(settings), console, "last week's student (smaller budget)"
     )
     this_week = _distill(this_week_settings(settings), console, "this week's student")
+    degraded = _distill(
+        degraded_settings(settings), console, "a degraded student (shuffled answers)", alias=None
+    )
     registry = RegistryClient.from_settings(settings)
     registry.set_alias("champion", last_week.version)
     registry.set_alias("challenger", this_week.version)
+    registry.delete_alias("previous-champion")
     name = settings.mlflow.registered_model
     console.print(
         f"demo set-up: {name}@champion -> version {last_week.version} (last week's), "
-        f"@challenger -> version {this_week.version} (this week's)"
+        f"@challenger -> version {this_week.version} (this week's); the degraded student is "
+        f"version {degraded.version}"
     )
     return DemoStudents(
-        registry.resolve(f"models:/{name}@champion"), registry.resolve(f"models:/{name}@challenger")
+        registry.resolve(f"models:/{name}@champion"),
+        registry.resolve(f"models:/{name}@challenger"),
+        registry.resolve(f"models:/{name}/{degraded.version}"),
     )

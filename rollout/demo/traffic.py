@@ -71,8 +71,11 @@ async def drive_tickets(
     n_users: int = 150,
     concurrency: int = 8,
     on_done: Callable[[int], None] | None = None,
+    first_index: int = 0,
+    stop: Callable[[], bool] | None = None,
 ) -> TrafficTally:
-    """Send every ticket once; ticket i comes from user `demo-user-(i mod n_users)`."""
+    """Send every ticket once (or until `stop()`); ticket i comes from user
+    `demo-user-((first_index + i) mod n_users)`."""
     tally = TrafficTally()
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -82,9 +85,10 @@ async def drive_tickets(
     async with AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=120) as c:
 
         async def worker() -> None:
-            while not queue.empty():
+            while not queue.empty() and not (stop is not None and stop()):
                 i, ticket = queue.get_nowait()
-                await _one(c, model, ticket, f"demo-user-{i % n_users}", i % 2 == 1, tally)
+                user = f"demo-user-{(first_index + i) % n_users}"
+                await _one(c, model, ticket, user, i % 2 == 1, tally)
                 tally.sent += 1
                 if on_done is not None:
                     on_done(tally.sent)
@@ -92,3 +96,53 @@ async def drive_tickets(
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     tally.seconds = loop.time() - started
     return tally
+
+
+class TrafficLoop:
+    """Tickets sent round and round in a background thread until `stop()`: the steady traffic
+    a rollout needs while the controller walks the challenger through its steps."""
+
+    def __init__(
+        self, base_url: str, tickets: Sequence[Ticket], *, n_users: int, concurrency: int
+    ) -> None:
+        import threading
+
+        self.base_url = base_url
+        self.tickets = list(tickets)
+        self.n_users = n_users
+        self.concurrency = concurrency
+        self.total = TrafficTally()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="demo-traffic", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> TrafficTally:
+        self._stop.set()
+        self._thread.join(timeout=180)
+        return self.total
+
+    def _run(self) -> None:
+        sent, chunk = 0, 200
+        while not self._stop.is_set():
+            start = sent % len(self.tickets)
+            part = self.tickets[start : start + chunk]
+            tally = asyncio.run(
+                drive_tickets(
+                    self.base_url, "unused", "stillhouse", part, n_users=self.n_users,
+                    concurrency=self.concurrency, first_index=sent, stop=self._stop.is_set,
+                )
+            )  # fmt: skip
+            sent += len(part)
+            self._merge(tally)
+
+    def _merge(self, tally: TrafficTally) -> None:
+        t = self.total
+        t.sent += tally.sent
+        t.failed += tally.failed
+        t.seconds += tally.seconds
+        t.by_arm.update(tally.by_arm)
+        t.by_served.update(tally.by_served)
+        t.fallbacks.update(tally.fallbacks)
+        t.errors.extend(tally.errors[: max(0, 3 - len(t.errors))])

@@ -1,0 +1,270 @@
+"""Promotion and rollback in the MLflow registry, with the audit trail the registry lacks.
+
+    stillhouse promote 7        # admin: version 7 becomes `champion`
+    stillhouse rollback         # admin: `champion` goes back to `previous-champion`
+
+MLflow keeps no alias history, so every move is recorded twice: as tags on the version
+(`stillhouse.promotion.*`, `stillhouse.rollback.*`, `stillhouse.rollout.*`) and as one MLflow
+run (`promote-v7`, `rollback-v7`, `rollout-rollback-v7`) whose params say who moved what and why
+and whose metrics are the gate numbers behind the decision.
+
+Every function is safe to run again after a crash part-way (the controller re-executes journaled
+actions): aliases move first, then the run is logged, then the tags, the timestamp tag last, so
+a version whose timestamp tag matches is completely recorded and a repeat is a no-op.
+"""
+
+from __future__ import annotations
+
+import getpass
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from stillhouse.common.errors import StillhouseError
+from stillhouse.common.registry import RegistryClient, VersionInfo
+from stillhouse.common.tracking import MAX_PARAM_VALUE, RunTracker
+
+CHAMPION = "champion"
+PREVIOUS = "previous-champion"
+CHALLENGER = "challenger"
+MAX_TAG_VALUE = 5000  # MLflow's limit on a model-version tag value (reasons are cut to fit)
+
+
+class PromotionError(StillhouseError):
+    """A promotion or rollback cannot be done as asked; one line says why."""
+
+
+@dataclass(frozen=True)
+class PromotionRecord:
+    """What a promotion or rollback did (or found already done: `already`)."""
+
+    action: str  # "promote" | "rollback" | "challenger-rollback"
+    version: int  # the new champion, the demoted champion, or the rolled-back challenger
+    from_version: int | None  # the champion it replaced / the one restored / None
+    actor: str
+    reason: str
+    at: datetime
+    metrics: dict[str, float] = field(default_factory=dict, hash=False)
+    run_id: str | None = None
+    already: bool = False
+
+    def summary_line(self) -> str:
+        done = " (already recorded; nothing changed)" if self.already else ""
+        frm = "none" if self.from_version is None else f"v{self.from_version}"
+        if self.action == "promote":
+            what = f"v{self.version} is champion (was {frm})"
+        elif self.action == "rollback":
+            what = f"champion rolled back from v{self.version} to {frm}"
+        else:
+            what = f"challenger v{self.version} rolled back (aliases untouched)"
+        return f"{what} by {self.actor}: {self.reason}{done}"
+
+
+def admin_actor(user: str | None = None) -> str:
+    """The `by` of a change made by hand: `admin:<login>`."""
+    return f"admin:{user or getpass.getuser()}"
+
+
+def controller_actor(step: str) -> str:
+    """The `by` of a controller decision: `controller:ramp-4/4`."""
+    return f"controller:{step}"
+
+
+def _when(at: datetime | float | None) -> datetime:
+    if at is None:
+        return datetime.now(UTC)
+    if isinstance(at, datetime):
+        return at.astimezone(UTC)
+    return datetime.fromtimestamp(at, UTC)
+
+
+def _iso(t: datetime) -> str:
+    return t.isoformat(timespec="milliseconds")
+
+
+def _key(name: str) -> str:
+    # Gate names come from another module; MLflow keys allow only these characters.
+    return re.sub(r"[^\w.\-/ ]", "_", name)
+
+
+def _clip(text: str, limit: int = MAX_TAG_VALUE) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _int_tag(info: VersionInfo, key: str) -> int | None:
+    value = info.tags.get(key, "")
+    return int(value) if value.isdigit() else None
+
+
+def _log_run(
+    tracker: RunTracker,
+    name: str,
+    job: str,
+    version: int,
+    params: Mapping[str, str],
+    metrics: Mapping[str, float],
+) -> str:
+    tags = {"stillhouse.job": job, "stillhouse.version": str(version)}
+    with tracker.run(name, tags) as run:
+        run.log_params({k: _clip(v, MAX_PARAM_VALUE) for k, v in params.items()})
+        if metrics:
+            run.log_metrics({_key(k): v for k, v in metrics.items()})
+        return run.run_id
+
+
+def _gate_tags(prefix: str, metrics: Mapping[str, float]) -> dict[str, str]:
+    return {f"{prefix}.gate.{_key(k)}": f"{v:.6g}" for k, v in metrics.items()}
+
+
+def promote(
+    registry: RegistryClient,
+    tracker: RunTracker,
+    version: int,
+    *,
+    actor: str,
+    reason: str,
+    metrics: Mapping[str, float] | None = None,
+    at: datetime | float | None = None,
+) -> PromotionRecord:
+    """Make `version` the champion: `previous-champion` → the old champion (if any, and not
+    `version`), `champion` → `version`, and `challenger` dropped if it pointed at `version` (a
+    different challenger keeps its alias: its own rollout is not this decision). Records tags
+    `stillhouse.promotion.{at,by,from_version,reason,run_id,gate.*}` and
+    `stillhouse.rollout.outcome=promoted` on the version, and an MLflow run `promote-v{version}`.
+    A version already champion with a promotion record is a no-op (`already=True`)."""
+    when, gates = _when(at), dict(metrics or {})
+    info = registry.resolve(str(version))  # a missing version fails here, before any change
+    champion = registry.get_alias(CHAMPION)
+    if champion is not None and champion.version == version:
+        if info.tags.get("stillhouse.promotion.at"):
+            return PromotionRecord(
+                "promote",
+                version,
+                _int_tag(info, "stillhouse.promotion.from_version"),
+                info.tags.get("stillhouse.promotion.by", actor),
+                info.tags.get("stillhouse.promotion.reason", reason),
+                datetime.fromisoformat(info.tags["stillhouse.promotion.at"]),
+                gates,
+                info.tags.get("stillhouse.promotion.run_id"),
+                already=True,
+            )
+        # The aliases moved but the record was not finished (a crash), or someone set the alias
+        # by hand: previous-champion, set before champion moved, still names the one replaced.
+        previous = registry.get_alias(PREVIOUS)
+        from_version = previous.version if previous and previous.version != version else None
+    else:
+        from_version = champion.version if champion is not None else None
+        if from_version is not None:
+            registry.set_alias(PREVIOUS, from_version)  # before champion moves: see above
+        registry.set_alias(CHAMPION, version)
+    challenger = registry.get_alias(CHALLENGER)
+    if challenger is not None and challenger.version == version:
+        registry.delete_alias(CHALLENGER)
+    frm = "none" if from_version is None else str(from_version)
+    params = {"from_version": frm, "to_version": str(version), "actor": actor, "reason": reason}
+    run_id = _log_run(tracker, f"promote-v{version}", "promotion", version, params, gates)
+    tags = {
+        "stillhouse.promotion.by": actor,
+        "stillhouse.promotion.from_version": frm,
+        "stillhouse.promotion.reason": _clip(reason),
+        "stillhouse.promotion.run_id": run_id,
+        **_gate_tags("stillhouse.promotion", gates),
+        "stillhouse.rollout.outcome": "promoted",
+        "stillhouse.rollout.reason": _clip(reason),
+        "stillhouse.rollout.by": actor,
+        "stillhouse.rollout.at": _iso(when),
+        "stillhouse.promotion.at": _iso(when),  # last: its presence means "fully recorded"
+    }
+    registry.set_version_tags(version, tags)
+    return PromotionRecord("promote", version, from_version, actor, reason, when, gates, run_id)
+
+
+def rollback_champion(
+    registry: RegistryClient,
+    tracker: RunTracker,
+    *,
+    actor: str,
+    reason: str,
+    at: datetime | float | None = None,
+) -> PromotionRecord:
+    """Point `champion` back at `previous-champion`'s version and drop `previous-champion` (one
+    step back per promotion). Tags `stillhouse.rollback.{at,by,reason,to_version,run_id}` on the
+    demoted version; MLflow run `rollback-v{demoted}`. Raises PromotionError (one line) when
+    there is nothing to go back to."""
+    when = _when(at)
+    champion = registry.get_alias(CHAMPION)
+    if champion is None:
+        raise PromotionError("nothing to roll back: no version holds the `champion` alias")
+    previous = registry.get_alias(PREVIOUS)
+    if previous is None:
+        raise PromotionError(
+            f"cannot roll back champion v{champion.version}: no version holds "
+            "`previous-champion` (none was replaced since the last promotion or rollback)"
+        )
+    if previous.version == champion.version:
+        raise PromotionError(
+            f"cannot roll back: `previous-champion` is v{previous.version}, the champion itself"
+        )
+    demoted, restored = champion.version, previous.version
+    registry.set_alias(CHAMPION, restored)
+    registry.delete_alias(PREVIOUS)
+    params = {
+        "from_version": str(demoted),
+        "to_version": str(restored),
+        "actor": actor,
+        "reason": reason,
+    }
+    run_id = _log_run(tracker, f"rollback-v{demoted}", "rollback", demoted, params, {})
+    registry.set_version_tags(
+        demoted,
+        {
+            "stillhouse.rollback.by": actor,
+            "stillhouse.rollback.reason": _clip(reason),
+            "stillhouse.rollback.to_version": str(restored),
+            "stillhouse.rollback.run_id": run_id,
+            "stillhouse.rollback.at": _iso(when),
+        },
+    )
+    return PromotionRecord("rollback", demoted, restored, actor, reason, when, {}, run_id)
+
+
+def record_challenger_rollback(
+    registry: RegistryClient,
+    tracker: RunTracker,
+    version: int,
+    *,
+    actor: str,
+    reason: str,
+    metrics: Mapping[str, float] | None = None,
+    at: datetime | float | None = None,
+) -> PromotionRecord:
+    """Record that the challenger `version` was rolled back during its rollout. Aliases are not
+    touched (the controller already set its share to 0; the alias says which version was tried
+    and keeps it from being tried again). Tags `stillhouse.rollout.{outcome=rolled_back,reason,
+    at,by,run_id,gate.*}`; MLflow run `rollout-rollback-v{version}`. With `at` given, a version
+    already carrying this exact record is a no-op (`already=True`)."""
+    when, gates = _when(at), dict(metrics or {})
+    info = registry.resolve(str(version))
+    if (
+        at is not None
+        and info.tags.get("stillhouse.rollout.outcome") == "rolled_back"
+        and info.tags.get("stillhouse.rollout.at") == _iso(when)
+    ):
+        run_id = info.tags.get("stillhouse.rollout.run_id")
+        return PromotionRecord(
+            "challenger-rollback", version, None, actor, reason, when, gates, run_id, True
+        )
+    params = {"version": str(version), "actor": actor, "reason": reason}
+    name = f"rollout-rollback-v{version}"
+    run_id = _log_run(tracker, name, "rollout-rollback", version, params, gates)
+    tags = {
+        "stillhouse.rollout.reason": _clip(reason),
+        "stillhouse.rollout.by": actor,
+        "stillhouse.rollout.run_id": run_id,
+        **_gate_tags("stillhouse.rollout", gates),
+        "stillhouse.rollout.outcome": "rolled_back",
+        "stillhouse.rollout.at": _iso(when),  # last: its presence means "fully recorded"
+    }
+    registry.set_version_tags(version, tags)
+    return PromotionRecord("challenger-rollback", version, None, actor, reason, when, gates, run_id)
