@@ -77,6 +77,7 @@ def gateway_env(settings: Settings, teacher_url: str, admin_key: str) -> dict[st
         "STILLHOUSE_GATEWAY__SHADOW__FRACTION": str(SHADOW_FRACTION),
         "STILLHOUSE_GATEWAY__WATCH_INTERVAL_S": "5",
         "STILLHOUSE_STATE_DIR": str(settings.state_dir),
+        "STILLHOUSE_ENGINE__CPU_OMP_THREADS_BIND": settings.engine.cpu_omp_threads_bind,
         settings.gateway.admin_key_env: admin_key,
     }
 
@@ -84,6 +85,12 @@ def gateway_env(settings: Settings, teacher_url: str, admin_key: str) -> dict[st
 def run_demo(settings: Settings, console: Console) -> DemoWorld:
     started = time.monotonic()
     settings = cycle.demo_rollout_settings(settings)
+    # Up to four vLLM servers share two cores, and one starts while the others serve: vLLM's
+    # "auto" binding pins every server's worker to core 0, where a busy one starves a starting
+    # one (measured: 9 ms of CPU in 6 minutes). Unbound, the OS shares the cores.
+    settings = settings.model_copy(
+        update={"engine": settings.engine.model_copy(update={"cpu_omp_threads_bind": "nobind"})}
+    )
     _step(console, 1, "the demo world")
     world = build_demo_world(settings, console=console)
     ensure_teacher_evaluated(world, settings, console)
