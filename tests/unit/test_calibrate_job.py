@@ -188,7 +188,8 @@ def test_the_threshold_is_ltt_on_scores_taken_exactly_as_the_gateway_scores(matc
     _, outcome = matched
     scores, bad = expected_labels(0, N_CAL)
     # Scored over the first 8 tokens only: with the -6.0 tail the threshold would be near -2.
-    assert outcome.result == ltt_threshold(scores, bad, epsilon=0.1, delta=0.1)
+    start = Settings().rollout.calibration.start_errors
+    assert outcome.result == ltt_threshold(scores, bad, epsilon=0.1, delta=0.1, start_errors=start)
     assert outcome.result.certified
     assert -0.7 < outcome.result.threshold < -0.5
     assert outcome.dropped == {}
@@ -270,7 +271,8 @@ def test_judge_mode_labels_with_the_judge_and_never_asks_the_teacher(world):
     outcome = run(world, settings, 2, test=False)
     assert len(world.teacher.requests) == before
     scores, bad = expected_labels(0, N_CAL)  # the fake judge gives 5 only to GOOD answers
-    assert outcome.result == ltt_threshold(scores, bad, epsilon=0.1, delta=0.1)
+    start = Settings().rollout.calibration.start_errors
+    assert outcome.result == ltt_threshold(scores, bad, epsilon=0.1, delta=0.1, start_errors=start)
     assert outcome.test_share is None
     assert job.TAG_PREFIX + "test_share" not in world.registry.resolve("2").tags
 
