@@ -28,6 +28,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from stillhouse.common.calibration_tags import CALIBRATION_TAG_PREFIX, fit_problem
 from stillhouse.common.config import ConfidenceSettings, Settings
 from stillhouse.common.errors import StillhouseError, UsageError
 from stillhouse.common.prompts import parse_triage_answer
@@ -36,7 +37,7 @@ from stillhouse.rollout import calibration as calib
 from stillhouse.serving import responses
 from stillhouse.serving.confidence import TokenLogprobs, confidence
 
-TAG_PREFIX = "stillhouse.calibration."
+TAG_PREFIX = CALIBRATION_TAG_PREFIX  # the keys the gateway reads (common/calibration_tags)
 Messages = list[dict[str, Any]]
 _TIMEOUT_S = 120.0
 _ATTEMPTS = 3  # per call, on connection errors, timeouts, 429 and 5xx
@@ -133,20 +134,8 @@ def read_calibration(
     cal = CalibrationTags(**values)
     if math.isnan(cal.threshold):
         return None, "calibration tags are malformed (threshold is NaN)"
-    mismatch = _mismatch(cal, conf)
+    mismatch = fit_problem(tags, conf.signal, conf.hold_tokens, conf.quantile, conf.top_k)
     return (None, mismatch) if mismatch else (cal, None)
-
-
-def _mismatch(cal: CalibrationTags, conf: ConfidenceSettings) -> str | None:
-    if cal.signal != conf.signal:
-        return f"calibrated for signal {cal.signal}, the gateway scores with {conf.signal}"
-    if cal.hold_tokens != conf.hold_tokens:
-        return f"calibrated on {cal.hold_tokens} tokens, the gateway holds {conf.hold_tokens}"
-    if conf.signal == "quantile" and cal.quantile is not None and cal.quantile != conf.quantile:
-        return f"calibrated for quantile {cal.quantile}, the gateway uses {conf.quantile}"
-    if conf.signal == "neg_mean_entropy" and cal.top_k is not None and cal.top_k != conf.top_k:
-        return f"calibrated on top-{cal.top_k} entropy, the gateway asks for top-{conf.top_k}"
-    return None
 
 
 # ---- labelling (pure) -----------------------------------------------------------------------

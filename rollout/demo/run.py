@@ -43,7 +43,7 @@ from stillhouse.rollout.demo.report import print_build_summary
 from stillhouse.rollout.demo.students import ensure_demo_students
 from stillhouse.rollout.demo.traffic import TrafficLoop
 from stillhouse.rollout.gateway_admin import GatewayAdmin
-from stillhouse.serving.serve import resolve_engines, start_engines
+from stillhouse.serving.serve import resolve_engine, start_engines
 
 STEPS = 6
 SHADOW_FRACTION = 1.0  # every student answer: the drift detector and the gates need records
@@ -107,7 +107,9 @@ def run_demo(settings: Settings, console: Console) -> DemoWorld:
         served_name="teacher",
         extra_args=judge_engine_args(make_template(settings)),
     )
-    engines = resolve_engines({"teacher": teacher_ref}, settings)
+    teacher = resolve_engine("teacher", teacher_ref, settings, None)  # type: ignore[arg-type]
+    assert teacher is not None
+    engines = {"teacher": teacher}
     with ExitStack() as stack:
         teacher_url = start_engines(engines, settings, stack, console)["teacher"].base_url
         admin_key = secrets.token_urlsafe(24)

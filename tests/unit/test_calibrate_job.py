@@ -337,7 +337,7 @@ def _tags(**overrides: str) -> dict[str, str]:
     [
         ({}, _tags(), True, None),
         ({"signal": "min_logprob"}, _tags(), False, "signal mean_logprob"),
-        ({"hold_tokens": 16}, _tags(), False, "on 8 tokens"),
+        ({"hold_tokens": 16}, _tags(), False, "over 8 tokens"),
         ({"signal": "quantile", "quantile": 0.2}, _tags(signal="quantile"), False, "quantile"),
         ({"quantile": 0.2}, _tags(), True, None),  # the quantile matters only to its signal
         (
