@@ -36,9 +36,9 @@ DEMO_CONTROLLER = {
     "shadow_min_samples": 60,
     "min_step_samples": 40,
     "min_step_s": 0.0,
-    "max_inconclusive_s": 300.0,
+    "max_inconclusive_s": 600.0,
     "tick_s": 3.0,
-    "judge_sample": 40,
+    "judge_sample": 60,
 }
 CYCLE_TIMEOUT_S = 1200.0
 SWAP_TIMEOUT_S = 600.0
@@ -52,8 +52,11 @@ def demo_rollout_settings(settings: Settings) -> Settings:
             "rollout": ro.model_copy(
                 update={
                     "controller": ro.controller.model_copy(update=DEMO_CONTROLLER),
-                    "gates": ro.gates.model_copy(update={"min_samples": 30}),
-                    "calibration": ro.calibration.model_copy(update={"holdout_size": 300}),
+                    # Tens of judged answers per look, not hundreds: a wider non-inferiority margin.
+                    "gates": ro.gates.model_copy(
+                        update={"min_samples": 30, "noninferiority_margin": 0.2}
+                    ),
+                    "calibration": ro.calibration.model_copy(update={"holdout_size": 200}),
                 }
             )
         }
@@ -97,7 +100,9 @@ class ControllerThread:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=120)
+        # A calibration in flight cannot be interrupted; the thread is a daemon, so a Ctrl-C'd
+        # demo does not wait for it (the controller resumes from its journal next time).
+        self._thread.join(timeout=15)
 
     def state(self) -> ControllerState:
         return self.store.load() or ControllerState()
@@ -131,17 +136,18 @@ def wait_for_decision(
     )
 
 
-def wait_for_champion(admin: GatewayAdmin, uri: str, timeout_s: float = SWAP_TIMEOUT_S) -> dict:
-    """Until the gateway's champion serves `uri` and no swap is in progress."""
+def wait_for_role(
+    admin: GatewayAdmin, role: str, uri: str, timeout_s: float = SWAP_TIMEOUT_S
+) -> dict:
+    """Until the gateway's `role` serves `uri` and no swap is in progress."""
     deadline = time.monotonic() + timeout_s
-    engines: dict = {}
+    admin.refresh()
     while time.monotonic() < deadline:
-        engines = admin.engines()
-        champion = engine_of(engines, "champion") or {}
-        if champion.get("model") == uri and not champion.get("swapping"):
-            return champion
+        entry = engine_of(admin.engines(), role) or {}
+        if entry.get("active") and entry.get("model") == uri and not entry.get("swapping"):
+            return entry
         time.sleep(2.0)
-    raise TimeoutError(f"the gateway did not swap its champion to {uri} in {timeout_s:.0f} s")
+    raise TimeoutError(f"the gateway's {role} did not come to serve {uri} in {timeout_s:.0f} s")
 
 
 def failed_during(settings: Settings, since: float, until: float) -> tuple[int, int]:

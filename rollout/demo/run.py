@@ -77,7 +77,6 @@ def gateway_env(settings: Settings, teacher_url: str, admin_key: str) -> dict[st
         "STILLHOUSE_GATEWAY__SHADOW__FRACTION": str(SHADOW_FRACTION),
         "STILLHOUSE_GATEWAY__WATCH_INTERVAL_S": "5",
         "STILLHOUSE_STATE_DIR": str(settings.state_dir),
-        "STILLHOUSE_ENGINE__CPU_OMP_THREADS_BIND": settings.engine.cpu_omp_threads_bind,
         settings.gateway.admin_key_env: admin_key,
     }
 
@@ -85,12 +84,7 @@ def gateway_env(settings: Settings, teacher_url: str, admin_key: str) -> dict[st
 def run_demo(settings: Settings, console: Console) -> DemoWorld:
     started = time.monotonic()
     settings = cycle.demo_rollout_settings(settings)
-    # Up to four vLLM servers share two cores, and one starts while the others serve: vLLM's
-    # "auto" binding pins every server's worker to core 0, where a busy one starves a starting
-    # one (measured: 9 ms of CPU in 6 minutes). Unbound, the OS shares the cores.
-    settings = settings.model_copy(
-        update={"engine": settings.engine.model_copy(update={"cpu_omp_threads_bind": "nobind"})}
-    )
+
     _step(console, 1, "the demo world")
     world = build_demo_world(settings, console=console)
     ensure_teacher_evaluated(world, settings, console)
@@ -212,7 +206,7 @@ def _rollout(settings, admin, url, world, students, console) -> None:
         cycle.print_outcome(first, console)
         if first.phase == "promoted":
             swap_started = time.time()
-            champion = cycle.wait_for_champion(admin, f"models:/{name}/{good}")
+            champion = cycle.wait_for_role(admin, "champion", f"models:/{name}/{good}")
             swap_ended = time.time()
             sent, failed = cycle.failed_during(settings, swap_started - 5, swap_ended + 5)
             say(
@@ -223,8 +217,16 @@ def _rollout(settings, admin, url, world, students, console) -> None:
         bad = students.degraded.version
         say(f"next week: the re-distillation registers version {bad} (shuffled answers) "
             "as the challenger")  # fmt: skip
+        # On two cores vLLM's default CPU binding puts every server's worker on core 0, where
+        # busy servers starve one that is starting (measured: 9 ms of CPU in 6 minutes): the
+        # demo pauses its traffic while the gateway starts the new challenger.
+        tally = traffic.stop()
         registry.set_alias("challenger", bad)
-        admin.refresh()
+        with console.status(f"the gateway starts version {bad}'s vLLM server"):
+            cycle.wait_for_role(admin, "challenger", f"models:/{name}/{bad}")
+        traffic = TrafficLoop(f"{url}/v1", demo_tickets(world), n_users=N_USERS,
+                              concurrency=CONCURRENCY, tally=tally)  # fmt: skip
+        traffic.start()
         second = cycle.wait_for_decision(controller, bad)
         cycle.print_outcome(second, console)
     finally:

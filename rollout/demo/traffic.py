@@ -103,7 +103,13 @@ class TrafficLoop:
     a rollout needs while the controller walks the challenger through its steps."""
 
     def __init__(
-        self, base_url: str, tickets: Sequence[Ticket], *, n_users: int, concurrency: int
+        self,
+        base_url: str,
+        tickets: Sequence[Ticket],
+        *,
+        n_users: int,
+        concurrency: int,
+        tally: TrafficTally | None = None,  # carry on counting from an earlier loop
     ) -> None:
         import threading
 
@@ -111,7 +117,8 @@ class TrafficLoop:
         self.tickets = list(tickets)
         self.n_users = n_users
         self.concurrency = concurrency
-        self.total = TrafficTally()
+        self.total = tally or TrafficTally()
+        self._sent = self.total.sent
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="demo-traffic", daemon=True)
 
@@ -120,11 +127,11 @@ class TrafficLoop:
 
     def stop(self) -> TrafficTally:
         self._stop.set()
-        self._thread.join(timeout=180)
+        self._thread.join(timeout=60)
         return self.total
 
     def _run(self) -> None:
-        sent, chunk = 0, 200
+        sent, chunk = self._sent, 200
         while not self._stop.is_set():
             start = sent % len(self.tickets)
             part = self.tickets[start : start + chunk]
