@@ -180,10 +180,16 @@ def _calibrate_champion(settings: Settings, admin: GatewayAdmin, version: int, c
             prompts=prompts, test_prompts=test_prompts, console=console,
         )  # fmt: skip
         admin.refresh()
-    else:
+    elif found.certified:
         console.print(
             f"the champion (version {version}) is calibrated: threshold {found.threshold:.4f}, "
             f"student share {found.student_share:.0%} on {found.n} held-out prompts"
+        )
+    else:
+        console.print(
+            f"the champion (version {version}) was calibrated, but no threshold kept its "
+            f"unacceptable answers within ε on {found.n} held-out prompts: the gateway keeps "
+            f"the configured threshold ({settings.gateway.confidence.threshold}) for it"
         )
 
 

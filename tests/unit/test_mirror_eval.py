@@ -101,3 +101,43 @@ def test_the_judge_samples_mirrored_answers_as_the_challengers():
     failed = record(99, "challenger", MIRROR, status=502, answer=None, fallback_reason="timeout")
     assert select_sample([failed], per_arm=5, skip=set())["challenger"] == []
     assert math.isnan(build_ab_report([], [], [], Settings(), "t").arms["challenger"].error_rate)
+
+
+def test_a_mirrored_answer_that_would_fall_back_is_judged_as_the_teachers(tmp_path):
+    """What the user would have received is the teacher's answer: a tie against it, graded as
+    the teacher's; the discarded challenger answer is graded as the student's, never compared."""
+    import asyncio
+    import json as _json
+
+    from eval_world import eval_settings
+    from fake_judge import FakeJudge, serve
+    from fake_vllm import LoopThread
+
+    from stillhouse.common.prompts import triage_user_message
+    from stillhouse.eval.judge_job import judge_sample, would_fall_back
+
+    prompt = _json.dumps([{"role": "user", "content": triage_user_message("charged twice")}])
+    unsure = record(1, "challenger", MIRROR, request_id="r1:mirror", prompt=prompt,
+                    fallback_reason="low_confidence", answer="category: UNSURE")  # fmt: skip
+    sure = record(2, "challenger", MIRROR, request_id="r2:mirror", prompt=prompt,
+                  answer="category: SURE")  # fmt: skip
+    assert would_fall_back(unsure) and not would_fall_back(sure)
+    assert not would_fall_back(record(3, "challenger", MIRROR, status=502,
+                                      fallback_reason="timeout"))  # fmt: skip
+    loop = LoopThread()
+    fake = FakeJudge()
+    try:
+        url = serve(loop, fake)
+        settings = eval_settings(tmp_path, url)
+        result = asyncio.run(
+            judge_sample(settings, {"challenger": [unsure, sure]}, url, url, "teacher")
+        )
+    finally:
+        loop.close()
+    by = {(j.request_id, j.kind): j for j in result.judged}
+    assert by[("r1:mirror", "pairwise")].outcome == "tie"
+    assert ("r1:mirror", "student") in by and ("r2:mirror", "student") not in by
+    assert ("r2:mirror", "pairwise") in by
+    shown = [_json.dumps(body["messages"]) for body in fake.requests]
+    unsure_shown = [text for text in shown if "UNSURE" in text]
+    assert len(unsure_shown) == 1  # graded once as the student's, never compared
