@@ -52,21 +52,33 @@ class _Failures:
     StillhouseError, i.e. likely a bug) only when the failure changes, so a gateway that is down
     for an hour does not fill the log with the same stack."""
 
+    REPEAT_EVERY_S = 60.0  # the same failure again is logged at most this often
+
     def __init__(self, log: Callable[[str], None], tick_s: float) -> None:
         self.log = log
         self.tick_s = tick_s
         self.last: str | None = None
+        self.logged_at = 0.0
+        self.repeats = 0
 
     def report(self, doing: str, exc: Exception) -> None:
         lines = str(exc).strip().splitlines()
         text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-        self.log(f"{doing} failed: {text}; retrying in {self.tick_s:g} s")
+        now = time.monotonic()
+        if text == self.last and now - self.logged_at < self.REPEAT_EVERY_S:
+            self.repeats += 1
+            return
+        again = ""
+        if text == self.last and self.repeats:
+            again = f" (again; {self.repeats + 1} times since the last line)"
+        self.log(f"{doing} failed: {text}; retrying every {self.tick_s:g} s{again}")
         if not isinstance(exc, StillhouseError) and text != self.last:
             self.log(traceback.format_exc().rstrip())
-        self.last = text
+        self.last, self.logged_at, self.repeats = text, now, 0
 
     def ok(self) -> None:
         self.last = None
+        self.repeats = 0
 
 
 def _flush(store: ControllerStore, execute: Callable[[Action], None], failures: _Failures) -> bool:
