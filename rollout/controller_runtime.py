@@ -239,10 +239,16 @@ class ControllerRuntime:
             self.log(f"calibration of version {version} failed: {exc}")
             return
         result = outcome.result
+        fresh = ""
+        if outcome.test_share is not None and outcome.test_risk is not None:
+            fresh = (f"; on {outcome.test_n} fresh prompts: share {outcome.test_share:.0%}, "
+                     f"unacceptable {outcome.test_risk:.3f}")  # fmt: skip
         self.log(
-            f"version {version} calibrated: threshold {result.threshold:.4f}, "
-            f"certified {result.certified}, student share {result.student_share:.0%} "
-            f"(risk ≤ {result.risk_upper:.3f} at 1−δ)"
+            f"version {version} calibrated on {result.n} prompts: threshold "
+            f"{result.threshold:.4f}, certified {str(result.certified).lower()}, student share "
+            f"{result.student_share:.0%}, unacceptable {result.risk_hat:.3f} (≤ "
+            f"{result.risk_upper:.3f} at 1−δ; ε {result.epsilon:g}), APGR "
+            f"{outcome.apgr.router:.3f}{fresh}"
         )
         self.admin.refresh()  # the gateway picks the new threshold up now
 

@@ -172,7 +172,7 @@ def print_outcome(outcome: CycleOutcome, console: Console) -> None:
     if outcome.reason:
         console.print(f"  reason: {outcome.reason}", markup=False)
     for row in outcome.decisions:
-        if row.action in ("promote", "rollback") and row.metrics:
+        if row.action in ("promote", "rollback") and row.metrics.get("gate.status") is not None:
             shown = {k: v for k, v in row.metrics.items() if k.endswith((".observed", ".status"))}
             line = ", ".join(f"{k.removeprefix('gate.')} {v:.3g}" for k, v in sorted(shown.items()))
             console.print(f"  gate numbers: {line}", markup=False)
