@@ -16,9 +16,7 @@ metrics.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
-import os
 import sqlite3
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from stillhouse.common.errors import StillhouseError
+from stillhouse.common.instance_lock import instance_lock
 from stillhouse.rollout.controller import (
     Action,
     ControllerState,
@@ -245,22 +244,10 @@ def controller_lock(controller_dir: Path) -> Iterator[Path]:
     The descriptor is not inherited (Python's default), so no child process keeps it.
     """
     path = Path(controller_dir) / LOCK_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip()
-            who = f"pid {holder}" if holder.isdigit() else "another process"
-            raise ControllerLockedError(
-                f"another rollout controller ({who}) holds {path}; one per state dir"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        try:
-            yield path
-        finally:
-            os.ftruncate(fd, 0)
-    finally:
-        os.close(fd)  # closing our only descriptor releases the flock
+    with instance_lock(
+        path,
+        lambda who: ControllerLockedError(
+            f"another rollout controller ({who}) holds {path}; one per state dir"
+        ),
+    ):
+        yield path

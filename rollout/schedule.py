@@ -8,7 +8,6 @@ from __future__ import annotations
 import bisect
 import calendar
 import contextlib
-import fcntl
 import json
 import os
 import sys
@@ -22,6 +21,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from stillhouse.common.errors import StillhouseError
+from stillhouse.common.instance_lock import instance_lock
 
 # The Gregorian calendar repeats every 400 years, so a date/weekday combination that can occur
 # at all occurs within that window: a search that finds nothing in it never will.
@@ -337,25 +337,13 @@ def schedule_lock(state_dir: Path) -> Iterator[Path]:
     descriptor is not inherited (Python's default), so a job's stray subprocess cannot keep it.
     """
     path = schedule_dir(state_dir) / "lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip()
-            who = f"pid {holder}" if holder.isdigit() else "another process"
-            raise ScheduleLockedError(
-                f"another `stillhouse schedule` ({who}) holds {path}; one per state dir"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        try:
-            yield path
-        finally:
-            os.ftruncate(fd, 0)
-    finally:
-        os.close(fd)  # closing our only descriptor releases the flock
+    with instance_lock(
+        path,
+        lambda who: ScheduleLockedError(
+            f"another `stillhouse schedule` ({who}) holds {path}; one per state dir"
+        ),
+    ):
+        yield path
 
 
 def _stderr(msg: str) -> None:

@@ -38,7 +38,7 @@ from rich.console import Console
 
 from stillhouse.common.config import Settings
 from stillhouse.common.errors import StillhouseError
-from stillhouse.serving.engine import group_alive, read_log_tail
+from stillhouse.serving.engine import read_log_tail, stop_group
 
 MAX_RESTARTS = 5
 RESTART_WINDOW_S = 600.0
@@ -88,16 +88,8 @@ class Child:
     def stop(self, grace_s: float) -> None:
         """SIGTERM to its group (it shuts down in order), SIGKILL for what is left after."""
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=grace_s)
-        if group_alive(proc.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        if proc is not None:
+            stop_group(proc, grace_s)
 
 
 def child_commands(config: Path | None, port: int, with_schedule: bool) -> dict[str, list[str]]:

@@ -218,6 +218,19 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
         os.killpg(pgid, sig)
 
 
+def stop_group(proc: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM to the process group led by `proc` (it shuts down in its own order), SIGKILL to
+    whatever of the group is left after `grace_s`, then reap `proc`."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace_s)
+    if group_alive(proc.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def group_alive(pgid: int) -> bool:
     """True while any process of the group is still running (zombies do not count)."""
     for proc in psutil.process_iter(["pid", "status"]):

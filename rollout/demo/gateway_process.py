@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 import httpx
 
 from stillhouse.common.errors import StillhouseError
-from stillhouse.serving.engine import free_port, group_alive, read_log_tail
+from stillhouse.serving.engine import free_port, read_log_tail, stop_group
 from stillhouse.serving.serve import ResolvedEngine
 
 
@@ -81,13 +80,5 @@ class GatewayProcess:
         """SIGTERM (the gateway finishes in-flight requests and flushes its traffic log), then
         SIGKILL for whatever is left of its process group."""
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=grace_s)
-        if group_alive(proc.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        if proc is not None:
+            stop_group(proc, grace_s)
