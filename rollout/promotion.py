@@ -114,7 +114,10 @@ def _log_run(
 
 
 def _gate_tags(prefix: str, metrics: Mapping[str, float]) -> dict[str, str]:
-    return {f"{prefix}.gate.{_key(k)}": f"{v:.6g}" for k, v in metrics.items()}
+    """`<prefix>.gate.<name>` per number; the gates' own keys already start with `gate.`."""
+    return {
+        f"{prefix}.gate.{_key(k.removeprefix('gate.'))}": f"{v:.6g}" for k, v in metrics.items()
+    }
 
 
 def promote(

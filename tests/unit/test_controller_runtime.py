@@ -119,7 +119,11 @@ def test_promote_moves_the_alias_and_asks_the_gateway_to_swap_now(registry_setti
     assert registry.get_alias("previous-champion").version == 1
     assert registry.get_alias("challenger") is None
     assert admin.calls[-1] == ("refresh", None)
-    assert registry.resolve("2").tags["stillhouse.promotion.by"] == "controller:ramp-3/3"
+    tags = registry.resolve("2").tags
+    assert tags["stillhouse.promotion.by"] == "controller:ramp-3/3"
+    # the gates' keys start with `gate.`: recorded once, not as `gate.gate.`
+    assert tags["stillhouse.promotion.gate.status"] == "1"
+    assert not any(".gate.gate." in k for k in tags)
 
 
 def test_rollback_records_the_reason_and_leaves_the_aliases(registry_settings):
