@@ -38,16 +38,19 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/stillhouse demo run
 
-# The HTML report test drives headless Chromium (Debian's chromium package).
+# The HTML report test drives headless Chromium (Debian's chromium package); the rules and
+# dashboard tests run Debian's prometheus and promtool.
 test: $(STAMP)
 	@command -v chromium >/dev/null || $(call APT_INSTALL,chromium,test_report_chromium)
+	@command -v promtool >/dev/null || $(call APT_INSTALL,prometheus,the Prometheus tests)
 	$(BIN)/pytest
 
 test-unit: $(STAMP)
+	@command -v promtool >/dev/null || $(call APT_INSTALL,prometheus,the Prometheus tests)
 	$(BIN)/pytest -m "not slow"
 
 # Debian packages some targets need: bench_gateway's stub upstream (nginx) and load generator
-# (wrk), the report test's browser (chromium). Without root (or apt) the install is skipped
+# (wrk), the report test's browser (chromium), promtool and prometheus. Without root (or apt) the install is skipped
 # with one line, and the bench or test that needs it says what is missing.
 APT_GET := DEBIAN_FRONTEND=noninteractive apt-get -y -qq -o Dpkg::Use-Pty=0
 APT_INSTALL = { test "$$(id -u)" = 0 && echo "installing $(1) with apt-get ($(2) needs it)" \

@@ -281,6 +281,24 @@ def registry_list(ctx: typer.Context) -> None:
     Console().print(versions_table(versions, keys, tag_keys=("data_window",), title=title))
 
 
+@registry_app.command("pull")
+def registry_pull(
+    ctx: typer.Context,
+    ref: Annotated[
+        str, typer.Argument(help="models:/NAME@ALIAS, models:/NAME/VERSION, or an alias.")
+    ],
+    dest: Annotated[Path, typer.Option(help="Cache folder: files land in DEST/NAME/VERSION/.")],
+) -> None:
+    """Download a registered version's model directory (e.g. for a plain vLLM server)."""
+    from stillhouse.common.registry import RegistryClient
+
+    settings = _settings(ctx)
+    client = RegistryClient.from_settings(settings)
+    info = client.resolve(ref)
+    path = client.download(info.uri, dest)
+    typer.echo(f"{info.uri} -> {path}")
+
+
 @app.command()
 def calibrate(
     ctx: typer.Context,
@@ -338,11 +356,21 @@ def up(
     schedule: Annotated[
         bool, typer.Option(help="Also re-distil on the configured cron schedule.")
     ] = True,
+    with_prometheus: Annotated[
+        bool,
+        typer.Option(help="Also run a local Prometheus with the shipped config and rules."),
+    ] = False,
+    prometheus_port: Annotated[
+        int, typer.Option(help="Port of the local Prometheus.", min=1, max=65535)
+    ] = 9090,
 ) -> None:
     """Engines, gateway, rollout controller and weekly re-distillation together; Ctrl-C stops."""
     from stillhouse.rollout.up import run_up
 
-    run_up(_settings(ctx), ctx.obj["config"], Console(), port=port, with_schedule=schedule)
+    run_up(
+        _settings(ctx), ctx.obj["config"], Console(), port=port, with_schedule=schedule,
+        prometheus_port=prometheus_port if with_prometheus else None,
+    )  # fmt: skip
 
 
 def _quiet_foreign_loggers() -> None:

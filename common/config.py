@@ -330,6 +330,11 @@ class Settings(_Section):
         return self.state_dir / "eval.db"
 
     @property
+    def metrics_dir(self) -> Path:
+        """Batch jobs' Prometheus gauges (text exposition files), served by the controller."""
+        return self.state_dir / "metrics"
+
+    @property
     def controller_dir(self) -> Path:
         """The rollout controller's state (SQLite) and single-instance lock."""
         return self.state_dir / "controller"

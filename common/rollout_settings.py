@@ -65,6 +65,10 @@ class ControllerSettings(_Section):
     tick_s: float = Field(default=60.0, gt=0.0)
     gateway_url: str = "http://127.0.0.1:8000"
     judge_sample: int = Field(default=100, ge=1)  # judged requests per arm per evaluation
+    # Its Prometheus endpoint (/metrics): the rollout's state and the batch jobs' gauges
+    # (<state_dir>/metrics/*.prom). Port 0 turns it off.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=9401, ge=0, le=65535)
 
     @field_validator("steps")
     @classmethod

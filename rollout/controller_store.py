@@ -212,6 +212,24 @@ class ControllerStore:
             return self._rows("ORDER BY id", ())
         return self._rows("WHERE version = ? ORDER BY id", (version,))
 
+    def executed_counts(self) -> list[tuple[str, int, float]]:
+        """(action, count, last decision time) of the promotions and rollbacks that ran."""
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT action, COUNT(*), MAX(ts) FROM decisions "
+                "WHERE done = 1 AND action IN ('promote', 'rollback') GROUP BY action"
+            ).fetchall()
+        return [(str(a), int(n), float(ts)) for a, n, ts in rows]
+
+    def last_gate_metrics(self) -> dict[str, float]:
+        """The gate numbers behind the newest executed promotion or rollback ({} if none)."""
+        with self._connect() as db:
+            row = db.execute(
+                "SELECT metrics FROM decisions WHERE done = 1 AND action IN ('promote', "
+                "'rollback') AND metrics LIKE '%gate.status%' ORDER BY id DESC LIMIT 1"
+            ).fetchone()
+        return json.loads(row[0]) if row else {}
+
     def _rows(self, where: str, args: tuple[Any, ...]) -> list[DecisionRow]:
         with self._connect() as db:
             rows = db.execute(

@@ -266,7 +266,7 @@ def run_ab(settings: Settings, console: Console, *, since: str | None = None) ->
 
 
 def _metrics_path(settings: Settings, job: str) -> Path:
-    return settings.state_dir / "metrics" / f"{job}.prom"
+    return settings.metrics_dir / f"{job}.prom"
 
 
 def compute_drift(settings: Settings, window: Window) -> list[drift_job.StudentDrift]:

@@ -33,6 +33,7 @@ from stillhouse.rollout.data import PromptRecord, load_prompt_file, select_promp
 from stillhouse.rollout.demo.build import build_demo_world
 from stillhouse.rollout.distill import DistillConfig, DistillResult, EpochStats
 from stillhouse.rollout.losses import KDLossConfig
+from stillhouse.rollout.redistill_metrics import recording_run
 from stillhouse.rollout.student import (
     StudentRun,
     evaluate_on_vllm,
@@ -190,7 +191,22 @@ def redistill(
     alias: str | None = "challenger",
 ) -> RedistillOutcome:
     """Distil and register one student; `alias` (default `challenger`, None for none) is set
-    on the new version."""
+    on the new version. Every complete run (not `prepare_only`) is recorded, success or
+    failure, in `<state_dir>/metrics/redistill.prom` for the dashboard and the alerts."""
+    if prepare_only:
+        return _redistill(settings, console, now=now, prepare_only=True, alias=alias)
+    with recording_run(settings.metrics_dir / "redistill.prom"):
+        return _redistill(settings, console, now=now, prepare_only=False, alias=alias)
+
+
+def _redistill(
+    settings: Settings,
+    console: Console,
+    *,
+    now: datetime | None,
+    prepare_only: bool,
+    alias: str | None,
+) -> RedistillOutcome:
     started = time.monotonic()
     now = now or datetime.now(UTC)
     rs = settings.redistill

@@ -121,9 +121,11 @@ def run_rollback(settings: Settings, reason: str, yes: bool, console: Console) -
 def run_controller_command(
     settings: Settings, console: Console, stop: threading.Event | None = None
 ) -> None:
+    from stillhouse.rollout.controller import ControllerState, Observation
     from stillhouse.rollout.controller_loop import run_controller
     from stillhouse.rollout.controller_runtime import ControllerRuntime
     from stillhouse.rollout.controller_store import ControllerStore
+    from stillhouse.rollout.metrics_export import start_controller_metrics
 
     cfg = settings.rollout.controller
     admin = GatewayAdmin.from_environment(
@@ -134,11 +136,22 @@ def run_controller_command(
         console.print(line, markup=False, highlight=False)
 
     runtime = ControllerRuntime(settings, admin, RegistryClient.from_settings(settings), log)
+    store = ControllerStore.open(settings.controller_dir)
+    collector, server = start_controller_metrics(settings.metrics_dir, store, cfg)
+
+    def observe(state: ControllerState) -> Observation:
+        obs = runtime.observe(state)
+        collector.observed(obs)
+        return obs
+
     log(f"controller: gateway {cfg.gateway_url}, steps {list(cfg.steps)}, tick {cfg.tick_s:g} s")
+    if server is not None:
+        log(f"metrics: {server.url}")
     try:
         run_controller(
-            ControllerStore.open(settings.controller_dir), runtime.observe, runtime.execute,
-            cfg, stop=stop or threading.Event(), log=log,
-        )  # fmt: skip
+            store, observe, runtime.execute, cfg, stop=stop or threading.Event(), log=log
+        )
     finally:
         admin.close()
+        if server is not None:
+            server.close()

@@ -120,6 +120,17 @@ def child_environment(
     return env, generated
 
 
+def _prometheus_command(settings: Settings, gateway: str, listen_port: int) -> list[str] | None:
+    from stillhouse.rollout.local_prometheus import prepare_local_prometheus
+
+    cfg = settings.rollout.controller
+    controller = f"{cfg.metrics_host}:{cfg.metrics_port}" if cfg.metrics_port else None
+    return prepare_local_prometheus(
+        settings.state_dir, gateway=gateway, controller=controller,
+        listen=f"127.0.0.1:{listen_port}",
+    )  # fmt: skip
+
+
 def wait_ready(url: str, gateway: Child, timeout_s: float, stop: threading.Event) -> None:
     deadline = time.monotonic() + timeout_s
     with httpx.Client(timeout=2.0) as client:
@@ -177,14 +188,23 @@ def run_up(
     *,
     port: int | None = None,
     with_schedule: bool = True,
+    prometheus_port: int | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> None:
+    """`prometheus_port`: also run a local Prometheus on it (when the binary is installed)."""
     gw = settings.gateway
     port = gw.port if port is None else port
     url = f"http://{gw.host}:{port}"
     env, generated = child_environment(settings, os.environ if environ is None else environ, url)
     logs = settings.logs_dir
     commands = child_commands(config, port, with_schedule)
+    if prometheus_port is not None:
+        prometheus = _prometheus_command(settings, f"{gw.host}:{port}", prometheus_port)
+        if prometheus is None:
+            console.print("prometheus: not installed (Debian's `prometheus` package; `make test` "
+                          "installs it); going on without it", markup=False)  # fmt: skip
+        else:
+            commands["prometheus"] = prometheus
     children = {name: Child(name, argv, env, logs / f"up-{name}.log")
                 for name, argv in commands.items()}  # fmt: skip
     stop = threading.Event()
@@ -203,6 +223,10 @@ def run_up(
         if stop.is_set():
             return
         say(f"gateway ready at {url}/v1; metrics {url}/metrics")
+        if "prometheus" in children:
+            children["prometheus"].start()
+            say(f"prometheus: http://127.0.0.1:{prometheus_port}/targets (UI and targets; "
+                f"log {children['prometheus'].log_path})")  # fmt: skip
         for name in ("controller", "schedule"):
             if name in children:
                 children[name].start()
@@ -213,7 +237,7 @@ def run_up(
         say("Ctrl-C stops everything.")
         supervise(list(children.values()), stop, say)
     finally:
-        for name in ("controller", "schedule", "gateway"):
+        for name in ("controller", "schedule", "gateway", "prometheus"):
             if name in children and children[name].proc is not None:
                 say(f"stopping {name}")
                 children[name].stop(STOP_GRACE_S)

@@ -46,7 +46,7 @@ from stillhouse.serving.errors import (
     error_body,
 )
 from stillhouse.serving.gateway import SSE_DONE, AbState, Gateway, StreamSink, Trace
-from stillhouse.serving.metrics import GatewayMetrics
+from stillhouse.serving.metrics import GatewayMetrics, engine_sd_targets
 from stillhouse.serving.mirror import Mirror
 from stillhouse.serving.requests import Endpoint, ParsedRequest, decode_json, parse_request
 from stillhouse.serving.shadow import ShadowScorer
@@ -372,6 +372,12 @@ def record_starting_split(
     writer.submit(AbChange(time.time(), share, ab.seed, previous[0], previous[1], "gateway-start"))
 
 
+async def metrics_engines(request: web.Request) -> web.Response:
+    """Prometheus HTTP service discovery: where each engine's vLLM /metrics is, by role."""
+    engines = request.app[GATEWAY].engines
+    return json_response(engine_sd_targets({r: e.base_url for r, e in engines.items()}))
+
+
 def build_app(
     settings: Settings,
     endpoints: Mapping[str, EngineEndpoint],
@@ -457,6 +463,7 @@ def build_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/metrics/engines", metrics_engines)
     app.router.add_route("GET", "/admin/ab", admin_ab)
     app.router.add_route("POST", "/admin/ab", admin_ab)
     return app

@@ -7,6 +7,10 @@ outcome, and fallback reason. Never prompts, users or model versions.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -37,6 +41,8 @@ FALLBACK_REASONS = (
     "no_logprobs",
 )
 MIRROR_OUTCOMES = ("ok", "error", "dropped")
+SWAP_ROLES = ("champion", "challenger")  # the teacher is not swapped by alias moves
+SWAP_OUTCOMES = ("ok", "start_failed", "drain_timeout", "removed")
 
 
 class GatewayMetrics:
@@ -155,5 +161,31 @@ class GatewayMetrics:
         )
         for outcome in MIRROR_OUTCOMES:
             self.mirror_requests.labels(outcome)
+        # Created at zero, so a dashboard shows "no swaps yet" rather than no data.
+        for role in SWAP_ROLES:
+            for outcome in SWAP_OUTCOMES:
+                self.engine_swaps.labels(role, outcome)
         for reason in FALLBACK_REASONS:
             self.fallbacks.labels(reason)
+
+
+def engine_sd_targets(base_urls: Mapping[str, str]) -> list[dict[str, Any]]:
+    """Prometheus HTTP service discovery for the engines behind the gateway: one target group
+    per role, labelled `model_role`, so the dashboard can tell vLLM's metrics apart by role.
+    `base_urls` maps a role to its engine's OpenAI base URL (".../v1"); vLLM serves /metrics
+    at the server's root."""
+    groups = []
+    for role, base_url in sorted(base_urls.items()):
+        url = urlsplit(base_url)
+        root = url.path.rstrip("/").removesuffix("/v1")
+        groups.append(
+            {
+                "targets": [url.netloc],
+                "labels": {
+                    "model_role": role,
+                    "__scheme__": url.scheme,
+                    "__metrics_path__": f"{root}/metrics",
+                },
+            }
+        )
+    return groups

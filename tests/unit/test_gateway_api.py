@@ -141,6 +141,18 @@ def test_metrics_exports_the_documented_families_with_bounded_labels(gw):
     assert "metrics-user" not in text and CLIENT_KEY not in text and "_created" not in text
 
 
+def test_metrics_engines_answers_prometheus_http_sd_with_each_engine_and_its_role(gw):
+    reply = httpx.get(gw.url + "/metrics/engines", timeout=10)
+    assert reply.status_code == 200
+    groups = {g["labels"]["model_role"]: g for g in reply.json()}
+    assert set(groups) == {"teacher", "champion", "challenger"}
+    for role, group in groups.items():
+        base_url = gw.gateway.engines[role].base_url  # http://127.0.0.1:PORT/v1
+        assert group["targets"] == [base_url.removeprefix("http://").removesuffix("/v1")]
+        assert group["labels"]["__metrics_path__"] == "/metrics"
+        assert group["labels"]["__scheme__"] == "http"
+
+
 def test_admin_needs_the_admin_key(gw):
     _error(gw.post("/admin/ab", {"challenger_share": 0.5}, key=CLIENT_KEY), 401)
     _error(gw.post("/admin/ab", {"challenger_share": 1.5}, key=ADMIN_KEY), 400)
