@@ -36,6 +36,11 @@ Values = Sequence[float] | np.ndarray
 _CHUNK = 1 << 22  # elements per vectorised block in calibration (≈ 32 MiB of float64)
 
 
+class NoSpreadError(ValueError):
+    """The null sample (after clipping) is constant: there is no noise floor to calibrate on,
+    e.g. a student that matches the teacher token for token."""
+
+
 def _sample(values: Values, what: str, min_size: int = 1) -> np.ndarray:
     x = np.asarray(values, dtype=float)
     if x.ndim != 1:
@@ -251,7 +256,7 @@ def calibrate_sequential(
     clipped = np.minimum(null, clip)
     std = float(clipped.std(ddof=1))
     if not std > 0:
-        raise ValueError("null_values have no spread: a detector cannot be calibrated on them")
+        raise NoSpreadError("null_values have no spread: a detector cannot be calibrated on them")
     base = SequentialCalibration(
         mean=float(clipped.mean()), std=std, clip=clip, k=float(k_sigma), h=math.inf,
         stream_length=stream_length, false_alarm_rate=false_alarm_rate, n_null=null.size,

@@ -32,6 +32,7 @@ from stillhouse.eval.divergence import (
 from stillhouse.eval.drift import (
     DriftConfig,
     DriftReport,
+    NoSpreadError,
     SequentialCalibration,
     calibrate_sequential,
     drift_report,
@@ -118,12 +119,19 @@ def student_drift(
             f"{len(current)} so far",
         )  # fmt: skip
     values = [d.k3 for d in current]
-    calibration = calibrate_sequential(
-        reference,
-        stream_length=max(len(values), settings.min_current),
-        false_alarm_rate=settings.false_alarm_rate,
-        seed=seed,
-    )
+    try:
+        calibration = calibrate_sequential(
+            reference,
+            stream_length=max(len(values), settings.min_current),
+            false_alarm_rate=settings.false_alarm_rate,
+            seed=seed,
+        )
+    except NoSpreadError:
+        return StudentDrift(
+            student_model, arm, window, over_time, len(reference), reference_source, None, None,
+            "the reference divergences have no spread (the student matches the teacher token "
+            "for token), so there is no noise floor to detect drift against",
+        )  # fmt: skip
     config = drift_config(settings, len(reference), len(values))
     report = drift_report(reference, values, calibration, config)
     return StudentDrift(

@@ -283,3 +283,20 @@ def test_simulated_streams_are_deterministic_and_a_worse_student_diverges_more()
     assert stream[1000:].mean() > 1.5 * stream[:1000].mean()
     with pytest.raises(ValueError, match="change point"):
         simulate_stream(10, SIM, 0, change_at=20, after=WORSE)
+
+
+def test_a_reference_without_spread_reports_no_drift_decision_instead_of_failing():
+    """A student that matches the teacher token for token has k3 = 0 on every request: there
+    is no noise floor to calibrate a detector on, and the drift job says so (it used to raise)."""
+    from stillhouse.common.eval_settings import DriftSettings
+    from stillhouse.eval.divergence import RequestDivergence
+    from stillhouse.eval.drift_job import student_drift
+
+    current = [
+        RequestDivergence(f"r{i}", float(i), "m", 4, 0.0, 0.0, 0.0, 0.0, None, None, None)
+        for i in range(40)
+    ]
+    result = student_drift("m", "champion", current, [0.0] * 30, "first records", DriftSettings())
+    assert result.report is None and result.calibration is None
+    assert result.divergence is not None and result.divergence.k3_mean == 0.0
+    assert "no spread" in result.note
