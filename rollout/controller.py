@@ -84,6 +84,8 @@ class Observation:
     calibration: Calibration | None = None
     samples: int = 0
     gates: GateResult | None = None
+    # The gateway's (challenger share, mirror share) as it reports them now; None: not read.
+    gateway_split: tuple[float, float] | None = None
 
 
 # -- what the controller does ----------------------------------------------------------------
@@ -255,7 +257,29 @@ def _with_summary(text: str, summary: str) -> str:
 def decide(
     state: ControllerState, obs: Observation, cfg: ControllerSettings
 ) -> tuple[ControllerState, list[Action]]:
-    """The next state and the actions to execute, in order. No transition, no actions."""
+    """The next state and the actions to execute, in order. No transition, no actions.
+
+    A gateway whose split differs from the state's (it restarted and fell back to its config)
+    gets the state's split again, unless this tick sets it anyway."""
+    new_state, actions = _transition(state, obs, cfg)
+    split = obs.gateway_split
+    if split is None or any(isinstance(a, SetShare | SetMirror) for a in actions):
+        return new_state, actions
+    want = {SetShare: new_state.share, SetMirror: new_state.mirror}
+    have = {SetShare: split[0], SetMirror: split[1]}
+    fixes = [a for a in actions_to_restore(new_state) if abs(have[type(a)] - want[type(a)]) > 1e-9]
+    if not fixes:
+        return new_state, actions
+    note = Note(
+        f"the gateway runs share {_pct(split[0])}, mirror {_pct(split[1])}, not the "
+        f"controller's {_pct(new_state.share)}, {_pct(new_state.mirror)} (restarted?): set again"
+    )
+    return new_state, [note, *fixes, *actions]
+
+
+def _transition(
+    state: ControllerState, obs: Observation, cfg: ControllerSettings
+) -> tuple[ControllerState, list[Action]]:
     ch = obs.challenger_version
     actions: list[Action] = []
     if state.phase in ACTIVE and ch != state.version:

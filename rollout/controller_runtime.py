@@ -118,6 +118,7 @@ class ControllerRuntime:
             samples = self.count_samples(state)
             if gates_due(state, now, samples, self.settings.rollout.controller):
                 gates = self._gates(state, samples, now)
+        ab = self.admin.ab()
         return Observation(
             now,
             challenger.version if challenger else None,
@@ -125,6 +126,7 @@ class ControllerRuntime:
             calibration,
             samples,
             gates,
+            (float(ab["challenger_share"]), float(ab["mirror_share"])),
         )
 
     def _calibration(self, version: VersionInfo) -> Calibration | None:

@@ -237,6 +237,32 @@ def test_a_restart_reasserts_the_share_and_mirror_the_state_says_are_set(state, 
     assert actions_to_restore(state) == expected
 
 
+@pytest.mark.parametrize(
+    ("state", "split", "expected"),
+    [
+        (RAMP2, (0.05, 0.0), []),  # the gateway runs what the state says: nothing to do
+        (RAMP2, None, []),  # not read this tick
+        (RAMP2, (0.1, 0.0), [SetShare(0.05)]),  # restarted with its configured share
+        (SHADOW, (0.0, 0.0), [SetMirror(1.0)]),
+        (IDLE, (0.1, 0.3), [SetShare(0.0), SetMirror(0.0)]),
+    ],
+)
+def test_a_gateway_whose_split_drifted_gets_the_states_split_again(state, split, expected):
+    obs = Observation(T0 + 10, state.version, gateway_split=split)
+    new_state, actions = decide(state, obs, CFG)
+    assert new_state == state
+    assert [a for a in actions if not isinstance(a, Note)] == expected
+    if expected:
+        assert isinstance(actions[0], Note) and "restarted?" in actions[0].line
+
+
+def test_a_tick_that_sets_the_share_itself_is_not_doubled_by_the_reassertion():
+    obs = Observation(DUE, 7, samples=500, gates=PASS, gateway_split=(0.3, 0.7))
+    new_state, actions = decide(RAMP1, obs, CFG)
+    assert new_state.share == 0.05
+    assert [a for a in actions if isinstance(a, SetShare)] == [SetShare(0.05)]
+
+
 def test_state_and_actions_round_trip_through_json():
     state = replace(RAMP2_HELD, decided=frozenset({3, 5}), reason="ramp-1/4 passed ✓")
     assert ControllerState.from_json(state.to_json()) == state

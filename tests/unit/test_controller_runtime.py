@@ -38,9 +38,19 @@ T0 = 1_800_000_000.0
 class RecordingAdmin:
     engines_answer: dict[str, Any] = field(default_factory=dict)
     calls: list[tuple[str, Any]] = field(default_factory=list)
+    split: dict[str, float] = field(
+        default_factory=lambda: {"challenger_share": 0.0, "mirror_share": 0.0}
+    )
+
+    def ab(self) -> dict:
+        return dict(self.split)
 
     def set_ab(self, *, share=None, mirror=None, actor: str) -> dict:
         self.calls.append(("set_ab", {"share": share, "mirror": mirror, "actor": actor}))
+        if share is not None:
+            self.split["challenger_share"] = share
+        if mirror is not None:
+            self.split["mirror_share"] = mirror
         return {}
 
     def engines(self) -> dict:
@@ -176,3 +186,14 @@ def test_samples_count_mirrored_answers_in_shadow_and_served_ones_in_a_ramp(regi
     ramp = ControllerState(phase=Phase.RAMP, version=3, step_started_at=T0)
     assert rt.count_samples(shadow) == 2
     assert rt.count_samples(ramp) == 2  # served by the challenger, or by the teacher for it
+
+
+def test_observe_reads_the_gateways_split_so_a_restarted_gateway_is_set_again(
+    registry_settings: Settings,
+):
+    admin = RecordingAdmin(split={"challenger_share": 0.1, "mirror_share": 0.0})
+    runtime = ControllerRuntime(
+        registry_settings, admin, RegistryClient.from_settings(registry_settings), lambda _: None
+    )
+    obs = runtime.observe(ControllerState())
+    assert obs.gateway_split == (0.1, 0.0)
