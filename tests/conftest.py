@@ -3,6 +3,7 @@ per test session; the demo world is also cached on disk between runs by its inpu
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,15 +63,13 @@ def tiny_world(tiny_settings: Settings):
     return build_demo_world(tiny_settings)
 
 
-@pytest.fixture(scope="session")
-def teacher_engine(tiny_world, tiny_settings: Settings) -> Iterator:
-    """One vLLM CPU server on the tiny teacher for the whole session; stopped at the end, and
-    the stop is checked: nothing of its process group may survive."""
+@contextlib.contextmanager
+def running_vllm(model_dir: Path, name: str, settings: Settings) -> Iterator:
+    """A vLLM CPU server on `model_dir` for the block; stopped after it, and the stop is
+    checked: nothing of its process group may survive."""
     from stillhouse.serving.engine import EngineSpec, VllmEngine
 
-    engine = VllmEngine(
-        EngineSpec(tiny_world.teacher_dir, "teacher"), tiny_settings.engine, tiny_settings.logs_dir
-    )
+    engine = VllmEngine(EngineSpec(model_dir, name), settings.engine, settings.logs_dir)
     engine.start()
     pgid = engine.pid
     try:
@@ -79,4 +78,17 @@ def teacher_engine(tiny_world, tiny_settings: Settings) -> Iterator:
     finally:
         engine.stop()
     assert pgid is not None
-    assert processes_in_group(pgid) == [], "vLLM processes survived stop()"
+    assert processes_in_group(pgid) == [], f"vLLM processes of {name!r} survived stop()"
+
+
+@pytest.fixture(scope="session")
+def vllm_server():
+    """`with vllm_server(model_dir, name, settings) as engine:` (for module-scoped engines)."""
+    return running_vllm
+
+
+@pytest.fixture(scope="session")
+def teacher_engine(tiny_world, tiny_settings: Settings) -> Iterator:
+    """One vLLM CPU server on the tiny teacher for the whole session."""
+    with running_vllm(tiny_world.teacher_dir, "teacher", tiny_settings) as engine:
+        yield engine

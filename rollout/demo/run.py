@@ -156,7 +156,9 @@ def run_demo(settings: Settings, console: Console) -> DemoWorld:
     console.print(f"report: [bold]{path}[/]")
     console.print(
         f"demo done in {time.monotonic() - started:.0f} s; every engine and the gateway are "
-        "stopped. Next: `stillhouse registry list`, `stillhouse report`, or `stillhouse up`."
+        "stopped. Next: `stillhouse registry list`, `stillhouse report`, or "
+        "`stillhouse up --with-prometheus` (the whole loop, watched by Prometheus at "
+        "http://127.0.0.1:9090)."
     )
     return world
 

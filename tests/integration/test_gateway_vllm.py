@@ -25,7 +25,7 @@ from openai import APIStatusError, OpenAI
 
 from stillhouse.common.prompts import triage_user_message
 from stillhouse.common.traffic import TrafficLogReader
-from stillhouse.serving.engine import EngineSpec, VllmEngine, free_port
+from stillhouse.serving.engine import VllmEngine, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -35,16 +35,9 @@ STARTUP_S = 60
 
 
 @pytest.fixture(scope="module")
-def student_engine(tiny_world, tiny_settings) -> Iterator[VllmEngine]:
-    engine = VllmEngine(
-        EngineSpec(tiny_world.teacher_dir, "student"), tiny_settings.engine, tiny_settings.logs_dir
-    )
-    engine.start()
-    try:
-        engine.wait_ready()
+def student_engine(tiny_world, tiny_settings, vllm_server) -> Iterator[VllmEngine]:
+    with vllm_server(tiny_world.teacher_dir, "student", tiny_settings) as engine:
         yield engine
-    finally:
-        engine.stop()
 
 
 class GatewayProcess:

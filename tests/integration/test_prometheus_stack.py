@@ -42,7 +42,7 @@ from stillhouse.rollout.controller import ControllerState, Phase, Promote, RollB
 from stillhouse.rollout.controller_store import ControllerStore
 from stillhouse.rollout.local_prometheus import dashboards_dir, prepare_local_prometheus
 from stillhouse.rollout.redistill_metrics import write_redistill_metrics
-from stillhouse.serving.engine import EngineSpec, VllmEngine, free_port, stop_group
+from stillhouse.serving.engine import VllmEngine, free_port, stop_group
 
 pytestmark = pytest.mark.slow
 
@@ -149,7 +149,9 @@ def _shadow_idle(gateway_url: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def student_engine(tiny_world, tiny_settings, tmp_path_factory) -> Iterator[VllmEngine]:
+def student_engine(
+    tiny_world, tiny_settings, tmp_path_factory, vllm_server
+) -> Iterator[VllmEngine]:
     """A student that is not the teacher: the tiny teacher with its weights perturbed, so the
     shadow divergence has real spread (the drift detector is calibrated on it)."""
     student_dir = tmp_path_factory.mktemp("perturbed-student")
@@ -162,14 +164,8 @@ def student_engine(tiny_world, tiny_settings, tmp_path_factory) -> Iterator[Vllm
         for name, t in weights.items()
     }  # fmt: skip
     save_file(noisy, student_dir / "model.safetensors", metadata={"format": "pt"})
-    engine = VllmEngine(EngineSpec(student_dir, "student"), tiny_settings.engine,
-                        tiny_settings.logs_dir)  # fmt: skip
-    engine.start()
-    try:
-        engine.wait_ready()
+    with vllm_server(student_dir, "student", tiny_settings) as engine:
         yield engine
-    finally:
-        engine.stop()
 
 
 @pytest.fixture(scope="module")
