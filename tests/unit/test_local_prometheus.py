@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -74,3 +75,16 @@ def test_the_rendered_config_passes_promtool_check_config(tmp_path: Path):
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "SUCCESS" in done.stdout + done.stderr
+
+
+def test_a_taken_prometheus_port_is_one_clear_error_before_anything_starts(tmp_path: Path):
+    assert shutil.which("prometheus"), "make test installs Debian's prometheus"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(UsageError, match=f"127.0.0.1:{port}.*--prometheus-port"):
+            prepare_local_prometheus(
+                tmp_path, gateway="127.0.0.1:8000", controller=None, listen=f"127.0.0.1:{port}"
+            )
+    assert not (tmp_path / "prometheus").exists()
