@@ -27,7 +27,8 @@ ROLLOUT_JOB = "stillhouse-rollout"
 
 
 def dashboards_dir() -> Path:
-    """The shipped dashboards, scrape config and rules (package data; the repo's folder)."""
+    """The shipped dashboards, scrape config and rules: the source checkout's `dashboards/`
+    (the repository root is the package, installed in editable mode by `make`)."""
     return Path(stillhouse.__file__).resolve().parent / "dashboards"
 
 
@@ -90,6 +91,12 @@ def prepare_local_prometheus(
         return None
     _check_free(listen)
     shipped = dashboards_dir() / "prometheus"
+    if not (shipped / "prometheus.yml").is_file():
+        raise UsageError(
+            f"no scrape config at {shipped / 'prometheus.yml'}: --with-prometheus runs from a "
+            "source checkout (`make` installs it in editable mode); deploy/ has Prometheus "
+            "for containers"
+        )
     template = yaml.safe_load((shipped / "prometheus.yml").read_text())
     config = render_config(
         template, gateway=gateway, controller=controller, rules_dir=(shipped / "rules").resolve()

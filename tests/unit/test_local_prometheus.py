@@ -88,3 +88,14 @@ def test_a_taken_prometheus_port_is_one_clear_error_before_anything_starts(tmp_p
                 tmp_path, gateway="127.0.0.1:8000", controller=None, listen=f"127.0.0.1:{port}"
             )
     assert not (tmp_path / "prometheus").exists()
+
+
+def test_without_the_shipped_config_it_says_where_it_looked(tmp_path: Path, monkeypatch):
+    import stillhouse.rollout.local_prometheus as lp
+
+    assert shutil.which("prometheus"), "make test installs Debian's prometheus"
+    monkeypatch.setattr(lp, "dashboards_dir", lambda: tmp_path / "site-packages" / "dashboards")
+    with pytest.raises(UsageError, match=r"no scrape config at .*source checkout"):
+        lp.prepare_local_prometheus(
+            tmp_path, gateway="127.0.0.1:8000", controller=None, listen="127.0.0.1:0"
+        )
