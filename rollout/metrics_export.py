@@ -161,10 +161,14 @@ class RolloutCollector:
 
 def merge_families(texts: Iterable[str]) -> list[Metric]:
     """Parse text-exposition documents and merge same-named families (one family per name, as
-    the exposition format requires)."""
+    the exposition format requires). Raises ValueError for a document that does not parse."""
+    return _merge(list(text_string_to_metric_families(text)) for text in texts)
+
+
+def _merge(documents: Iterable[list[Metric]]) -> list[Metric]:
     merged: dict[str, Metric] = {}
-    for text in texts:
-        for family in text_string_to_metric_families(text):
+    for families in documents:
+        for family in families:
             if family.name in merged:
                 merged[family.name].samples.extend(family.samples)
             else:
@@ -173,22 +177,21 @@ def merge_families(texts: Iterable[str]) -> list[Metric]:
 
 
 class JobFilesCollector:
-    """Serves `*.prom` files of a directory; one unreadable file is logged and left out."""
+    """Serves the `*.prom` files of a directory; a file that cannot be read or parsed (a hand
+    edit: the writers replace files atomically) is logged and left out, the others still
+    served."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
 
     def collect(self) -> Iterator[Metric]:
-        texts = []
+        documents = []
         for path in sorted(self.directory.glob("*.prom")):
             try:
-                texts.append(path.read_text())
-            except OSError as e:
+                documents.append(list(text_string_to_metric_families(path.read_text())))
+            except (OSError, ValueError) as e:
                 log.warning("skipping %s: %s", path, e)
-        try:
-            yield from merge_families(texts)
-        except ValueError as e:  # a hand-edited file; the writers are atomic
-            log.warning("skipping job metrics in %s: %s", self.directory, e)
+        yield from _merge(documents)
 
 
 def counts_from_rows(rows: Iterable[tuple[str, int, float]]) -> DecisionCounts:
