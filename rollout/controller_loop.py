@@ -105,6 +105,7 @@ def run_controller(
     stop: threading.Event | None = None,
     log: Callable[[str], None] = _stderr,
     max_ticks: int | None = None,
+    on_locked: Callable[[], object] | None = None,
 ) -> ControllerState:
     """Run until `stop` is set or `max_ticks` ticks passed (None: forever); return the state.
 
@@ -114,10 +115,13 @@ def run_controller(
     must not die because the gateway restarted); KeyboardInterrupt propagates, leaving the
     persisted state to resume from. `sleep` defaults to `stop.wait` (so setting `stop` wakes
     the loop at once), or `time.sleep` without one. A second controller on the same store raises
-    ControllerLockedError before touching anything.
+    ControllerLockedError before touching anything; `on_locked` runs once the lock is held (to
+    bind what only one controller may bind, such as its metrics port).
     """
     wait = sleep or (stop.wait if stop is not None else time.sleep)
     with controller_lock(store.dir):
+        if on_locked is not None:
+            on_locked()
         now = clock()
         loaded = store.load()
         state = loaded or ControllerState()

@@ -220,10 +220,10 @@ class MetricsServer:
         self._httpd.server_close()
 
 
-def start_controller_metrics(
+def controller_registry(
     metrics_dir: Path, store: ControllerStore, cfg: ControllerSettings
-) -> tuple[RolloutCollector, MetricsServer | None]:
-    """The controller's registry and, unless `cfg.metrics_port` is 0, its HTTP server."""
+) -> tuple[RolloutCollector, CollectorRegistry]:
+    """The controller's collectors on their own registry (no globals)."""
     collector = RolloutCollector(
         store.load, lambda: counts_from_rows(store.executed_counts()), cfg,
         store.last_gate_metrics,
@@ -231,6 +231,14 @@ def start_controller_metrics(
     registry = CollectorRegistry(auto_describe=True)
     registry.register(collector)
     registry.register(JobFilesCollector(metrics_dir))
+    return collector, registry
+
+
+def serve_controller_metrics(
+    registry: CollectorRegistry, cfg: ControllerSettings
+) -> MetricsServer | None:
+    """Its HTTP server, unless `cfg.metrics_port` is 0. Start it once the controller holds its
+    lock: a second controller must be refused by the lock (naming the holder), not by a port."""
     if not cfg.metrics_port:
-        return collector, None
-    return collector, MetricsServer(registry, cfg.metrics_host, cfg.metrics_port)
+        return None
+    return MetricsServer(registry, cfg.metrics_host, cfg.metrics_port)

@@ -125,7 +125,11 @@ def run_controller_command(
     from stillhouse.rollout.controller_loop import run_controller
     from stillhouse.rollout.controller_runtime import ControllerRuntime
     from stillhouse.rollout.controller_store import ControllerStore
-    from stillhouse.rollout.metrics_export import start_controller_metrics
+    from stillhouse.rollout.metrics_export import (
+        MetricsServer,
+        controller_registry,
+        serve_controller_metrics,
+    )
 
     cfg = settings.rollout.controller
     admin = GatewayAdmin.from_environment(
@@ -137,21 +141,27 @@ def run_controller_command(
 
     runtime = ControllerRuntime(settings, admin, RegistryClient.from_settings(settings), log)
     store = ControllerStore.open(settings.controller_dir)
-    collector, server = start_controller_metrics(settings.metrics_dir, store, cfg)
+    collector, registry = controller_registry(settings.metrics_dir, store, cfg)
+    servers: list[MetricsServer] = []
 
     def observe(state: ControllerState) -> Observation:
         obs = runtime.observe(state)
         collector.observed(obs)
         return obs
 
+    def serve_metrics() -> None:
+        server = serve_controller_metrics(registry, cfg)
+        if server is not None:
+            servers.append(server)
+            log(f"metrics: {server.url}")
+
     log(f"controller: gateway {cfg.gateway_url}, steps {list(cfg.steps)}, tick {cfg.tick_s:g} s")
-    if server is not None:
-        log(f"metrics: {server.url}")
     try:
         run_controller(
-            store, observe, runtime.execute, cfg, stop=stop or threading.Event(), log=log
-        )
+            store, observe, runtime.execute, cfg, stop=stop or threading.Event(), log=log,
+            on_locked=serve_metrics,
+        )  # fmt: skip
     finally:
         admin.close()
-        if server is not None:
+        for server in servers:
             server.close()

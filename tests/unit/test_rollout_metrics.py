@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -26,10 +27,11 @@ from stillhouse.rollout.metrics_export import (
     DecisionCounts,
     JobFilesCollector,
     MetricsServer,
+    controller_registry,
     counts_from_rows,
     merge_families,
     rollout_families,
-    start_controller_metrics,
+    serve_controller_metrics,
 )
 
 CFG = ControllerSettings(steps=(0.05, 0.25, 0.5), metrics_port=0)
@@ -87,8 +89,8 @@ def test_counts_from_rows_takes_promotions_and_rollbacks_apart():
 
 def test_the_controllers_registry_counts_executed_decisions_from_its_journal(tmp_path: Path):
     store = ControllerStore.open(tmp_path / "controller")
-    collector, server = start_controller_metrics(tmp_path / "metrics", store, CFG)
-    assert server is None  # metrics_port 0: off
+    collector, controllers = controller_registry(tmp_path / "metrics", store, CFG)
+    assert serve_controller_metrics(controllers, CFG) is None  # metrics_port 0: off
     registry = CollectorRegistry()
     registry.register(collector)
     state = ControllerState(phase=Phase.PROMOTED, version=4, decided=frozenset({3, 4}))
@@ -158,7 +160,7 @@ def test_metrics_server_serves_the_registry_and_a_taken_port_is_one_clear_error(
     port = _free_port()
     cfg = ControllerSettings(metrics_port=port)
     store = ControllerStore.open(tmp_path / "controller")
-    _, server = start_controller_metrics(tmp_path, store, cfg)
+    server = serve_controller_metrics(controller_registry(tmp_path, store, cfg)[1], cfg)
     assert server is not None
     try:
         text = httpx.get(server.url, timeout=10).text
@@ -168,3 +170,34 @@ def test_metrics_server_serves_the_registry_and_a_taken_port_is_one_clear_error(
             MetricsServer(CollectorRegistry(), "127.0.0.1", port)
     finally:
         server.close()
+
+
+def test_a_second_controller_is_refused_by_the_lock_before_it_binds_the_metrics_port(
+    tmp_path: Path,
+):
+    """The port is bound only once the lock is held: with both taken, the one line a user sees
+    names the running controller, not a port to change."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from stillhouse.rollout.controller_store import controller_lock
+
+    state = tmp_path / "state"
+    with socket.socket() as taken, controller_lock(state / "controller"):
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config = tmp_path / "stillhouse.yaml"
+        config.write_text(yaml.safe_dump({
+            "state_dir": str(state),
+            "rollout": {"controller": {"metrics_port": taken.getsockname()[1]}},
+        }))  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", "stillhouse", "--config", str(config), "controller"],
+            capture_output=True, text=True, timeout=120,
+            env={**os.environ, "STILLHOUSE_ADMIN_KEY": "sk-admin"},
+        )  # fmt: skip
+    assert done.returncode != 0
+    assert f"another rollout controller (pid {os.getpid()}) holds" in done.stderr, done.stderr
+    assert "metrics_port" not in done.stderr and "Traceback" not in done.stderr
