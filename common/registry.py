@@ -29,6 +29,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from stillhouse.common.errors import StillhouseError
+from stillhouse.common.formatting import number
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -62,6 +63,16 @@ class ModelRef:
         return f"models:/{self.name}/{self.version}"
 
 
+def version_uri(name: str, version: int) -> str:
+    """`models:/NAME/VERSION`: the one way to name a registered version."""
+    return str(ModelRef(name, version=version))
+
+
+def alias_uri(name: str, alias: str) -> str:
+    """`models:/NAME@ALIAS`: the one way to name what an alias points at."""
+    return str(ModelRef(name, alias=alias))
+
+
 @dataclass(frozen=True)
 class VersionInfo:
     """One registered version as plain data (tags and metrics do not take part in hashing)."""
@@ -77,7 +88,7 @@ class VersionInfo:
 
     @property
     def uri(self) -> str:
-        return f"models:/{self.name}/{self.version}"
+        return version_uri(self.name, self.version)
 
 
 def check_alias(alias: str) -> str:
@@ -321,6 +332,16 @@ class RegistryClient:
         with self._call(f"resolve {parsed}", missing=missing):
             return self._info(self._client().get_model_version(parsed.name, str(parsed.version)))
 
+    def resolve_version(self, version: int) -> VersionInfo:
+        """Version `version` of this registry's model."""
+        return self.resolve(self.version_uri(version))
+
+    def version_uri(self, version: int) -> str:
+        return version_uri(self.registered_model, version)
+
+    def alias_uri(self, alias: str) -> str:
+        return alias_uri(self.registered_model, alias)
+
     def get_alias(self, alias: str) -> VersionInfo | None:
         """The version holding `alias`, or None when no version (or no model) has it."""
         name = self.registered_model
@@ -479,13 +500,9 @@ def versions_table(
         table.add_column(key)
     for v in versions:
         aliases = ", ".join(f"[bold]{a}[/]" if a == "champion" else a for a in v.aliases)
-        metrics = [_fmt(v.metrics.get(k)) for k in metric_keys]
+        metrics = [number(v.metrics.get(k), ".4g", missing="-") for k in metric_keys]
         tags = [escape(v.tags.get(k, "-")) for k in tag_keys]
         table.add_row(
             str(v.version), aliases, v.created.strftime("%Y-%m-%d %H:%M"), *metrics, *tags
         )
     return table
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4g}"

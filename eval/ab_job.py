@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from rich.table import Table
 
 from stillhouse.common.config import Settings
+from stillhouse.common.formatting import number
 from stillhouse.common.traffic import MIRROR, AbChange, TrafficRecord
 from stillhouse.eval.abtest import (
     AbConfig,
@@ -219,10 +220,6 @@ def verdict_row(label: str, verdict: AbVerdict) -> Mapping[str, object]:
     }
 
 
-def _num(x: float | None, fmt: str = "{:.3f}") -> str:
-    return "–" if x is None or x != x else fmt.format(x)
-
-
 def ab_tables(report: AbReport) -> list[Table]:
     """The per-arm table and the challenger-vs-champion table, for the terminal."""
     arms = Table(title=f"A/B per arm: quality ({report.window})")
@@ -236,15 +233,15 @@ def ab_tables(report: AbReport) -> list[Table]:
         judge = "–"
         if s.judge_n:
             half = (s.judge_ci[1] - s.judge_ci[0]) / 2 if s.judge_n >= 2 else math.nan
-            judge = f"{s.judge_mean:.2f} ± {_num(half, '{:.2f}')} ({s.judge_n})"
+            judge = f"{s.judge_mean:.2f} ± {number(half, '.2f')} ({s.judge_n})"
         arms.add_row(
             arm, str(s.n), str(report.units.get(arm, 0)), judge,
-            f"{p.wins}/{p.ties}/{p.losses}" if p.n else "–", _num(s.fallback_rate, "{:.1%}"),
+            f"{p.wins}/{p.ties}/{p.losses}" if p.n else "–", number(s.fallback_rate, ".1%"),
         )  # fmt: skip
         ops.add_row(
-            arm, _num(s.latency_p50, "{:.2f}"), _num(s.latency_p99, "{:.2f}"),
-            _num(c.per_request if c else None, "{:.5f}"),
-            _num(c.savings_fraction if c else None, "{:.0%}"),
+            arm, number(s.latency_p50, ".2f"), number(s.latency_p99, ".2f"),
+            number(c.per_request if c else None, ".5f"),
+            number(c.savings_fraction if c else None, ".0%"),
         )  # fmt: skip
     verdicts = Table(title="challenger vs champion")
     for col in ("metric", "diff [95% CI]", "always-valid", "MDE", "verdict"):
@@ -256,7 +253,7 @@ def ab_tables(report: AbReport) -> list[Table]:
             label,
             "–" if d is None else f"{d.diff:+.2f} [{d.low:+.2f}, {d.high:+.2f}]",
             "–" if s is None else f"[{s.low:+.2f}, {s.high:+.2f}]",
-            _num(v.mde),
+            number(v.mde),
             v.verdict,
         )
     return [arms, ops, verdicts]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import html
-import math
 import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -24,6 +23,7 @@ from dataclasses import astuple, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from stillhouse.common.formatting import number, percent
 from stillhouse.eval import report_plots
 
 CSP = (
@@ -160,18 +160,6 @@ def _is_num(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _fmt(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def _pct(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.1f} %"
-
-
 def _secs(value: float | None) -> str:
     if value is None:
         return "–"
@@ -210,12 +198,16 @@ def _arms_table(data: ReportData) -> str:
         ("role", "role", lambda r: r.role or "–"),
         ("n", "n", lambda r: str(r.n)),
         ("judge_mean", f"judge mean [{level} CI]", _judge),
-        ("pairwise_win_rate", "pairwise win rate", lambda r: _pct(r.pairwise_win_rate)),
-        ("fallback_rate", "fallback rate", lambda r: _pct(r.fallback_rate)),
-        ("error_rate", "error rate", lambda r: _pct(r.error_rate)),
+        (
+            "pairwise_win_rate",
+            "pairwise win rate",
+            lambda r: percent(r.pairwise_win_rate, spaced=True),
+        ),
+        ("fallback_rate", "fallback rate", lambda r: percent(r.fallback_rate, spaced=True)),
+        ("error_rate", "error rate", lambda r: percent(r.error_rate, spaced=True)),
         ("latency_p50_s", "latency p50", lambda r: _secs(r.latency_p50_s)),
         ("latency_p99_s", "latency p99", lambda r: _secs(r.latency_p99_s)),
-        ("cost_per_request", cost, lambda r: _fmt(r.cost_per_request)),
+        ("cost_per_request", cost, lambda r: number(r.cost_per_request, ".4g")),
     ]
     always = {"arm", "n"}
     kept = [
@@ -259,7 +251,7 @@ def _divergence_section(data: ReportData) -> str:
     series = {str(k): [_plain(p) for p in v] for k, v in data.divergence.items()}
     state = f'<p>drift state: <span class="state">{_e(data.drift_state)}</span>'
     if data.drift_threshold is not None:
-        state += f" (threshold {_e(_fmt(float(data.drift_threshold)))})"
+        state += f" (threshold {_e(number(float(data.drift_threshold), '.4g'))})"
     state += "</p>"
     if not any(series.values()):
         return state + _no_data("divergence", data)
@@ -316,7 +308,9 @@ def _extra_tables(data: ReportData) -> str:
         headers: list[str] = []
         for row in rows:
             headers += [str(k) for k in row if str(k) not in headers]
-        cells = [[_fmt({str(k): v for k, v in r.items()}.get(h)) for h in headers] for r in rows]
+        cells = [
+            [number({str(k): v for k, v in r.items()}.get(h), ".4g") for h in headers] for r in rows
+        ]
         parts.append(_table(headers, cells, f"extra:{name}"))
     return "".join(parts)
 

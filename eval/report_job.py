@@ -10,12 +10,12 @@ has a score (served, or discarded by a fallback) and the teacher's mean score.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 
 import numpy as np
 
+from stillhouse.common.formatting import not_nan
 from stillhouse.common.traffic import MIRROR, TrafficRecord
 from stillhouse.eval.ab_job import ARMS, AbReport
 from stillhouse.eval.drift_job import StudentDrift
@@ -23,10 +23,6 @@ from stillhouse.eval.report import ABEffect, ArmRow, DivergencePoint, FallbackPo
 from stillhouse.eval.store import StoredJudgment
 
 CURVE_POINTS = 25
-
-
-def _num(x: float | None) -> float | None:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
 
 
 def fallback_curve(
@@ -83,12 +79,12 @@ def build_report_data(
         s, p = ab.arms[arm], ab.pairwise[arm]
         cost = ab.cost.arms.get(arm)
         arms.append(ArmRow(
-            arm=arm, n=s.n, role=arm, judge_mean=_num(s.judge_mean),
-            judge_low=_num(s.judge_ci[0]), judge_high=_num(s.judge_ci[1]),
-            pairwise_win_rate=_num(p.win_or_tie_rate), fallback_rate=_num(s.fallback_rate),
-            error_rate=_num(s.error_rate), latency_p50_s=_num(s.latency_p50),
-            latency_p99_s=_num(s.latency_p99),
-            cost_per_request=_num(cost.per_request) if cost else None,
+            arm=arm, n=s.n, role=arm, judge_mean=not_nan(s.judge_mean),
+            judge_low=not_nan(s.judge_ci[0]), judge_high=not_nan(s.judge_ci[1]),
+            pairwise_win_rate=not_nan(p.win_or_tie_rate), fallback_rate=not_nan(s.fallback_rate),
+            error_rate=not_nan(s.error_rate), latency_p50_s=not_nan(s.latency_p50),
+            latency_p99_s=not_nan(s.latency_p99),
+            cost_per_request=not_nan(cost.per_request) if cost else None,
         ))  # fmt: skip
     judge_scores = {
         arm: [j.score for j in judgments

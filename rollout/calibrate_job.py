@@ -6,8 +6,8 @@ The student answers every held-out prompt (greedy, with log-probabilities) and i
 as the gateway scores it — the same signal over the first `hold_tokens` tokens — and each answer
 is labelled acceptable or not: it agrees with the teacher's answer ("teacher_match") or the judge
 grades it at least `min_judge_score` ("judge"). `calibration.ltt_threshold` picks the threshold;
-the threshold and its held-out numbers go onto the model version as tags (the gateway reads them
-back with `read_calibration`), the run and the quality-vs-share curve into MLflow.
+the threshold and its held-out numbers go onto the model version as tags (format and parser:
+`common/calibration_tags.py`), the run and the quality-vs-share curve into MLflow.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import json
 import math
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -28,7 +28,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from stillhouse.common.calibration_tags import CALIBRATION_TAG_PREFIX, fit_problem
+from stillhouse.common.calibration_tags import CALIBRATION_TAG_PREFIX, CalibrationTags
 from stillhouse.common.config import ConfidenceSettings, Settings
 from stillhouse.common.errors import StillhouseError, UsageError
 from stillhouse.common.prompts import parse_triage_answer
@@ -37,7 +37,6 @@ from stillhouse.rollout import calibration as calib
 from stillhouse.serving import responses
 from stillhouse.serving.confidence import TokenLogprobs, confidence
 
-TAG_PREFIX = CALIBRATION_TAG_PREFIX  # the keys the gateway reads (common/calibration_tags)
 Messages = list[dict[str, Any]]
 _TIMEOUT_S = 120.0
 _ATTEMPTS = 3  # per call, on connection errors, timeouts, 429 and 5xx
@@ -47,34 +46,7 @@ class CalibrationError(StillhouseError):
     """Calibration could not label enough answers (every call failed, or no prompts)."""
 
 
-# ---- the version tags (pure; the gateway reads them) ----------------------------------------
-
-
-@dataclass(frozen=True)
-class CalibrationTags:
-    """A version's calibration as read back from its tags."""
-
-    threshold: float
-    certified: bool
-    epsilon: float
-    delta: float
-    risk: str
-    signal: str
-    hold_tokens: int
-    n: int
-    student_share: float
-    risk_hat: float
-    risk_upper: float
-    apgr: float
-    calibrated_at: str
-    quantile: float | None = None
-    top_k: int | None = None
-    test_share: float | None = None
-    test_risk: float | None = None
-
-
-def _num(x: float) -> str:
-    return f"{x:.6g}"
+# ---- the version tags (the format is common/calibration_tags) -----------------------------
 
 
 def calibration_tags(
@@ -85,57 +57,27 @@ def calibration_tags(
     test_share: float | None = None,
     test_risk: float | None = None,
 ) -> dict[str, str]:
-    """The version tags, all strings. The threshold (and quantile) are written with `repr` so
-    they read back as the exact floats: the gateway's `score < threshold` must cut where
-    calibration cut."""
+    """The version tags of one calibration, all strings."""
     r = result
-    tags = {
-        "threshold": repr(float(r.threshold)), "certified": "true" if r.certified else "false",
-        "epsilon": _num(r.epsilon), "delta": _num(r.delta), "risk": r.risk,
-        "signal": conf.signal, "hold_tokens": str(conf.hold_tokens),
-        "quantile": repr(float(conf.quantile)), "top_k": str(conf.top_k), "n": str(r.n),
-        "student_share": _num(r.student_share), "risk_hat": _num(r.risk_hat),
-        "risk_upper": _num(r.risk_upper), "apgr": _num(report.router),
-        "calibrated_at": calibrated_at.astimezone(UTC).isoformat(timespec="seconds"),
-    }  # fmt: skip
-    for key, value in (("test_share", test_share), ("test_risk", test_risk)):
-        if value is not None:
-            tags[key] = _num(value)
-    return {TAG_PREFIX + k: v for k, v in tags.items()}
-
-
-def _bool(text: str) -> bool:
-    return {"true": True, "false": False}[text]
-
-
-_CAST: dict[str, Any] = {"float": float, "int": int, "str": str, "bool": _bool}
-
-
-def read_calibration(
-    tags: Mapping[str, str], conf: ConfidenceSettings
-) -> tuple[CalibrationTags | None, str | None]:
-    """(calibration, None) when usable with the gateway's confidence settings `conf`;
-    (None, None) when the version was never calibrated; (None, reason) when it was calibrated
-    for another score — a threshold only means something on the score it was picked for (the
-    signal, the hold window, and the quantile or top-k where the signal uses them)."""
-    t = {k[len(TAG_PREFIX) :]: v for k, v in tags.items() if k.startswith(TAG_PREFIX)}
-    if "threshold" not in t:
-        return None, None
-    values: dict[str, Any] = {}
-    try:
-        for f in dataclasses.fields(CalibrationTags):
-            kind, _, optional = str(f.type).partition(" | ")
-            raw = t.get(f.name)
-            if raw is None and not optional:
-                raise KeyError(f.name)
-            values[f.name] = None if raw is None else _CAST[kind](raw)
-    except (KeyError, ValueError) as e:
-        return None, f"calibration tags are malformed ({type(e).__name__}: {e})"
-    cal = CalibrationTags(**values)
-    if math.isnan(cal.threshold):
-        return None, "calibration tags are malformed (threshold is NaN)"
-    mismatch = fit_problem(tags, conf.signal, conf.hold_tokens, conf.quantile, conf.top_k)
-    return (None, mismatch) if mismatch else (cal, None)
+    return CalibrationTags(
+        threshold=float(r.threshold),
+        certified=r.certified,
+        signal=conf.signal,
+        hold_tokens=conf.hold_tokens,
+        quantile=float(conf.quantile),
+        top_k=conf.top_k,
+        epsilon=float(r.epsilon),
+        delta=float(r.delta),
+        risk=r.risk,
+        n=r.n,
+        student_share=float(r.student_share),
+        risk_hat=float(r.risk_hat),
+        risk_upper=float(r.risk_upper),
+        apgr=float(report.router),
+        calibrated_at=calibrated_at.astimezone(UTC).isoformat(timespec="seconds"),
+        test_share=None if test_share is None else float(test_share),
+        test_risk=None if test_risk is None else float(test_risk),
+    ).to_tags()
 
 
 # ---- labelling (pure) -----------------------------------------------------------------------
@@ -392,7 +334,7 @@ def calibrate_version(
         outcome.tags = calibration_tags(
             result, report, conf, datetime.now(UTC), outcome.test_share, outcome.test_risk
         )
-        outcome.tags[TAG_PREFIX + "run_id"] = run.run_id
+        outcome.tags[CALIBRATION_TAG_PREFIX + "run_id"] = run.run_id
         run.log_metrics(_metrics(outcome))
         run.log_table(curve.rows(), "calibration_curve.json")
         registry.set_version_tags(version, outcome.tags)

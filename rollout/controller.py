@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from typing import Any, ClassVar, Literal
 
+from stillhouse.common.formatting import share_percent as pct
 from stillhouse.common.rollout_settings import ControllerSettings
 
 STATE_SCHEMA = 1
@@ -246,10 +247,6 @@ def actions_to_restore(state: ControllerState) -> list[Action]:
 # -- the transitions -------------------------------------------------------------------------
 
 
-def _pct(share: float) -> str:
-    return f"{share * 100:g}%"
-
-
 def _with_summary(text: str, summary: str) -> str:
     return f"{text} ({summary})" if summary else text
 
@@ -271,8 +268,8 @@ def decide(
     if not fixes:
         return new_state, actions
     note = Note(
-        f"the gateway runs share {_pct(split[0])}, mirror {_pct(split[1])}, not the "
-        f"controller's {_pct(new_state.share)}, {_pct(new_state.mirror)} (restarted?): set again"
+        f"the gateway runs share {pct(split[0])}, mirror {pct(split[1])}, not the "
+        f"controller's {pct(new_state.share)}, {pct(new_state.mirror)} (restarted?): set again"
     )
     return new_state, [note, *fixes, *actions]
 
@@ -366,7 +363,7 @@ def _after_calibration(
     )
     note = Note(
         f"v{state.version} calibration certified (threshold {threshold}); shadow: mirroring "
-        f"{_pct(mirror)} of requests until {cfg.shadow_min_samples} samples and "
+        f"{pct(mirror)} of requests until {cfg.shadow_min_samples} samples and "
         f"{cfg.min_step_s:g} s"
     )
     return new, [SetShare(0.0), SetMirror(mirror), note]
@@ -411,7 +408,7 @@ def _advance(
         reason=passed,
     )
     nxt = step_label(new, cfg)
-    note = Note(f"v{state.version} {passed}; {nxt}: share {_pct(state.share)} → {_pct(share)}")
+    note = Note(f"v{state.version} {passed}; {nxt}: share {pct(state.share)} → {pct(share)}")
     return new, [SetMirror(0.0), SetShare(share), note]
 
 
@@ -435,7 +432,7 @@ def _roll_back(
         decided=state.decided | {state.version},
     )
     note = Note(
-        f"v{state.version} rolled back at {label}: {reason}; share {_pct(state.share)} → 0, "
+        f"v{state.version} rolled back at {label}: {reason}; share {pct(state.share)} → 0, "
         "aliases untouched"
     )
     # Traffic first: a failing challenger stops serving even if the registry is down.

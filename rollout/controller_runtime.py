@@ -20,16 +20,13 @@ from typing import Any
 
 from rich.console import Console
 
+from stillhouse.common.calibration_tags import CalibrationTags, read_calibration
 from stillhouse.common.config import Settings
 from stillhouse.common.errors import StillhouseError
 from stillhouse.common.registry import RegistryClient, VersionInfo
 from stillhouse.common.tracking import RunTracker
 from stillhouse.common.traffic import MIRROR, TrafficLogError, TrafficLogReader
-from stillhouse.rollout.calibrate_job import (
-    CalibrationError,
-    calibrate_version,
-    read_calibration,
-)
+from stillhouse.rollout.calibrate_job import CalibrationError, calibrate_version
 from stillhouse.rollout.controller import (
     Action,
     Calibrate,
@@ -256,17 +253,24 @@ class ControllerRuntime:
 
 
 def uncertified_tags(settings: Settings, reason: str) -> dict[str, str]:
+    """The tags of a calibration that could label nothing: uncertified, with the reason."""
     from datetime import UTC, datetime
 
-    from stillhouse.rollout.calibrate_job import TAG_PREFIX
+    from stillhouse.common.calibration_tags import CALIBRATION_TAG_PREFIX
 
     conf, cal = settings.gateway.confidence, settings.rollout.calibration
-    values = {
-        "threshold": "0.0", "certified": "false", "epsilon": repr(cal.epsilon),
-        "delta": repr(cal.delta), "risk": cal.risk, "signal": conf.signal,
-        "hold_tokens": str(conf.hold_tokens), "n": "0", "student_share": "0.0",
-        "risk_hat": "nan", "risk_upper": "nan", "apgr": "nan",
-        "calibrated_at": datetime.now(UTC).isoformat(), "quantile": repr(conf.quantile),
-        "top_k": str(conf.top_k), "error": reason[:500],
-    }  # fmt: skip
-    return {TAG_PREFIX + k: v for k, v in values.items()}
+    tags = CalibrationTags(
+        threshold=0.0,
+        certified=False,
+        signal=conf.signal,
+        hold_tokens=conf.hold_tokens,
+        quantile=conf.quantile,
+        top_k=conf.top_k,
+        epsilon=cal.epsilon,
+        delta=cal.delta,
+        risk=cal.risk,
+        n=0,
+        student_share=0.0,
+        calibrated_at=datetime.now(UTC).isoformat(),
+    ).to_tags()
+    return {**tags, CALIBRATION_TAG_PREFIX + "error": reason[:500]}

@@ -26,6 +26,7 @@ from rich.table import Table
 
 from stillhouse.common.config import Settings
 from stillhouse.common.errors import UsageError
+from stillhouse.common.formatting import number
 from stillhouse.common.progress import progress_bar
 from stillhouse.common.registry import RegistryClient
 from stillhouse.common.tracking import RunTracker
@@ -115,16 +116,8 @@ def _table(title: str, rows: Sequence[Mapping[str, object]]) -> Table:
     for key in rows[0]:
         table.add_column(str(key), justify="left" if key == "arm" else "right")
     for row in rows:
-        table.add_row(*(_cell(v) for v in row.values()))
+        table.add_row(*(number(v) for v in row.values()))
     return table
-
-
-def _cell(value: object) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    return str(value)
 
 
 # ---- judge ---------------------------------------------------------------------------------
@@ -316,8 +309,8 @@ def drift_table(results: Sequence[drift_job.StudentDrift], window: str) -> Table
             r.arm,
             str(d.n if d else 0),
             f"{d.k3_mean:.3f} [{d.k3_ci[0]:.3f}, {d.k3_ci[1]:.3f}]" if d else "–",
-            _cell(d.top1_agreement) if d else "–",
-            _cell(tests.psi) if tests else "–",
+            number(d.top1_agreement) if d else "–",
+            number(tests.psi) if tests else "–",
             f"{tests.pvalue:.2g}" if tests else "–",
             f"{rep.sequential_statistic:.1f}/{rep.sequential_threshold:.1f}"
             if rep and rep.sequential_statistic is not None and rep.sequential_threshold

@@ -53,6 +53,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from stillhouse.common.formatting import finite_or_none
 from stillhouse.common.rollout_settings import GateSettings
 from stillhouse.eval.ab_job import AbReport
 from stillhouse.eval.abtest import msprt_from_estimate, wilson_interval
@@ -114,10 +115,6 @@ class GateEvidence:
     notes: tuple[str, ...] = ()
 
 
-def _num(x: float | None) -> float | None:
-    return None if x is None or not math.isfinite(x) else float(x)
-
-
 def _pair(ci: tuple[float, float] | None) -> Interval | None:
     if ci is None or not all(math.isfinite(v) for v in ci):
         return None
@@ -149,15 +146,15 @@ def evidence_from(report: AbReport, drift: Sequence[StudentDrift]) -> GateEviden
         div = d.divergence if d is not None else None
         arms[arm] = ArmEvidence(
             requests=s.n,
-            fallback_rate=_num(s.fallback_rate),
+            fallback_rate=finite_or_none(s.fallback_rate),
             fallback_ci=_pair(s.fallback_ci) if s.n else None,
-            latency_p99=_num(s.latency_p99),
+            latency_p99=finite_or_none(s.latency_p99),
             pairwise_n=p.n,
-            win_or_tie_rate=_num(p.win_or_tie_rate),
+            win_or_tie_rate=finite_or_none(p.win_or_tie_rate),
             win_or_tie_ci=_pair(p.win_or_tie_ci) if p.n else None,
-            pairwise_score=_num(p.score),
+            pairwise_score=finite_or_none(p.score),
             divergence_n=div.n if div else 0,
-            divergence_k3=_num(div.k3_mean) if div else None,
+            divergence_k3=finite_or_none(div.k3_mean) if div else None,
             divergence_ci=_pair(div.k3_ci) if div else None,
         )
     v = report.pairwise_verdict

@@ -7,11 +7,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from stillhouse.common.formatting import percent
 from stillhouse.rollout.redistill import RedistillOutcome
-
-
-def _pct(x: float | None) -> str:
-    return "" if x is None else f"{100 * x:.1f} %"
 
 
 def outcome_table(outcome: RedistillOutcome, teacher: dict[str, Any] | None) -> Table:
@@ -34,25 +31,27 @@ def outcome_table(outcome: RedistillOutcome, teacher: dict[str, Any] | None) -> 
     )
     best = [next(h for h in r.result.history if h.epoch == r.result.best_epoch) for r in runs]
     row("held-out KL(teacher‖student)", [f"{b.heldout_kl:.4f}" for b in best])
-    row("held-out top-1 agreement", [_pct(b.heldout_top1) for b in best])
+    row(
+        "held-out top-1 agreement", [percent(b.heldout_top1, spaced=True, missing="") for b in best]
+    )
     row("epochs (best)", [f"{len(r.result.history)} ({r.result.best_epoch})" for r in runs])
     row("training time", [f"{r.result.seconds:.0f} s" for r in runs])
     if any(r.served is not None for r in runs):
         s = [r.served for r in runs]
         row(
             "category accuracy (vLLM)",
-            [_pct(x.category_accuracy) if x else "" for x in s],
-            _pct(t_triage.get("category_accuracy")),
+            [percent(x.category_accuracy, spaced=True, missing="") if x else "" for x in s],
+            percent(t_triage.get("category_accuracy"), spaced=True, missing=""),
         )
         row(
             "priority accuracy (vLLM)",
-            [_pct(x.priority_accuracy) if x else "" for x in s],
-            _pct(t_triage.get("priority_accuracy")),
+            [percent(x.priority_accuracy, spaced=True, missing="") if x else "" for x in s],
+            percent(t_triage.get("priority_accuracy"), spaced=True, missing=""),
         )
         row(
             "hard-slice category accuracy",
-            [_pct(x.hard_category_accuracy) if x else "" for x in s],
-            _pct(t_triage.get("hard_category_accuracy")),
+            [percent(x.hard_category_accuracy, spaced=True, missing="") if x else "" for x in s],
+            percent(t_triage.get("hard_category_accuracy"), spaced=True, missing=""),
         )
         if t_triage.get("category_accuracy"):
             tc = t_triage["category_accuracy"]

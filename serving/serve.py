@@ -28,7 +28,7 @@ import uvloop
 from aiohttp import web
 from rich.console import Console
 
-from stillhouse.common.calibration_tags import calibration_tags
+from stillhouse.common.calibration_tags import calibration_only
 from stillhouse.common.config import EngineRef, Settings
 from stillhouse.common.errors import StillhouseError, UsageError
 from stillhouse.common.registry import RegistryError, parse_ref
@@ -152,7 +152,7 @@ def watched_roles(
                     extra_args=engine.extra_args,
                     serving=engine.ref,
                     pool_key=engine.pool_key if local else None,
-                    tags=calibration_tags(engine.tags) if engine.tags is not None else None,
+                    tags=calibration_only(engine.tags) if engine.tags is not None else None,
                 )
             )
         elif role in refs and follows_alias(refs[role]):

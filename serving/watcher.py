@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from stillhouse.common.calibration_tags import calibration_tags, threshold_from_tags
+from stillhouse.common.calibration_tags import calibration_only, serving_threshold
 from stillhouse.common.config import ConfidenceSettings, Settings
 from stillhouse.common.errors import StillhouseError
 from stillhouse.common.registry import RegistryClient, VersionInfo, parse_ref
@@ -88,7 +88,7 @@ def threshold_for(
     """(the version's calibrated threshold, or None for the configured one; why)."""
     if tags is None:
         return None, "configured (not a registry version)"
-    value, why = threshold_from_tags(tags, conf.signal, conf.hold_tokens, conf.quantile)
+    value, why = serving_threshold(tags, conf)
     if value is None:
         return None, f"configured ({version}: {why})"
     return value, f"calibrated for {version}"
@@ -244,7 +244,7 @@ class ModelWatcher:
             serving=state.serving,
             wanted=None if info is None else info.uri,
             applied_tags=state.tags or {},
-            wanted_tags=calibration_tags(info.tags) if info is not None else {},
+            wanted_tags=calibration_only(info.tags) if info is not None else {},
             swappable=state.swappable,
             extra_args=state.extra_args,
             retry=state.retry,
@@ -257,7 +257,7 @@ class ModelWatcher:
             state = self.roles[action.role]
             info = answers.get(action.role)
             if action.kind == "retag" and info is not None:
-                state.tags = calibration_tags(info.tags)
+                state.tags = calibration_only(info.tags)
                 engine = self.gateway.engines.get(action.role)
                 if engine is not None:
                     self._set_threshold(engine, info.tags)
@@ -342,7 +342,7 @@ class ModelWatcher:
                              started)  # fmt: skip
         log.info("%s: routing switched from %s to %s (%s)", action.role, state.serving,
                  action.target, action.kind)  # fmt: skip
-        state.serving, state.pool_key, state.tags = action.target, entry.key, calibration_tags(tags)
+        state.serving, state.pool_key, state.tags = action.target, entry.key, calibration_only(tags)
         state.failures, state.retry, state.last_error = 0, None, None
         return retiring
 

@@ -7,14 +7,11 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from stillhouse.common.formatting import percent
 from stillhouse.rollout.demo.build import DemoWorld
 
 # The demo world's acceptance bars for the teacher as served by vLLM.
 BARS = {"category": 0.95, "priority": 0.90, "judge_parsed": 0.99}
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f} %"
 
 
 def _mark(value: float, bar: float) -> str:
@@ -31,37 +28,43 @@ def teacher_eval_table(result: dict[str, Any]) -> Table:
     table.add_column("")
     table.add_row(
         "category accuracy",
-        _pct(triage["category_accuracy"]),
-        _pct(triage["hard_category_accuracy"]),
-        _pct(BARS["category"]),
+        percent(triage["category_accuracy"], spaced=True),
+        percent(triage["hard_category_accuracy"], spaced=True),
+        percent(BARS["category"], spaced=True),
         _mark(triage["category_accuracy"], BARS["category"]),
     )
     table.add_row(
         "priority accuracy",
-        _pct(triage["priority_accuracy"]),
-        _pct(triage["hard_priority_accuracy"]),
-        _pct(BARS["priority"]),
+        percent(triage["priority_accuracy"], spaced=True),
+        percent(triage["hard_priority_accuracy"], spaced=True),
+        percent(BARS["priority"], spaced=True),
         _mark(triage["priority_accuracy"], BARS["priority"]),
     )
     for tag, (cat, pri) in triage.get("by_tag", {}).items():
         table.add_row(
-            f"  {tag.replace('_', ' ')} (category / priority)", "", f"{_pct(cat)} / {_pct(pri)}"
+            f"  {tag.replace('_', ' ')} (category / priority)",
+            "",
+            f"{percent(cat, spaced=True)} / {percent(pri, spaced=True)}",
         )
-    table.add_row("answers in triage format", _pct(triage["parsed"]), "", "", "")
+    table.add_row("answers in triage format", percent(triage["parsed"], spaced=True), "", "", "")
     table.add_row(
         "judge verdicts parse as JSON",
-        _pct(judge["parsed"]),
+        percent(judge["parsed"], spaced=True),
         "",
-        _pct(BARS["judge_parsed"]),
+        percent(BARS["judge_parsed"], spaced=True),
         _mark(judge["parsed"], BARS["judge_parsed"]),
     )
-    table.add_row("judge score = ground truth", _pct(judge["exact_agreement"]), "", "", "")
-    table.add_row("judge 'fully correct' agrees", _pct(judge["correct_agreement"]), "", "", "")
+    table.add_row(
+        "judge score = ground truth", percent(judge["exact_agreement"], spaced=True), "", "", ""
+    )
+    table.add_row(
+        "judge 'fully correct' agrees", percent(judge["correct_agreement"], spaced=True), "", "", ""
+    )
     pairwise = result.get("pairwise")
     if pairwise:  # one order only here; `stillhouse judge` asks both
         table.add_row(
             "pairwise judge agrees (non-tie pairs)",
-            _pct(pairwise["agreement_without_ties"]),
+            percent(pairwise["agreement_without_ties"], spaced=True),
             "",
             "",
             f"{pairwise['non_tie_pairs']} pairs",

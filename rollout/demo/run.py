@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 from rich.console import Console
 
 from stillhouse.common.config import EngineRef, Settings
+from stillhouse.common.formatting import percent
 from stillhouse.common.registry import RegistryClient
 from stillhouse.common.tracking import RunTracker
 from stillhouse.eval.judge import judge_engine_args
@@ -142,11 +143,11 @@ def run_demo(settings: Settings, console: Console) -> DemoWorld:
         check = check_judge(settings, world, teacher_url)
         verdict = "meets" if (check.agreement_non_tie or 0) >= AGREEMENT_BAR else "misses"
         console.print(
-            f"judge check on {check.pairs} labelled pairs (both orders): agrees with the "
-            f"ground truth on {_pct1(check.agreement_non_tie)} of the {check.non_tie} pairs where "
+            f"judge check on {check.pairs} labelled pairs (both orders): agrees with the ground "
+            f"truth on {percent(check.agreement_non_tie)} of the {check.non_tie} pairs where "
             f"neither says tie ({verdict} the {AGREEMENT_BAR:.0%} bar); names the better answer "
-            f"in {_pct(check.recall)} of the {check.truth_non_tie} pairs that have one; "
-            f"order-consistent on {_pct(check.position_consistent)}; "
+            f"in {percent(check.recall, 0)} of the {check.truth_non_tie} pairs that have one; "
+            f"order-consistent on {percent(check.position_consistent, 0)}; "
             f"{check.stats.unparseable} unparseable"
         )
         _log_judge_check(settings, check)
@@ -164,7 +165,8 @@ def run_demo(settings: Settings, console: Console) -> DemoWorld:
 
 
 def _calibrate_champion(settings: Settings, admin: GatewayAdmin, version: int, console) -> None:
-    from stillhouse.rollout.calibrate_job import calibrate_version, read_calibration
+    from stillhouse.common.calibration_tags import read_calibration
+    from stillhouse.rollout.calibrate_job import calibrate_version
 
     registry = RegistryClient.from_settings(settings)
     info = registry.resolve(f"models:/{registry.registered_model}/{version}")
@@ -246,14 +248,6 @@ def _rollout(settings, admin, url, world, students, console) -> None:
     )
     for error in tally.errors:
         say(f"  failed request: {error}")
-
-
-def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{x:.0%}"
-
-
-def _pct1(x: float | None) -> str:
-    return "–" if x is None else f"{x:.1%}"
 
 
 def _log_judge_check(settings: Settings, check) -> None:

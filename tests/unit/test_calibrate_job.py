@@ -21,6 +21,8 @@ from fake_judge import serve as serve_judge
 from fake_vllm import LoopThread
 from rich.console import Console
 
+from stillhouse.common.calibration_tags import CALIBRATION_TAG_PREFIX as P
+from stillhouse.common.calibration_tags import read_calibration
 from stillhouse.common.config import ConfidenceSettings, Settings
 from stillhouse.common.errors import UsageError
 from stillhouse.common.prompts import triage_answer, triage_user_message
@@ -227,14 +229,14 @@ def test_the_version_is_tagged_and_the_gateway_can_read_it_back(matched, world):
     for key in ("threshold", "certified", "epsilon", "delta", "risk", "signal", "hold_tokens",
                 "n", "student_share", "risk_hat", "risk_upper", "apgr", "calibrated_at",
                 "test_share", "test_risk"):  # fmt: skip
-        assert job.TAG_PREFIX + key in tags
-    assert tags[job.TAG_PREFIX + "certified"] == "true"
-    cal, reason = job.read_calibration(tags, settings.gateway.confidence)
+        assert P + key in tags
+    assert tags[P + "certified"] == "true"
+    cal, reason = read_calibration(tags, settings.gateway.confidence)
     assert reason is None and cal is not None
     assert cal.threshold == outcome.result.threshold  # the exact float, not a rounding
     assert cal.hold_tokens == HOLD and cal.signal == "mean_logprob"
     assert cal.test_share == pytest.approx(outcome.test_share)
-    assert not any(k.startswith(job.TAG_PREFIX) for k in world.registry.resolve("3").tags)
+    assert not any(k.startswith(P) for k in world.registry.resolve("3").tags)
 
 
 def test_one_mlflow_run_holds_params_metrics_and_the_curve(matched, world):
@@ -251,7 +253,7 @@ def test_one_mlflow_run_holds_params_metrics_and_the_curve(matched, world):
     assert r.data.metrics["test.share"] == pytest.approx(outcome.test_share)
     assert 0.5 < r.data.metrics["apgr.router"] <= r.data.metrics["apgr.oracle"] + 1e-9
     assert "calibration_curve.json" in [a.path for a in client.list_artifacts(outcome.run_id)]
-    assert world.registry.resolve("1").tags[job.TAG_PREFIX + "run_id"] == outcome.run_id
+    assert world.registry.resolve("1").tags[P + "run_id"] == outcome.run_id
 
 
 def test_the_printed_table_fits_in_80_columns(matched):
@@ -274,7 +276,7 @@ def test_judge_mode_labels_with_the_judge_and_never_asks_the_teacher(world):
     start = Settings().rollout.calibration.start_errors
     assert outcome.result == ltt_threshold(scores, bad, epsilon=0.1, delta=0.1, start_errors=start)
     assert outcome.test_share is None
-    assert job.TAG_PREFIX + "test_share" not in world.registry.resolve("2").tags
+    assert P + "test_share" not in world.registry.resolve("2").tags
 
 
 def test_a_missing_version_fails_before_any_engine_is_asked(world):
@@ -291,7 +293,7 @@ def test_a_student_that_answers_nothing_is_one_clear_error_and_tags_nothing(worl
             prompts=[messages("ticket 1"), messages("ticket 2")])  # fmt: skip
     assert "no answer could be labelled" in str(err.value) and "404" in str(err.value)
     assert "\n" not in str(err.value)
-    assert not any(k.startswith(job.TAG_PREFIX) for k in world.registry.resolve("3").tags)
+    assert not any(k.startswith(P) for k in world.registry.resolve("3").tags)
 
 
 # ---- pure parts -------------------------------------------------------------------------------
@@ -320,54 +322,6 @@ def test_gateway_score_uses_the_hold_window_and_no_logprobs_is_minus_infinity():
     assert job.gateway_score(tokens, conf) == -0.2
     assert job.gateway_score(None, conf) == -math.inf
     assert job.gateway_score([], conf) == -math.inf
-
-
-def _tags(**overrides: str) -> dict[str, str]:
-    base = {"threshold": "-0.3125", "certified": "true", "epsilon": "0.1", "delta": "0.1",
-            "risk": "served", "signal": "mean_logprob", "hold_tokens": "8", "quantile": "0.1",
-            "top_k": "5", "n": "400", "student_share": "0.6", "risk_hat": "0.05",
-            "risk_upper": "0.09", "apgr": "0.7",
-            "calibrated_at": "2026-01-01T00:00:00+00:00"}  # fmt: skip
-    base.update(overrides)
-    return {"other": "x", **{job.TAG_PREFIX + k: v for k, v in base.items()}}
-
-
-@pytest.mark.parametrize(
-    ("conf", "tags", "usable", "reason"),
-    [
-        ({}, _tags(), True, None),
-        ({"signal": "min_logprob"}, _tags(), False, "signal mean_logprob"),
-        ({"hold_tokens": 16}, _tags(), False, "over 8 tokens"),
-        ({"signal": "quantile", "quantile": 0.2}, _tags(signal="quantile"), False, "quantile"),
-        ({"quantile": 0.2}, _tags(), True, None),  # the quantile matters only to its signal
-        (
-            {"signal": "neg_mean_entropy", "top_k": 3},
-            _tags(signal="neg_mean_entropy"),
-            False,
-            "top-5",
-        ),
-        ({"top_k": 3}, _tags(), True, None),
-        ({}, _tags(threshold="x"), False, "malformed"),
-        ({}, _tags(certified="yes"), False, "malformed"),
-        ({}, _tags(threshold="nan"), False, "malformed"),
-    ],
-)
-def test_read_calibration_accepts_only_a_calibration_of_the_gateways_score(
-    conf, tags, usable, reason
-):
-    cal, why = job.read_calibration(tags, ConfidenceSettings(**conf))
-    assert (cal is not None) is usable
-    if reason is None:
-        assert why is None and cal is not None and cal.threshold == -0.3125
-    else:
-        assert why is not None and reason in why
-
-
-def test_read_calibration_of_an_uncalibrated_version_is_none_without_a_reason():
-    assert job.read_calibration({"n": "1"}, ConfidenceSettings()) == (None, None)
-    missing = {k: v for k, v in _tags().items() if not k.endswith(".epsilon")}
-    cal, why = job.read_calibration(missing, ConfidenceSettings())
-    assert cal is None and why is not None and "epsilon" in why
 
 
 def test_judge_question_is_the_ticket_for_the_demo_template_else_the_last_user_message():

@@ -36,7 +36,8 @@ MSG = [{"role": "user", "content": "I was charged twice"}]
 BODY = {"model": "stillhouse", "messages": MSG, "max_tokens": 4}
 V1, V2, V3 = (f"models:/student/{n}" for n in (1, 2, 3))
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
-FIT = {P + "threshold": "-0.3", P + "signal": "mean_logprob", P + "hold_tokens": "4"}
+FIT = {P + "threshold": "-0.3", P + "certified": "true", P + "signal": "mean_logprob",
+       P + "hold_tokens": "4"}  # fmt: skip
 
 
 def wait_until(check: Callable[[], bool], timeout: float = 5.0) -> None:

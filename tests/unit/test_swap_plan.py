@@ -9,7 +9,8 @@ from stillhouse.common.calibration_tags import CALIBRATION_TAG_PREFIX as P
 from stillhouse.serving.swap_plan import RoleView, plan, retry_delay
 
 V1, V2, V3 = (f"models:/student/{n}" for n in (1, 2, 3))
-FIT = {P + "threshold": "-0.3", P + "signal": "mean_logprob", P + "hold_tokens": "4"}
+FIT = {P + "threshold": "-0.3", P + "certified": "true", P + "signal": "mean_logprob",
+       P + "hold_tokens": "4"}  # fmt: skip
 
 
 def view(role: str = "champion", serving: str | None = V1, wanted: str | None = V1, **kw):
