@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml Makefile
 	@$(PIP) install --quiet torch==2.13.0 $(QUIET_PIP)
 	@PYTHONWARNINGS=ignore $(PIP) install --quiet -e '.[cpu,dev]' $(QUIET_PIP)
 	@$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec $(QUIET_PIP)
-	@$(BIN)/python -c "import transformers, vllm, stillhouse.eval, stillhouse.serving.engine"
+	@$(BIN)/python -c "import transformers, vllm, stillhouse.eval, stillhouse.serving.engines.vllm"
 	@touch $(STAMP)
 	@echo "installed into $(VENV)"
 

@@ -1,5 +1,5 @@
 """`python -m stillhouse ...` is the same as the `stillhouse` command."""
 
-from stillhouse.cli import main
+from stillhouse.cli.main import main
 
 main()

@@ -1,6 +1,6 @@
 """The traffic log: its SQLite schema, its plain record types, and the reader.
 
-The gateway writes the log (`stillhouse.serving.traffic_log.TrafficLogWriter`); eval and rollout
+The gateway writes the log (`serving/gateway/traffic_log.py`); eval and rollout
 read it, usually while the gateway is still writing (the database is in WAL mode, so readers never
 block the writer and always see whole committed transactions):
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
 
-from stillhouse.eval.ab_job import ARMS, AbReport
-from stillhouse.eval.drift_job import STATE_VALUE, StudentDrift
+from stillhouse.eval.ab_summary import ARMS, AbReport
+from stillhouse.eval.student_drift import STATE_VALUE, StudentDrift
 
 VERDICT_VALUE = {"better": 1.0, "inconclusive": 0.0, "worse": -1.0}
 

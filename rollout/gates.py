@@ -55,9 +55,9 @@ from typing import Literal
 
 from stillhouse.common.formatting import finite_or_none
 from stillhouse.common.rollout_settings import GateSettings
-from stillhouse.eval.ab_job import AbReport
+from stillhouse.eval.ab_summary import AbReport
 from stillhouse.eval.abtest import msprt_from_estimate, wilson_interval
-from stillhouse.eval.drift_job import StudentDrift
+from stillhouse.eval.student_drift import StudentDrift
 
 GateStatus = Literal["pass", "fail", "inconclusive"]
 Phase = Literal["shadow", "ramp"]

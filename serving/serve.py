@@ -32,21 +32,27 @@ from stillhouse.common.calibration_tags import calibration_only
 from stillhouse.common.config import EngineRef, Settings
 from stillhouse.common.errors import StillhouseError, UsageError
 from stillhouse.common.registry import RegistryError, parse_ref
-from stillhouse.serving.admin_engines import install_watcher
-from stillhouse.serving.app import ENGINE_ROLES, GATEWAY, EngineEndpoint, build_app, load_keys
-from stillhouse.serving.engine import EngineSpec, validate_model_dir
-from stillhouse.serving.engine_pool import (
+from stillhouse.serving.engines.admin import install_watcher
+from stillhouse.serving.engines.pool import (
     EnginePool,
     ManagedEngine,
     PoolKey,
     pool_key,
     vllm_factory,
 )
-from stillhouse.serving.watcher import (
+from stillhouse.serving.engines.vllm import EngineSpec, validate_model_dir
+from stillhouse.serving.engines.watcher import (
     MlflowRegistryView,
     ModelWatcher,
     RegistryView,
     WatchedRole,
+)
+from stillhouse.serving.gateway.app import (
+    ENGINE_ROLES,
+    GATEWAY,
+    EngineEndpoint,
+    build_app,
+    load_keys,
 )
 
 log = logging.getLogger("stillhouse.serve")

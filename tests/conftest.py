@@ -58,7 +58,7 @@ def tiny_settings() -> Settings:
 
 @pytest.fixture(scope="session")
 def tiny_world(tiny_settings: Settings):
-    from stillhouse.rollout.demo.build import build_demo_world
+    from stillhouse.demo.build import build_demo_world
 
     return build_demo_world(tiny_settings)
 
@@ -67,7 +67,7 @@ def tiny_world(tiny_settings: Settings):
 def running_vllm(model_dir: Path, name: str, settings: Settings) -> Iterator:
     """A vLLM CPU server on `model_dir` for the block; stopped after it, and the stop is
     checked: nothing of its process group may survive."""
-    from stillhouse.serving.engine import EngineSpec, VllmEngine
+    from stillhouse.serving.engines.vllm import EngineSpec, VllmEngine
 
     engine = VllmEngine(EngineSpec(model_dir, name), settings.engine, settings.logs_dir)
     engine.start()

@@ -21,9 +21,9 @@ from rich.console import Console
 from rich.table import Table
 
 from stillhouse.common.config import DemoSettings, EngineSettings, Settings
-from stillhouse.rollout import training as train
-from stillhouse.rollout.demo.build import build_demo_world, teacher_shape
-from stillhouse.serving.engine import EngineSpec, VllmEngine
+from stillhouse.demo import teacher as train
+from stillhouse.demo.build import build_demo_world, teacher_shape
+from stillhouse.serving.engines.vllm import EngineSpec, VllmEngine
 
 REQUESTS = 20
 MAX_TOKENS = 32

@@ -31,10 +31,10 @@ from rich.console import Console
 from rich.table import Table
 
 from stillhouse.common.config import EngineSettings, Settings
+from stillhouse.demo.build import DemoWorld, load_demo_world, sample_judge_items
 from stillhouse.eval.judge import Judge, JudgeConfig, JudgeStats, judge_engine_args
 from stillhouse.eval.judge_templates import DemoJudgeTemplate
-from stillhouse.rollout.demo.build import DemoWorld, load_demo_world, sample_judge_items
-from stillhouse.serving.engine import EngineSpec, VllmEngine
+from stillhouse.serving.engines.vllm import EngineSpec, VllmEngine
 
 REPO = Path(__file__).resolve().parents[2]
 LEVELS = (1, 2, 4, 8, 16)
@@ -54,7 +54,7 @@ def find_world(choice: str, console: Console) -> tuple[str, DemoWorld]:
     sys.path.insert(0, str(REPO / "tests"))
     from conftest import TEST_ENGINE, TINY_DEMO  # the tests' own tiny-world settings
 
-    from stillhouse.rollout.demo.build import build_demo_world
+    from stillhouse.demo.build import build_demo_world
 
     settings = Settings(state_dir=REPO / ".stillhouse" / "test", demo=TINY_DEMO, engine=TEST_ENGINE)
     with console.status("tiny test world (built on first use: a minute or two)"):

@@ -15,7 +15,7 @@ variant frees what it can), and the loss is one of
 * straightforward: ``F.log_softmax`` over the full [B, T, V] logits of both models in float32,
   then ``F.kl_div`` (forward KL; other divergences use ``losses.divergence`` on the full
   tensors), masked mean, autograd backward;
-* chunked: ``stillhouse.rollout.losses.kd_loss`` with the same ``KDLossConfig``;
+* chunked: ``stillhouse.rollout.distill.losses.kd_loss`` with the same ``KDLossConfig``;
 * chunked, in-place grad: the same with ``inplace_grad=True`` (the gradient overwrites the logits).
 
 The lm_head's matmul and its backward are part of every variant, in time and in memory: each
@@ -63,7 +63,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from stillhouse.rollout.losses import DIVERGENCES, KDLossConfig, divergence, kd_loss
+from stillhouse.rollout.distill.losses import DIVERGENCES, KDLossConfig, divergence, kd_loss
 
 VARIANTS = ("straightforward", "chunked", "inplace")
 LABELS = {"chunked": "chunked", "inplace": "chunked, in-place grad"}

@@ -21,8 +21,8 @@ from rich.console import Console
 from rich.table import Table
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from stillhouse.rollout.distill import DistillConfig, DistillExample, train_student
-from stillhouse.rollout.losses import KDLossConfig
+from stillhouse.rollout.distill.losses import KDLossConfig
+from stillhouse.rollout.distill.training import DistillConfig, DistillExample, train_student
 
 VOCAB, TOP_K = 2048, 20
 

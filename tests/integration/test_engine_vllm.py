@@ -14,8 +14,8 @@ import pytest
 from openai import OpenAI
 
 from stillhouse.common.errors import EngineStartError
-from stillhouse.rollout.demo.build import sample_judge_items
-from stillhouse.serving.engine import EngineSpec, VllmEngine
+from stillhouse.demo.build import sample_judge_items
+from stillhouse.serving.engines.vllm import EngineSpec, VllmEngine
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +27,7 @@ def _client(engine: VllmEngine) -> OpenAI:
 def _triage_prompt(tiny_world) -> str:
     from transformers import AutoTokenizer
 
-    from stillhouse.rollout.demo.examples import triage_messages
+    from stillhouse.demo.examples import triage_messages
 
     tok = AutoTokenizer.from_pretrained(str(tiny_world.teacher_dir))
     ticket = tiny_world.split("test")[0]
@@ -91,7 +91,7 @@ def test_prompt_logprobs_score_every_prompt_token_after_the_first(teacher_engine
 def test_served_teacher_can_be_scored_against_ground_truth(teacher_engine, tiny_world):
     from transformers import AutoTokenizer
 
-    from stillhouse.rollout.demo.evaluate import evaluate_served_model
+    from stillhouse.demo.evaluate import evaluate_served_model
 
     tok = AutoTokenizer.from_pretrained(str(tiny_world.teacher_dir))
     tickets = tiny_world.split("test")[:12]

@@ -25,7 +25,7 @@ from openai import APIStatusError, OpenAI
 
 from stillhouse.common.prompts import triage_user_message
 from stillhouse.common.traffic import TrafficLogReader
-from stillhouse.serving.engine import VllmEngine, free_port
+from stillhouse.serving.engines.vllm import VllmEngine, free_port
 
 pytestmark = pytest.mark.slow
 

@@ -27,7 +27,7 @@ from stillhouse.common.config import Settings
 from stillhouse.common.prompts import triage_user_message
 from stillhouse.common.registry import RegistryClient
 from stillhouse.common.traffic import TrafficLogReader
-from stillhouse.serving.engine import free_port, read_log_tail
+from stillhouse.serving.engines.vllm import free_port, read_log_tail
 
 pytestmark = pytest.mark.slow
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
+from stillhouse.demo.build import sample_judge_items, sample_pairwise_items
 from stillhouse.eval.judge import JudgeConfig, judge_engine_args, run_judgments
 from stillhouse.eval.judge_templates import (
     SINGLE_SCHEMA,
@@ -22,7 +23,6 @@ from stillhouse.eval.judge_templates import (
     RubricJudgeTemplate,
     parse_single,
 )
-from stillhouse.rollout.demo.build import sample_judge_items, sample_pairwise_items
 
 pytestmark = pytest.mark.slow
 
@@ -76,7 +76,7 @@ def test_demo_judge_parses_every_verdict_and_a_rerun_is_free(
 def test_compact_json_server_flag_is_accepted_and_applied(
     tiny_world, tiny_settings, group_processes
 ) -> None:
-    from stillhouse.serving.engine import EngineSpec, VllmEngine
+    from stillhouse.serving.engines.vllm import EngineSpec, VllmEngine
 
     args = judge_engine_args(RubricJudgeTemplate())
     assert args  # a generic judge gets the flag

@@ -35,14 +35,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from safetensors.torch import load_file, save_file
 
+from stillhouse.cli import evaluation as eval_jobs
+from stillhouse.cli.local_prometheus import dashboards_dir, prepare_local_prometheus
 from stillhouse.common.config import Settings, load_settings
 from stillhouse.common.prompts import triage_user_message
-from stillhouse.rollout import eval_jobs
-from stillhouse.rollout.controller import ControllerState, Phase, Promote, RollBack
-from stillhouse.rollout.controller_store import ControllerStore
-from stillhouse.rollout.local_prometheus import dashboards_dir, prepare_local_prometheus
-from stillhouse.rollout.redistill_metrics import write_redistill_metrics
-from stillhouse.serving.engine import VllmEngine, free_port, stop_group
+from stillhouse.rollout.controller.core import ControllerState, Phase, Promote, RollBack
+from stillhouse.rollout.controller.store import ControllerStore
+from stillhouse.rollout.distill.metrics import write_redistill_metrics
+from stillhouse.serving.engines.vllm import VllmEngine, free_port, stop_group
 
 pytestmark = pytest.mark.slow
 

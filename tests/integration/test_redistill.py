@@ -15,8 +15,8 @@ from stillhouse.common.config import (
     TrainingSettings,
 )
 from stillhouse.common.registry import RegistryClient
-from stillhouse.rollout.redistill import redistill
-from stillhouse.rollout.targets import TeacherError
+from stillhouse.rollout.distill.pipeline import redistill
+from stillhouse.rollout.distill.targets import TeacherError
 
 pytestmark = pytest.mark.slow
 

@@ -208,7 +208,7 @@ def test_the_report_of_the_evaluation_pipeline_opens_with_every_plot(tmp_path, g
     from fake_vllm import LoopThread
     from rich.console import Console
 
-    from stillhouse.rollout import eval_jobs
+    from stillhouse.cli import evaluation as eval_jobs
 
     loop = LoopThread()
     try:

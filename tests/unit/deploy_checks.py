@@ -54,7 +54,7 @@ def parse_stillhouse(argv: list[str]) -> None:
     """Parse argv with the real typer app, down to the leaf command, without running it."""
     import typer.main
 
-    from stillhouse.cli import app
+    from stillhouse.cli.main import app
 
     command = typer.main.get_command(app)
     ctx = command.make_context("stillhouse", list(argv[1:]))
@@ -126,7 +126,7 @@ LOCAL_PROM = REPO / "dashboards" / "prometheus" / "prometheus.yml"
 
 def gateway_sd(engines: dict[str, str], url: str) -> list[dict[str, str]]:
     """The gateway's /metrics/engines answer, as http_sd targets' labels."""
-    from stillhouse.serving.metrics import engine_sd_targets
+    from stillhouse.serving.gateway.metrics import engine_sd_targets
 
     return [{"__address__": t, "__meta_url": url, **g["labels"]}
             for g in engine_sd_targets(engines) for t in g["targets"]]  # fmt: skip

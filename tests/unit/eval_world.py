@@ -16,7 +16,7 @@ from stillhouse.common.config import Settings
 from stillhouse.common.prompts import triage_user_message
 from stillhouse.common.traffic import INSERT_SQL, AbChange, TrafficRecord, create_schema, to_row
 from stillhouse.eval.drift_sim import SimStudent, simulate_records
-from stillhouse.serving.assignment import assign_arm
+from stillhouse.serving.gateway.assignment import assign_arm
 
 SHARE, SEED, USERS, T0 = 0.3, "test-seed", 600, 1_700_000_000.0
 MODELS = {"champion": "models:/s/1", "challenger": "models:/s/2"}

@@ -15,8 +15,8 @@ from openai import OpenAI
 
 from stillhouse.common.config import Settings
 from stillhouse.common.traffic import TrafficLogReader
-from stillhouse.serving.app import GATEWAY, EngineEndpoint, build_app
-from stillhouse.serving.gateway import Gateway
+from stillhouse.serving.gateway.app import GATEWAY, EngineEndpoint, build_app
+from stillhouse.serving.gateway.core import Gateway
 
 CLIENT_KEY = "sk-client-test"
 ADMIN_KEY = "sk-admin-test"

@@ -10,11 +10,11 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from stillhouse.rollout.losses import (
+from stillhouse.rollout.distill.losses import (
     KDLossConfig,
 )
 
-LOSSES_PY = Path(__file__).resolve().parents[2] / "rollout" / "losses.py"
+LOSSES_PY = Path(__file__).resolve().parents[2] / "rollout" / "distill" / "losses.py"
 B, T, V = 2, 5, 11
 MASK = torch.tensor([[False, True, True, False, True], [False, False, True, True, True]])
 # (divergence, extra config) covering every branch, both JSD endpoints and the skew limits.

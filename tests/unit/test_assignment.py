@@ -5,7 +5,7 @@ import hashlib
 
 import pytest
 
-from stillhouse.serving.assignment import assign_arm, bucket, user_key
+from stillhouse.serving.gateway.assignment import assign_arm, bucket, user_key
 
 KEYS_2K = [f"user-{i}" for i in range(2000)]
 KEYS_20K = [f"user-{i}" for i in range(20000)]

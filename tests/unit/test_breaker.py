@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stillhouse.serving.breaker import CircuitBreaker
+from stillhouse.serving.gateway.breaker import CircuitBreaker
 
 
 class Clock:

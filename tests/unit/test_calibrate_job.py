@@ -28,9 +28,9 @@ from stillhouse.common.errors import UsageError
 from stillhouse.common.prompts import triage_answer, triage_user_message
 from stillhouse.common.registry import RegistryClient, RegistryError
 from stillhouse.common.traffic import INSERT_SQL, TrafficRecord, create_schema, to_row
-from stillhouse.rollout import calibrate_job as job
-from stillhouse.rollout.calibration import evaluate_threshold, ltt_threshold
-from stillhouse.serving.confidence import TokenLogprobs
+from stillhouse.rollout.calibration import job
+from stillhouse.rollout.calibration.ltt import evaluate_threshold, ltt_threshold
+from stillhouse.serving.gateway.confidence import TokenLogprobs
 
 HOLD, TAIL_LOGPROB = 8, -6.0  # tokens past the gateway's hold window are scored very low
 N_CAL, N_GOOD, N_TEST = 80, 60, 40  # fresh prompts are numbered from 100

@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 
-from stillhouse.rollout.calibration import (
+from stillhouse.rollout.calibration.ltt import (
     apgr,
     binomial_p_value,
     candidate_thresholds,

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from stillhouse.serving.confidence import (
+from stillhouse.serving.gateway.confidence import (
     SIGNALS,
     TokenLogprobs,
     confidence,

@@ -12,7 +12,7 @@ import pytest
 
 from stillhouse.common.errors import StillhouseError
 from stillhouse.common.rollout_settings import ControllerSettings
-from stillhouse.rollout.controller import (
+from stillhouse.rollout.controller.core import (
     Action,
     Calibrate,
     Calibration,
@@ -31,7 +31,7 @@ from stillhouse.rollout.controller import (
     decide,
     gates_due,
 )
-from stillhouse.rollout.controller_store import (
+from stillhouse.rollout.controller.store import (
     ControllerLockedError,
     ControllerStore,
     ControllerStoreError,

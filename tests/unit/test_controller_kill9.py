@@ -21,7 +21,7 @@ import pytest
 
 from stillhouse.common.errors import StillhouseError
 from stillhouse.common.rollout_settings import ControllerSettings
-from stillhouse.rollout.controller import (
+from stillhouse.rollout.controller.core import (
     Action,
     Calibration,
     ControllerState,
@@ -35,8 +35,8 @@ from stillhouse.rollout.controller import (
     gates_due,
     step_label,
 )
-from stillhouse.rollout.controller_loop import run_controller
-from stillhouse.rollout.controller_store import (
+from stillhouse.rollout.controller.loop import run_controller
+from stillhouse.rollout.controller.store import (
     ControllerLockedError,
     ControllerStore,
     controller_lock,
@@ -203,10 +203,10 @@ CONTROLLER = textwrap.dedent(
     import json, os, signal, sys, time
     from pathlib import Path
     from stillhouse.common.rollout_settings import ControllerSettings
-    from stillhouse.rollout.controller import (
+    from stillhouse.rollout.controller.core import (
         Calibration, GateResult, Observation, action_to_dict, gates_due, step_label)
-    from stillhouse.rollout.controller_loop import run_controller
-    from stillhouse.rollout.controller_store import ControllerStore
+    from stillhouse.rollout.controller.loop import run_controller
+    from stillhouse.rollout.controller.store import ControllerStore
 
     work = Path(sys.argv[1])
     cfg = ControllerSettings(min_step_s=0, shadow_min_samples=1, min_step_samples=1, tick_s=0.2)

@@ -15,7 +15,7 @@ import pytest
 from stillhouse.common.config import Settings
 from stillhouse.common.registry import RegistryClient
 from stillhouse.common.traffic import INSERT_SQL, MIRROR, TrafficRecord, create_schema, to_row
-from stillhouse.rollout.controller import (
+from stillhouse.rollout.controller.core import (
     Calibrate,
     ControllerState,
     Note,
@@ -25,7 +25,7 @@ from stillhouse.rollout.controller import (
     SetMirror,
     SetShare,
 )
-from stillhouse.rollout.controller_runtime import (
+from stillhouse.rollout.controller.runtime import (
     ChallengerNotServing,
     ControllerRuntime,
     uncertified_tags,

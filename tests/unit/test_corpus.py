@@ -2,7 +2,7 @@ from collections import Counter
 
 import pytest
 
-from stillhouse.rollout.demo.corpus import (
+from stillhouse.demo.corpus import (
     CATEGORIES,
     HARD_TAGS,
     ISSUES,

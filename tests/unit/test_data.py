@@ -4,7 +4,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from stillhouse.common.errors import UsageError
-from stillhouse.rollout.data import load_prompt_file, parse_record, select_prompts
+from stillhouse.rollout.distill.data import load_prompt_file, parse_record, select_prompts
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 
@@ -105,7 +105,7 @@ def test_a_judge_score_filter_without_a_judge_is_refused_before_any_work(tmp_pat
     from rich.console import Console
 
     from stillhouse.common.config import FilterSettings, RedistillSettings, Settings
-    from stillhouse.rollout.redistill import redistill
+    from stillhouse.rollout.distill.pipeline import redistill
 
     settings = Settings(
         state_dir=tmp_path, redistill=RedistillSettings(filter=FilterSettings(min_judge_score=4))
@@ -119,7 +119,7 @@ def test_a_config_that_cannot_train_is_refused_before_any_work(tmp_path):
     from rich.console import Console
 
     from stillhouse.common.config import KdSettings, RedistillSettings, Settings
-    from stillhouse.rollout.redistill import redistill
+    from stillhouse.rollout.distill.pipeline import redistill
 
     # grey-box targets are top-k log-probabilities at temperature 1
     settings = Settings(

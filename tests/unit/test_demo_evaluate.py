@@ -3,9 +3,9 @@ import random
 import pytest
 
 from stillhouse.common.prompts import triage_answer
-from stillhouse.rollout.demo.corpus import Ticket
-from stillhouse.rollout.demo.evaluate import score_judge, score_triage
-from stillhouse.rollout.demo.examples import make_judge_item
+from stillhouse.demo.corpus import Ticket
+from stillhouse.demo.evaluate import score_judge, score_triage
+from stillhouse.demo.examples import make_judge_item
 
 EASY = Ticket("t1", "my card was charged twice", "billing", "high", "test")
 HARD = Ticket("t2", "the box never came", "shipping", "low", "test", ("rare_phrase",))

@@ -2,7 +2,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from stillhouse.rollout.distill import (
+from stillhouse.rollout.distill.losses import KDLossConfig
+from stillhouse.rollout.distill.training import (
     ConfigMismatchError,
     DistillConfig,
     DistillExample,
@@ -10,7 +11,6 @@ from stillhouse.rollout.distill import (
     collate,
     train_student,
 )
-from stillhouse.rollout.losses import KDLossConfig
 
 VOCAB = 32
 
@@ -108,13 +108,13 @@ def test_a_written_job_trains_the_same_way_in_another_process(tmp_path):
     import subprocess
     import sys
 
-    from stillhouse.rollout.distill_job import write_job
+    from stillhouse.rollout.distill.job import write_job
 
     cfg = DistillConfig(epochs=1, learning_rate=1e-2, batch_tokens=256)
     write_job(tmp_path, cfg, _examples(32), _examples(8), _tiny(seed=1), pad_id=0, top_k=4,
               teacher_dir=tmp_path, lora=None)  # fmt: skip
     done = subprocess.run(
-        [sys.executable, "-m", "stillhouse.rollout.distill_job", str(tmp_path)],
+        [sys.executable, "-m", "stillhouse.rollout.distill.job", str(tmp_path)],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -129,7 +129,7 @@ def test_a_written_job_trains_the_same_way_in_another_process(tmp_path):
 
 
 def test_distill_job_without_a_job_file_is_a_usage_line():
-    from stillhouse.rollout.distill_job import main
+    from stillhouse.rollout.distill.job import main
 
     assert main([]) == 2
 
@@ -149,7 +149,7 @@ def test_white_box_distillation_uses_the_local_teacher_logits(tmp_path):
 def test_lora_student_trains_only_adapters_and_saves_a_plain_model(tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    from stillhouse.rollout.student import LORA_TARGETS, save_for_serving
+    from stillhouse.rollout.distill.student import LORA_TARGETS, save_for_serving
 
     base = _tiny(seed=1)
     frozen = {k: v.clone() for k, v in base.state_dict().items()}

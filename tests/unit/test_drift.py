@@ -290,7 +290,7 @@ def test_a_reference_without_spread_reports_no_drift_decision_instead_of_failing
     is no noise floor to calibrate a detector on, and the drift job says so (it used to raise)."""
     from stillhouse.common.eval_settings import DriftSettings
     from stillhouse.eval.divergence import RequestDivergence
-    from stillhouse.eval.drift_job import student_drift
+    from stillhouse.eval.student_drift import student_drift
 
     current = [
         RequestDivergence(f"r{i}", float(i), "m", 4, 0.0, 0.0, 0.0, 0.0, None, None, None)

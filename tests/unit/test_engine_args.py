@@ -5,7 +5,7 @@ from pydantic import SecretStr
 
 from stillhouse.common.config import EngineSettings
 from stillhouse.common.errors import UsageError
-from stillhouse.serving.engine import (
+from stillhouse.serving.engines.vllm import (
     EngineSpec,
     build_engine_command,
     build_engine_env,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stillhouse.serving.metrics import engine_sd_targets
+from stillhouse.serving.gateway.metrics import engine_sd_targets
 
 
 @pytest.mark.parametrize(

@@ -9,10 +9,10 @@ from fake_judge import FakeJudge, serve
 from fake_vllm import LoopThread
 from rich.console import Console
 
+from stillhouse.cli import evaluation as eval_jobs
 from stillhouse.common.config import EngineRef, Settings
 from stillhouse.common.traffic import AbChange, TrafficLogReader
 from stillhouse.eval.store import EvalStore
-from stillhouse.rollout import eval_jobs
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_ab_against_a_misconfigured_share_raises_the_srm_alarm(judged, tmp_path)
     settings, _, _ = judged
     with TrafficLogReader(settings.traffic_log_path) as log:
         records = log.records()
-    from stillhouse.eval.ab_job import build_ab_report
+    from stillhouse.eval.ab_summary import build_ab_report
 
     wrong = [AbChange(T0 - 1, 0.5, SEED, 0.0, SEED, "gateway-start")]  # said 50 %, got 30 %
     report = build_ab_report(records, [], wrong, settings, "all")

@@ -12,7 +12,7 @@ from fake_vllm import LoopThread
 
 from stillhouse.common.traffic import TrafficLogReader
 from stillhouse.eval.store import EvalStore
-from stillhouse.rollout.gate_job import evaluate_step
+from stillhouse.rollout.controller.gate_check import evaluate_step
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ from stillhouse.common.config import Settings
 from stillhouse.common.eval_settings import DriftSettings
 from stillhouse.common.rollout_settings import GateSettings
 from stillhouse.common.traffic import AbChange, TrafficRecord
-from stillhouse.eval import drift_job
-from stillhouse.eval.ab_job import build_ab_report
+from stillhouse.eval import student_drift as drift_job
+from stillhouse.eval.ab_summary import build_ab_report
 from stillhouse.eval.drift_sim import SimStudent, simulate_records
 from stillhouse.eval.store import StoredJudgment
 from stillhouse.rollout.gates import (

@@ -202,7 +202,7 @@ def test_without_an_admin_key_the_admin_api_is_403(tmp_path):
     from fake_vllm import loop_thread
     from gateway_harness import settings_for
 
-    from stillhouse.serving.app import EngineEndpoint, build_app
+    from stillhouse.serving.gateway.app import EngineEndpoint, build_app
 
     with loop_thread() as lt:
         ep = EngineEndpoint("http://127.0.0.1:9/v1", "x", "x")

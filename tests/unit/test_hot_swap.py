@@ -24,13 +24,13 @@ from stillhouse.common.calibration_tags import CALIBRATION_TAG_PREFIX as P
 from stillhouse.common.errors import EngineStartError
 from stillhouse.common.registry import RegistryError, VersionInfo
 from stillhouse.common.traffic import TrafficLogReader
-from stillhouse.serving.admin_engines import install_watcher
-from stillhouse.serving.app import GATEWAY, EngineEndpoint, build_app
-from stillhouse.serving.breaker import CircuitBreaker
-from stillhouse.serving.engine import EngineSpec
-from stillhouse.serving.engine_pool import EnginePool, pool_key
-from stillhouse.serving.upstream import Engine
-from stillhouse.serving.watcher import ModelWatcher, WatchedRole
+from stillhouse.serving.engines.admin import install_watcher
+from stillhouse.serving.engines.pool import EnginePool, pool_key
+from stillhouse.serving.engines.vllm import EngineSpec
+from stillhouse.serving.engines.watcher import ModelWatcher, WatchedRole
+from stillhouse.serving.gateway.app import GATEWAY, EngineEndpoint, build_app
+from stillhouse.serving.gateway.breaker import CircuitBreaker
+from stillhouse.serving.gateway.upstream import Engine
 
 MSG = [{"role": "user", "content": "I was charged twice"}]
 BODY = {"model": "stillhouse", "messages": MSG, "max_tokens": 4}

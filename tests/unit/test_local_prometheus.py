@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stillhouse.common.errors import UsageError
-from stillhouse.rollout.local_prometheus import (
+from stillhouse.cli.local_prometheus import (
     ENGINES_JOB,
     GATEWAY_JOB,
     ROLLOUT_JOB,
@@ -19,6 +18,7 @@ from stillhouse.rollout.local_prometheus import (
     prepare_local_prometheus,
     render_config,
 )
+from stillhouse.common.errors import UsageError
 
 SHIPPED = dashboards_dir() / "prometheus" / "prometheus.yml"
 
@@ -91,7 +91,7 @@ def test_a_taken_prometheus_port_is_one_clear_error_before_anything_starts(tmp_p
 
 
 def test_without_the_shipped_config_it_says_where_it_looked(tmp_path: Path, monkeypatch):
-    import stillhouse.rollout.local_prometheus as lp
+    import stillhouse.cli.local_prometheus as lp
 
     assert shutil.which("prometheus"), "make test installs Debian's prometheus"
     monkeypatch.setattr(lp, "dashboards_dir", lambda: tmp_path / "site-packages" / "dashboards")

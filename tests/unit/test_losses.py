@@ -22,7 +22,7 @@ from loss_reference import (
     topk_of,
 )
 
-from stillhouse.rollout.losses import (
+from stillhouse.rollout.distill.losses import (
     KDLossConfig,
     divergence,
     kd_loss,

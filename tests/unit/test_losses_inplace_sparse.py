@@ -28,7 +28,7 @@ from loss_reference import (
     topk_of,
 )
 
-from stillhouse.rollout.losses import (
+from stillhouse.rollout.distill.losses import (
     KDLossConfig,
     _uncovered,
     divergence,
@@ -273,8 +273,13 @@ def test_losses_module_source_imports_only_torch_and_the_standard_library():
 
 def test_importing_the_losses_module_loads_no_other_stillhouse_module_nor_transformers():
     code = (
-        "import sys, stillhouse.rollout.losses\n"
+        "import sys, stillhouse.rollout.distill.losses\n"
         "print(*sorted(m for m in sys.modules if m.startswith(('stillhouse', 'transformers'))))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["stillhouse", "stillhouse.rollout", "stillhouse.rollout.losses"]
+    assert out.stdout.split() == [
+        "stillhouse",
+        "stillhouse.rollout",
+        "stillhouse.rollout.distill",
+        "stillhouse.rollout.distill.losses",
+    ]

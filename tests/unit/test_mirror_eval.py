@@ -10,8 +10,8 @@ import pytest
 
 from stillhouse.common.config import Settings
 from stillhouse.common.traffic import MIRROR, AbChange, TrafficRecord
-from stillhouse.eval.ab_job import build_ab_report, fell_back, srm_units
-from stillhouse.eval.judge_job import select_sample
+from stillhouse.eval.ab_summary import build_ab_report, fell_back, srm_units
+from stillhouse.eval.judging import select_sample
 
 T0 = 1_700_000_000.0
 
@@ -114,7 +114,7 @@ def test_a_mirrored_answer_that_would_fall_back_is_judged_as_the_teachers(tmp_pa
     from fake_vllm import LoopThread
 
     from stillhouse.common.prompts import triage_user_message
-    from stillhouse.eval.judge_job import judge_sample, would_fall_back
+    from stillhouse.eval.judging import judge_sample, would_fall_back
 
     prompt = _json.dumps([{"role": "user", "content": triage_user_message("charged twice")}])
     unsure = record(1, "challenger", MIRROR, request_id="r1:mirror", prompt=prompt,

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from stillhouse.rollout.redistill_metrics import (
+from stillhouse.rollout.distill.metrics import (
     RedistillHistory,
     read_history,
     recording_run,

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from stillhouse.common.errors import UsageError
 from stillhouse.common.rollout_settings import ControllerSettings
-from stillhouse.rollout.controller import (
+from stillhouse.rollout.controller.core import (
     ControllerState,
     GateResult,
     Observation,
@@ -22,8 +22,7 @@ from stillhouse.rollout.controller import (
     RollBack,
     SetShare,
 )
-from stillhouse.rollout.controller_store import ControllerStore
-from stillhouse.rollout.metrics_export import (
+from stillhouse.rollout.controller.metrics import (
     DecisionCounts,
     JobFilesCollector,
     MetricsServer,
@@ -33,6 +32,7 @@ from stillhouse.rollout.metrics_export import (
     rollout_families,
     serve_controller_metrics,
 )
+from stillhouse.rollout.controller.store import ControllerStore
 
 CFG = ControllerSettings(steps=(0.05, 0.25, 0.5), metrics_port=0)
 
@@ -182,7 +182,7 @@ def test_a_second_controller_is_refused_by_the_lock_before_it_binds_the_metrics_
 
     import yaml
 
-    from stillhouse.rollout.controller_store import controller_lock
+    from stillhouse.rollout.controller.store import controller_lock
 
     state = tmp_path / "state"
     with socket.socket() as taken, controller_lock(state / "controller"):

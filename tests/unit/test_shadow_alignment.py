@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from stillhouse.serving.shadow import ShadowJob, scoring_body, teacher_logprobs
+from stillhouse.serving.gateway.shadow import ShadowJob, scoring_body, teacher_logprobs
 
 
 def entry(chosen: int, lp: float, others: dict[int, float]) -> dict[str, dict]:

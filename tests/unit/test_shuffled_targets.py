@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stillhouse.rollout.redistill import shuffled_targets
+from stillhouse.rollout.distill.pipeline import shuffled_targets
 
 
 @pytest.mark.parametrize("n", [2, 3, 10, 257])

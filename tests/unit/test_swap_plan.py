@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from stillhouse.common.calibration_tags import CALIBRATION_TAG_PREFIX as P
-from stillhouse.serving.swap_plan import RoleView, plan, retry_delay
+from stillhouse.serving.engines.swap_plan import RoleView, plan, retry_delay
 
 V1, V2, V3 = (f"models:/student/{n}" for n in (1, 2, 3))
 FIT = {P + "threshold": "-0.3", P + "certified": "true", P + "signal": "mean_logprob",

@@ -3,7 +3,7 @@ from types import SimpleNamespace
 import pytest
 
 from stillhouse.common.prompts import triage_answer
-from stillhouse.rollout.targets import (
+from stillhouse.rollout.distill.targets import (
     QualityFilter,
     TargetCache,
     TargetRequest,

@@ -29,7 +29,7 @@ from stillhouse.common.traffic import (
     TrafficRecord,
     create_schema,
 )
-from stillhouse.serving.traffic_log import TrafficLogFullError, TrafficLogWriter
+from stillhouse.serving.gateway.traffic_log import TrafficLogFullError, TrafficLogWriter
 
 HERE = Path(__file__).resolve().parent
 KILL_FLUSH_S = 0.2

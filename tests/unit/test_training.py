@@ -4,8 +4,8 @@ import random
 import pytest
 import torch
 
-from stillhouse.rollout.demo.examples import IGNORE_INDEX
-from stillhouse.rollout.training import (
+from stillhouse.demo.examples import IGNORE_INDEX
+from stillhouse.demo.teacher import (
     ModelShape,
     SftConfig,
     collate,

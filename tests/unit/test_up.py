@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from stillhouse.common.config import Settings
-from stillhouse.rollout.up import (
+from stillhouse.cli.up import (
     BACKOFF_S,
     MAX_RESTARTS,
     RESTART_WINDOW_S,
@@ -20,6 +19,7 @@ from stillhouse.rollout.up import (
     restart_delay,
     supervise,
 )
+from stillhouse.common.config import Settings
 
 
 @pytest.mark.parametrize(
@@ -55,7 +55,7 @@ def test_child_commands_pass_the_config_and_can_leave_out_the_schedule(tmp_path:
 
 
 def test_supervise_restarts_a_dying_child_then_gives_up(tmp_path: Path, monkeypatch):
-    monkeypatch.setattr("stillhouse.rollout.up.BACKOFF_S", (0.0,))
+    monkeypatch.setattr("stillhouse.cli.up.BACKOFF_S", (0.0,))
     child = Child("flaky", [sys.executable, "-c", "raise SystemExit(3)"], {}, tmp_path / "c.log")
     child.start()
     lines: list[str] = []

@@ -23,7 +23,7 @@ import psutil
 import yaml
 from fake_vllm import Behaviour, engine_app, loop_thread
 
-from stillhouse.serving.engine import free_port
+from stillhouse.serving.engines.vllm import free_port
 
 START_S = 120.0
 

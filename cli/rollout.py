@@ -1,0 +1,167 @@
+"""What `stillhouse calibrate | promote | rollback | controller` do, behind thin CLI commands.
+
+stillhouse calibrate [VERSION]        # default: the challenger; starts the engines it needs
+stillhouse promote VERSION [--yes]    # by hand (admin): champion → VERSION, recorded
+stillhouse rollback [--yes]           # champion → previous-champion, recorded
+stillhouse controller                 # the rollout loop against a running gateway
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Mapping
+from contextlib import ExitStack
+
+from rich.console import Console
+
+from stillhouse.common.config import EngineRef, Settings
+from stillhouse.common.errors import UsageError
+from stillhouse.common.registry import RegistryClient, VersionInfo
+from stillhouse.common.tracking import RunTracker
+from stillhouse.rollout.gateway_admin import GatewayAdmin, GatewayAdminError
+
+
+def resolve_version(registry: RegistryClient, version: str | None) -> VersionInfo:
+    """A version number, an alias, or (None) the challenger."""
+    name = registry.registered_model
+    if version is None:
+        found = registry.get_alias("challenger")
+        if found is None:
+            raise UsageError(f"{name} has no challenger: name a version (e.g. `calibrate 3`)")
+        return found
+    ref = f"models:/{name}/{version}" if version.isdigit() else f"models:/{name}@{version}"
+    return registry.resolve(ref)
+
+
+def run_calibrate(settings: Settings, version: str | None, console: Console) -> None:
+    """Serve the version and the teacher on vLLM here, calibrate, stop them."""
+    from stillhouse.demo.engines import engine_refs
+    from stillhouse.rollout.calibration.job import calibrate_version
+    from stillhouse.rollout.controller.runtime import calibration_prompts
+    from stillhouse.serving.serve import resolve_engines, start_engines
+
+    registry = RegistryClient.from_settings(settings)
+    info = resolve_version(registry, version)
+    teacher = engine_refs(settings, console, teacher_only=True)["teacher"]
+    refs = {"teacher": teacher, "champion": EngineRef(model=info.uri, served_name="student")}
+    engines = resolve_engines(refs, settings)
+    prompts, test_prompts = calibration_prompts(settings)
+    with ExitStack() as stack:
+        endpoints = start_engines(engines, settings, stack, console)
+        calibrate_version(
+            settings, info.version,
+            student_url=endpoints["champion"].base_url, student_name="student",
+            teacher_url=endpoints["teacher"].base_url,
+            teacher_name=endpoints["teacher"].served_name,
+            prompts=prompts, test_prompts=test_prompts, console=console,
+        )  # fmt: skip
+
+
+def _refresh_gateway(settings: Settings, console: Console, environ: Mapping[str, str]) -> None:
+    """Best effort: tell a running gateway to look at the aliases now."""
+    gw = settings.gateway
+    key = environ.get(gw.admin_key_env, "").strip()
+    if not key:
+        console.print(f"a running gateway picks the change up within {gw.watch_interval_s:.0f} s")
+        return
+    admin = GatewayAdmin(settings.rollout.controller.gateway_url, key)
+    try:
+        admin.refresh()
+        console.print(f"gateway at {admin.url} asked to swap now")
+    except GatewayAdminError as exc:
+        console.print(f"no gateway told ({exc}); a running one polls the registry itself")
+    finally:
+        admin.close()
+
+
+def _confirm(question: str, yes: bool) -> None:
+    import sys
+
+    import typer
+
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise UsageError(f"{question} Add --yes to confirm when not at a terminal.")
+    if not typer.confirm(question, default=False):
+        raise UsageError("nothing changed")
+
+
+def run_promote(settings: Settings, version: int, reason: str, yes: bool, console: Console) -> None:
+    from stillhouse.rollout.promotion import admin_actor, promote
+
+    registry = RegistryClient.from_settings(settings)
+    name = registry.registered_model
+    target = registry.resolve(f"models:/{name}/{version}")
+    current = registry.get_alias("champion")
+    was = f"version {current.version}" if current else "no champion"
+    _confirm(f"Make {name} version {target.version} the champion (now {was})?", yes)
+    tracker = RunTracker(registry, settings.mlflow.experiment)
+    record = promote(registry, tracker, target.version, actor=admin_actor(), reason=reason)
+    console.print(record.summary_line(), markup=False)
+    _refresh_gateway(settings, console, os.environ)
+
+
+def run_rollback(settings: Settings, reason: str, yes: bool, console: Console) -> None:
+    from stillhouse.rollout.promotion import admin_actor, rollback_champion
+
+    registry = RegistryClient.from_settings(settings)
+    current, previous = registry.get_alias("champion"), registry.get_alias("previous-champion")
+    if current is not None and previous is not None:
+        _confirm(
+            f"Roll the champion back from version {current.version} to {previous.version}?", yes
+        )
+    tracker = RunTracker(registry, settings.mlflow.experiment)
+    record = rollback_champion(registry, tracker, actor=admin_actor(), reason=reason)
+    console.print(record.summary_line(), markup=False)
+    _refresh_gateway(settings, console, os.environ)
+
+
+def run_controller_command(
+    settings: Settings, console: Console, stop: threading.Event | None = None
+) -> None:
+    from stillhouse.rollout.controller.core import ControllerState, Observation
+    from stillhouse.rollout.controller.loop import run_controller
+    from stillhouse.rollout.controller.metrics import (
+        MetricsServer,
+        controller_registry,
+        serve_controller_metrics,
+    )
+    from stillhouse.rollout.controller.runtime import ControllerRuntime
+    from stillhouse.rollout.controller.store import ControllerStore
+
+    cfg = settings.rollout.controller
+    admin = GatewayAdmin.from_environment(
+        cfg.gateway_url, settings.gateway.admin_key_env, os.environ
+    )
+
+    def log(line: str) -> None:
+        console.print(line, markup=False, highlight=False)
+
+    runtime = ControllerRuntime(settings, admin, RegistryClient.from_settings(settings), log)
+    store = ControllerStore.open(settings.controller_dir)
+    collector, registry = controller_registry(settings.metrics_dir, store, cfg)
+    servers: list[MetricsServer] = []
+
+    def observe(state: ControllerState) -> Observation:
+        obs = runtime.observe(state)
+        collector.observed(obs)
+        return obs
+
+    def serve_metrics() -> None:
+        server = serve_controller_metrics(registry, cfg)
+        if server is not None:
+            servers.append(server)
+            log(f"metrics: {server.url}")
+
+    log(f"controller: gateway {cfg.gateway_url}, steps {list(cfg.steps)}, tick {cfg.tick_s:g} s")
+    try:
+        run_controller(
+            store, observe, runtime.execute, cfg, stop=stop or threading.Event(), log=log,
+            on_locked=serve_metrics,
+        )  # fmt: skip
+    finally:
+        admin.close()
+        for server in servers:
+            server.close()

@@ -1,0 +1,110 @@
+"""The engines' admin API, for `stillhouse serve` (whose model watcher does hot swaps).
+
+    GET  /admin/engines            each role's engine: URL, model version, threshold and its
+                                   source, in-flight requests, a swap in progress, the last
+                                   swap and the last error; admin key
+    POST /admin/engines/refresh    poll the registry now (the rollout controller calls it after
+                                   moving an alias); {"wait": true} answers once that poll and
+                                   any swap it started are done (minutes when a server starts)
+
+The watcher itself is `serving/watcher.py`; `install_watcher` ties it to the app's lifetime.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+
+from stillhouse.serving.engines.watcher import ModelWatcher
+from stillhouse.serving.gateway.app import ENGINE_ROLES, authorize_admin, json_response
+from stillhouse.serving.gateway.errors import InvalidRequest
+from stillhouse.serving.gateway.requests import decode_json
+
+WATCHER = web.AppKey("watcher", ModelWatcher)
+
+
+def install_watcher(app: web.Application, watcher: ModelWatcher) -> None:
+    """Run `watcher` for the app's lifetime and serve its admin routes."""
+    app[WATCHER] = watcher
+
+    async def lifetime(app: web.Application) -> AsyncIterator[None]:
+        await watcher.start()
+        try:
+            yield
+        finally:
+            await watcher.stop()
+
+    app.cleanup_ctx.append(lifetime)  # after build_app's: started after it, stopped before
+    app.router.add_get("/admin/engines", admin_engines)
+    app.router.add_post("/admin/engines/refresh", admin_refresh)
+
+
+def engines_state(watcher: ModelWatcher) -> dict[str, Any]:
+    gw = watcher.gateway
+    now = watcher.clock()
+    engines: dict[str, Any] = {}
+    for role in ENGINE_ROLES:
+        engine = gw.engines.get(role)
+        state = watcher.roles.get(role)
+        if engine is None and state is None:
+            continue
+        item: dict[str, Any] = {"active": engine is not None}
+        if engine is not None:
+            threshold = engine.threshold
+            item.update(
+                base_url=engine.base_url,
+                served_name=engine.served_name,
+                model=engine.ref,
+                in_flight=engine.in_flight,
+                circuit=engine.breaker.current_state(),
+            )
+            if role != "teacher":
+                item.update(
+                    threshold=gw.settings.confidence.threshold if threshold is None else threshold,
+                    threshold_source=engine.threshold_source,
+                )
+        if state is not None:
+            entry = watcher.pool.get(state.pool_key) if state.pool_key is not None else None
+            swapping = None
+            if state.swapping_to is not None and state.swap_started is not None:
+                swapping = {"to": state.swapping_to, "for_s": round(now - state.swap_started, 1)}
+            item.update(
+                follows=state.follow,
+                hot_swap=state.swappable,
+                pid=entry.engine.pid if entry is not None else None,
+                swapping=swapping,
+                last_swap=state.last_swap,
+                last_error=state.last_error,
+                retry_in_s=round(max(0.0, state.retry[1] - now), 1) if state.retry else None,
+            )
+        engines[role] = item
+    return {
+        "watch_interval_s": watcher.interval_s,
+        "last_poll": watcher.last_poll,
+        "now": time.time(),
+        "engines": engines,
+    }
+
+
+async def admin_engines(request: web.Request) -> web.Response:
+    authorize_admin(request)
+    return json_response(engines_state(request.app[WATCHER]))
+
+
+async def admin_refresh(request: web.Request) -> web.Response:
+    authorize_admin(request)
+    raw = await request.read()  # tiny: the app's client_max_size bounds it
+    body = decode_json(raw) if raw.strip() else {}
+    unknown = sorted(set(body) - {"wait"})
+    if unknown:
+        raise InvalidRequest(f"unrecognized argument: {unknown[0]}", param=unknown[0])
+    wait = body.get("wait", False)
+    if not isinstance(wait, bool):
+        raise InvalidRequest("'wait' must be true or false", param="wait")
+    watcher = request.app[WATCHER]
+    await watcher.refresh(wait)
+    status = 200 if wait else 202
+    return json_response({"refreshed": wait, **engines_state(watcher)}, status)

@@ -1,0 +1,391 @@
+"""Hot swap: the `stillhouse serve` process follows the registry's aliases.
+
+Every `gateway.watch_interval_s` (and on `POST /admin/engines/refresh`) the watcher asks the
+registry where each student role's alias points (`models:/stillhouse-student@champion`, ...;
+the MLflow calls run in a worker thread) and acts on `swap_plan.plan`'s answer:
+
+    alias moved      download the version, start a vLLM server for it (or reuse a running one),
+                     wait until it is ready, switch routing (atomic: one event loop), drain the
+                     old engine's in-flight requests, stop its server unless a role still uses it
+    start failed     keep serving the old version; retry with back-off (30 s, doubling, ≤ 10 min)
+    tags changed     only the threshold changes, in place
+    challenger gone  stop routing to it, drain, stop its server unless still used
+
+Each engine's fallback threshold is the one calibrated for the version it serves (registry tags,
+`common/calibration_tags.py`) when it fits the gateway's confidence settings, else the configured
+one; one log line per engine says which and why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from stillhouse.common.calibration_tags import calibration_only, serving_threshold
+from stillhouse.common.config import ConfidenceSettings, Settings
+from stillhouse.common.errors import StillhouseError
+from stillhouse.common.registry import RegistryClient, VersionInfo, parse_ref
+from stillhouse.serving.engines.pool import EnginePool, PoolEntry, PoolKey, pool_key
+from stillhouse.serving.engines.swap_plan import Action, RoleView, plan, retry_delay
+from stillhouse.serving.engines.vllm import EngineSpec
+from stillhouse.serving.gateway.breaker import CircuitBreaker
+from stillhouse.serving.gateway.core import Gateway
+from stillhouse.serving.gateway.upstream import Engine
+
+log = logging.getLogger("stillhouse.watcher")
+
+
+class RegistryView(Protocol):
+    """The registry as the watcher needs it (blocking calls; run in a worker thread)."""
+
+    def lookup(self, ref: str) -> VersionInfo | None:
+        """The version `ref` names now; None when its alias is unset."""
+        ...
+
+    def download(self, uri: str) -> Path: ...
+
+
+class MlflowRegistryView:
+    """`RegistryView` over the configured MLflow registry (any registered model name)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._clients: dict[str, RegistryClient] = {}
+        self._lock = threading.Lock()
+
+    def _client(self, name: str) -> RegistryClient:
+        with self._lock:
+            if name not in self._clients:
+                base = RegistryClient.from_settings(self._settings)
+                if base.registered_model != name:
+                    base = RegistryClient(base.tracking_uri, name, base.artifact_root)
+                self._clients[name] = base
+            return self._clients[name]
+
+    def lookup(self, ref: str) -> VersionInfo | None:
+        parsed = parse_ref(ref, self._settings.mlflow.registered_model)
+        client = self._client(parsed.name)
+        if parsed.alias is not None:
+            return client.get_alias(parsed.alias)
+        return client.resolve(str(parsed))
+
+    def download(self, uri: str) -> Path:
+        parsed = parse_ref(uri, self._settings.mlflow.registered_model)
+        cache = self._settings.state_dir / "cache" / "models"
+        return self._client(parsed.name).download(uri, cache)
+
+
+def threshold_for(
+    tags: Mapping[str, str] | None, conf: ConfidenceSettings, version: str
+) -> tuple[float | None, str]:
+    """(the version's calibrated threshold, or None for the configured one; why)."""
+    if tags is None:
+        return None, "configured (not a registry version)"
+    value, why = serving_threshold(tags, conf)
+    if value is None:
+        return None, f"configured ({version}: {why})"
+    return value, f"calibrated for {version}"
+
+
+@dataclass
+class WatchedRole:
+    """A student role, what it follows in the registry, and what it serves now."""
+
+    role: str
+    follow: str | None  # registry reference polled: an alias (swapped) or a fixed version
+    swappable: bool  # follows an alias with servers started here
+    served_name: str
+    extra_args: tuple[str, ...] = ()
+    serving: str | None = None  # version served now; None: not routed to
+    pool_key: PoolKey | None = None  # its server in the pool; None: not started here
+    tags: dict[str, str] | None = None  # calibration tags applied; None: not a registry version
+    failures: int = 0
+    retry: tuple[str, float] | None = None
+    swapping_to: str | None = None
+    swap_started: float | None = None  # monotonic
+    last_swap: dict[str, Any] | None = None
+    last_error: str | None = None
+
+
+@dataclass
+class _Retiring:
+    role: str
+    engine: Engine | None
+    key: PoolKey | None
+    old_ref: str | None
+    new_ref: str | None
+    started: float
+    removal: bool = False
+
+
+class ModelWatcher:
+    """Follows the registry for the student roles; one poll at a time."""
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        pool: EnginePool,
+        registry: RegistryView,
+        roles: Sequence[WatchedRole],
+        settings: Settings,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.gateway = gateway
+        self.pool = pool
+        self.registry = registry
+        self.roles = {r.role: r for r in roles}
+        self.settings = settings
+        self.clock = clock
+        self.last_poll: dict[str, Any] = {"at": None, "error": None}
+        self._task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+        self._lock: asyncio.Lock | None = None
+        self._started = 0
+        self._finished = 0
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+
+    @property
+    def interval_s(self) -> float:
+        return self.settings.gateway.watch_interval_s
+
+    # --- lifetime ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._wake, self._lock = asyncio.Event(), asyncio.Lock()
+        for role, engine in list(self.gateway.engines.items()):
+            if role in self.roles:
+                self._set_threshold(engine, self.roles[role].tags)
+        self._task = asyncio.create_task(self._run(), name="model-watcher")
+
+    async def stop(self) -> None:
+        """Stop polling; servers still booting are stopped (the running ones stay: the pool's
+        owner stops them after the gateway)."""
+        if self._task is not None:
+            self._task.cancel()
+        await asyncio.to_thread(self.pool.abort_starting)
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for _, fut in self._waiters:
+            fut.cancel()
+        self._waiters.clear()
+
+    async def refresh(self, wait: bool) -> None:
+        """Poll now; with `wait`, return once a poll that began after this call is done."""
+        assert self._wake is not None, "the watcher has not started"
+        want = self._started + 1
+        self._wake.set()
+        if wait:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append((want, fut))
+            await fut
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        immediate = self.interval_s > 0  # a first look at once: aliases move during start-up
+        while True:
+            if not immediate:
+                timeout = self.interval_s if self.interval_s > 0 else None
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+            immediate = False
+            self._wake.clear()
+            self._started += 1
+            try:
+                await self.cycle()
+            except Exception:
+                log.exception("the model watcher's poll failed")
+            self._finished += 1
+            for want, fut in list(self._waiters):
+                if want <= self._finished:
+                    self._waiters.remove((want, fut))
+                    if not fut.done():
+                        fut.set_result(None)
+
+    # --- one poll ---------------------------------------------------------------------------
+
+    async def cycle(self) -> list[Action]:
+        """Ask the registry, plan, act; returns the plan."""
+        assert self._lock is not None, "the watcher has not started"
+        async with self._lock:
+            followed = {r: s.follow for r, s in self.roles.items() if s.follow is not None}
+            if not followed:
+                return []
+            answers, errors = await asyncio.to_thread(self._lookup, followed)
+            self.last_poll = {"at": time.time(), "error": "; ".join(errors.values()) or None}
+            views = [self._view(self.roles[r], info) for r, info in answers.items()]
+            actions = plan(views, self.pool.keys(), self.clock())
+            await self._apply(actions, answers)
+            return actions
+
+    def _lookup(
+        self, followed: Mapping[str, str]
+    ) -> tuple[dict[str, VersionInfo | None], dict[str, str]]:
+        answers: dict[str, VersionInfo | None] = {}
+        errors: dict[str, str] = {}
+        for role, ref in followed.items():
+            try:
+                answers[role] = self.registry.lookup(ref)
+            except StillhouseError as exc:  # unreachable registry: try again next time
+                errors[role] = f"{role}: {exc}"
+                log.warning("cannot look up %s for the %s: %s", ref, role, exc)
+        return answers, errors
+
+    def _view(self, state: WatchedRole, info: VersionInfo | None) -> RoleView:
+        return RoleView(
+            role=state.role,
+            serving=state.serving,
+            wanted=None if info is None else info.uri,
+            applied_tags=state.tags or {},
+            wanted_tags=calibration_only(info.tags) if info is not None else {},
+            swappable=state.swappable,
+            extra_args=state.extra_args,
+            retry=state.retry,
+        )
+
+    async def _apply(
+        self, actions: Sequence[Action], answers: Mapping[str, VersionInfo | None]
+    ) -> None:
+        for action in actions:
+            state = self.roles[action.role]
+            info = answers.get(action.role)
+            if action.kind == "retag" and info is not None:
+                state.tags = calibration_only(info.tags)
+                engine = self.gateway.engines.get(action.role)
+                if engine is not None:
+                    self._set_threshold(engine, info.tags)
+            elif action.kind == "hold" and state.last_error != action.reason:
+                log.warning("%s: %s", action.role, action.reason)
+                state.last_error = action.reason
+        moves = [a for a in actions if a.kind in ("start", "reuse")]
+        removals = [a for a in actions if a.kind == "remove"]
+        entries = await self._acquire(moves) if moves else {}
+        # Every new engine is in the table before any old one is released: a promotion's
+        # champion attaches to the challenger's server before the challenger lets go of it.
+        retiring = [
+            self._switch(a, entries[a.role], answers[a.role]) for a in moves if a.role in entries
+        ]
+        retiring += [self._remove(a) for a in removals]
+        await asyncio.gather(*(self._retire(r) for r in retiring))
+
+    async def _acquire(self, moves: Sequence[Action]) -> dict[str, PoolEntry]:
+        """The server for each move (started in parallel, once per key); failures noted."""
+        by_key: dict[PoolKey, list[Action]] = {}
+        for action in moves:
+            state = self.roles[action.role]
+            assert action.target is not None
+            by_key.setdefault(pool_key(action.target, state.extra_args), []).append(action)
+            state.swapping_to, state.swap_started = action.target, self.clock()
+        keys = list(by_key)
+        results = await asyncio.gather(
+            *(self._server(k, by_key[k][0]) for k in keys), return_exceptions=True
+        )
+        entries: dict[str, PoolEntry] = {}
+        for key, result in zip(keys, results, strict=True):
+            for action in by_key[key]:
+                if isinstance(result, asyncio.CancelledError):
+                    raise result
+                if isinstance(result, BaseException):
+                    self._start_failed(action, result)
+                else:
+                    entries[action.role] = result
+        return entries
+
+    async def _server(self, key: PoolKey, action: Action) -> PoolEntry:
+        running = self.pool.get(key)
+        if running is not None:
+            return running
+        state = self.roles[action.role]
+        assert action.target is not None
+        log.info("%s: %s; downloading and starting it", action.role, action.reason)
+        model_dir = await asyncio.to_thread(self.registry.download, action.target)
+        spec = EngineSpec(model_dir, state.served_name, None, state.extra_args)
+        entry = await asyncio.to_thread(self.pool.start, key, spec)
+        log.info("%s: %s is ready at %s", action.role, action.target, entry.base_url)
+        return entry
+
+    def _start_failed(self, action: Action, exc: BaseException) -> None:
+        state = self.roles[action.role]
+        state.failures += 1
+        delay = retry_delay(state.failures)
+        assert action.target is not None
+        state.retry = (action.target, self.clock() + delay)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        state.last_error = f"starting {action.target} failed: {first}"
+        state.swapping_to = state.swap_started = None
+        self.gateway.metrics.engine_swaps.labels(action.role, "start_failed").inc()
+        known = isinstance(exc, StillhouseError | OSError)
+        log.error("%s: starting %s failed; still serving %s; next try in %.0f s: %s",
+                  action.role, action.target, state.serving, delay, exc,
+                  exc_info=None if known else exc)  # fmt: skip
+
+    def _switch(self, action: Action, entry: PoolEntry, info: VersionInfo | None) -> _Retiring:
+        state = self.roles[action.role]
+        assert action.target is not None
+        self.pool.attach(entry.key)
+        fb = self.settings.gateway.fallback
+        breaker = CircuitBreaker(fb.breaker_failures, fb.breaker_cooldown_s, time.monotonic)
+        engine = Engine(action.role, entry.base_url.rstrip("/"), entry.served_name,
+                        action.target, breaker)  # fmt: skip
+        tags = info.tags if info is not None else {}
+        self._set_threshold(engine, tags)
+        old = self.gateway.swap_engine(action.role, engine)
+        started = state.swap_started if state.swap_started is not None else self.clock()
+        retiring = _Retiring(action.role, old, state.pool_key, state.serving, action.target,
+                             started)  # fmt: skip
+        log.info("%s: routing switched from %s to %s (%s)", action.role, state.serving,
+                 action.target, action.kind)  # fmt: skip
+        state.serving, state.pool_key, state.tags = action.target, entry.key, calibration_only(tags)
+        state.failures, state.retry, state.last_error = 0, None, None
+        return retiring
+
+    def _remove(self, action: Action) -> _Retiring:
+        state = self.roles[action.role]
+        old = self.gateway.remove_engine(action.role)
+        log.info("%s: no longer routed to (%s)", action.role, action.reason)
+        retiring = _Retiring(action.role, old, state.pool_key, state.serving, None,
+                             self.clock(), removal=True)  # fmt: skip
+        state.serving = state.pool_key = state.tags = None
+        state.swapping_to = None
+        return retiring
+
+    async def _retire(self, r: _Retiring) -> None:
+        """Drain the old engine, then stop its server unless another role still uses it."""
+        drained = True
+        if r.engine is not None:
+            drained = await self.gateway.drain(r.engine, self.settings.gateway.fallback.deadline_s)
+            if not drained:
+                log.warning("%s: %d requests still on %s after the drain timeout; stopping it",
+                            r.role, r.engine.in_flight, r.old_ref)  # fmt: skip
+        server = self.pool.detach(r.key) if r.key is not None else None
+        pid = server.pid if server is not None else None
+        if server is not None:
+            await asyncio.to_thread(server.stop)
+            log.info("%s: stopped the server of %s (pid %s)", r.role, r.old_ref, pid)
+        outcome = "removed" if r.removal else ("ok" if drained else "drain_timeout")
+        self.gateway.metrics.engine_swaps.labels(r.role, outcome).inc()
+        state = self.roles[r.role]
+        state.last_swap = {
+            "from": r.old_ref,
+            "to": r.new_ref,
+            "outcome": outcome,
+            "at": time.time(),
+            "seconds": round(self.clock() - r.started, 3),
+            "stopped_pid": pid,
+        }
+        if state.swapping_to == r.new_ref:
+            state.swapping_to = state.swap_started = None
+
+    def _set_threshold(self, engine: Engine, tags: Mapping[str, str] | None) -> None:
+        conf = self.settings.gateway.confidence
+        engine.threshold, engine.threshold_source = threshold_for(tags, conf, engine.ref)
+        value = conf.threshold if engine.threshold is None else engine.threshold
+        log.info("%s serves %s with confidence threshold %.4g: %s",
+                 engine.role, engine.ref, value, engine.threshold_source)  # fmt: skip
