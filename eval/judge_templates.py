@@ -19,13 +19,13 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from stillhouse.common.chat import Messages
 from stillhouse.common.prompts import (
     TRIAGE_INSTRUCTION,
     judge_user_message,
     pairwise_user_message,
 )
 
-Messages = list[dict[str, str]]
 SCORES = (1, 2, 3, 4, 5)
 WINNERS = ("a", "b", "tie")
 # A generation guard for grammar engines (a weak model otherwise rambles until max_tokens runs

@@ -29,6 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from stillhouse.common.calibration_tags import CALIBRATION_TAG_PREFIX, CalibrationTags
+from stillhouse.common.chat import Messages
 from stillhouse.common.config import ConfidenceSettings, Settings
 from stillhouse.common.errors import StillhouseError, UsageError
 from stillhouse.common.prompts import parse_triage_answer
@@ -37,7 +38,6 @@ from stillhouse.rollout.calibration import ltt as calib
 from stillhouse.serving.gateway import responses
 from stillhouse.serving.gateway.confidence import TokenLogprobs, confidence
 
-Messages = list[dict[str, Any]]
 _TIMEOUT_S = 120.0
 _ATTEMPTS = 3  # per call, on connection errors, timeouts, 429 and 5xx
 

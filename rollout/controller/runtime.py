@@ -21,6 +21,7 @@ from typing import Any
 from rich.console import Console
 
 from stillhouse.common.calibration_tags import CalibrationTags, read_calibration
+from stillhouse.common.chat import Messages
 from stillhouse.common.config import Settings
 from stillhouse.common.errors import StillhouseError
 from stillhouse.common.registry import RegistryClient, VersionInfo
@@ -49,8 +50,6 @@ from stillhouse.rollout.promotion import controller_actor, promote, record_chall
 # part, so a new look waits for this much more data (or `REEVALUATE_S`).
 REEVALUATE_GROWTH = 1.25
 REEVALUATE_S = 600.0
-
-Messages = list[dict[str, str]]
 
 
 class ChallengerNotServing(StillhouseError):

@@ -21,10 +21,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from stillhouse.common.chat import Message
 from stillhouse.common.errors import UsageError
 from stillhouse.common.prompts import triage_user_message
-
-Message = dict[str, str]
 
 
 @dataclass(frozen=True)
