@@ -368,9 +368,13 @@ def up(
     from stillhouse.cli.up import run_up
 
     run_up(
-        _settings(ctx), ctx.obj["config"], Console(), port=port, with_schedule=schedule,
+        _settings(ctx),
+        ctx.obj["config"],
+        Console(),
+        port=port,
+        with_schedule=schedule,
         prometheus_port=prometheus_port if with_prometheus else None,
-    )  # fmt: skip
+    )
 
 
 def _quiet_foreign_loggers() -> None:

@@ -126,9 +126,11 @@ def _prometheus_command(settings: Settings, gateway: str, listen_port: int) -> l
     cfg = settings.rollout.controller
     controller = f"{cfg.metrics_host}:{cfg.metrics_port}" if cfg.metrics_port else None
     return prepare_local_prometheus(
-        settings.state_dir, gateway=gateway, controller=controller,
+        settings.state_dir,
+        gateway=gateway,
+        controller=controller,
         listen=f"127.0.0.1:{listen_port}",
-    )  # fmt: skip
+    )
 
 
 def wait_ready(url: str, gateway: Child, timeout_s: float, stop: threading.Event) -> None:
@@ -176,8 +178,10 @@ def supervise(
                     f"{child.name} exited {len(child.exits)} times within "
                     f"{RESTART_WINDOW_S:.0f} s (last code {code}); see {child.log_path}"
                 )
-            say(f"{child.name} exited with code {code}; restarting in {delay:.0f} s "
-                f"(log {child.log_path})")  # fmt: skip
+            say(
+                f"{child.name} exited with code {code}; restarting in {delay:.0f} s "
+                f"(log {child.log_path})"
+            )
             child.restart_at = now + delay
 
 
@@ -201,12 +205,16 @@ def run_up(
     if prometheus_port is not None:
         prometheus = _prometheus_command(settings, f"{gw.host}:{port}", prometheus_port)
         if prometheus is None:
-            console.print("prometheus: not installed (Debian's `prometheus` package; `make test` "
-                          "installs it); going on without it", markup=False)  # fmt: skip
+            console.print(
+                "prometheus: not installed (Debian's `prometheus` package; `make test` "
+                "installs it); going on without it",
+                markup=False,
+            )
         else:
             commands["prometheus"] = prometheus
-    children = {name: Child(name, argv, env, logs / f"up-{name}.log")
-                for name, argv in commands.items()}  # fmt: skip
+    children = {
+        name: Child(name, argv, env, logs / f"up-{name}.log") for name, argv in commands.items()
+    }
     stop = threading.Event()
     signals = (signal.SIGINT, signal.SIGTERM)
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in signals}
@@ -225,15 +233,19 @@ def run_up(
         say(f"gateway ready at {url}/v1; metrics {url}/metrics")
         if "prometheus" in children:
             children["prometheus"].start()
-            say(f"prometheus: http://127.0.0.1:{prometheus_port}/targets (UI and targets; "
-                f"log {children['prometheus'].log_path})")  # fmt: skip
+            say(
+                f"prometheus: http://127.0.0.1:{prometheus_port}/targets (UI and targets; "
+                f"log {children['prometheus'].log_path})"
+            )
         for name in ("controller", "schedule"):
             if name in children:
                 children[name].start()
                 say(f"{name}: started (log {children[name].log_path})")
         if generated:
-            say(f"admin API: a key was generated for this session; set ${gw.admin_key_env} "
-                "before `stillhouse up` to call /admin yourself")  # fmt: skip
+            say(
+                f"admin API: a key was generated for this session; set ${gw.admin_key_env} "
+                "before `stillhouse up` to call /admin yourself"
+            )
         say("Ctrl-C stops everything.")
         supervise(list(children.values()), stop, say)
     finally:

@@ -25,7 +25,7 @@ from stillhouse.common.errors import StillhouseError
 
 SCHEMA_VERSION = 2  # 2: requests.student_completion_tokens
 
-# `served_by` of a challenger answer no user saw: the shadow phase mirrors champion-arm requests
+# `served_by` of a challenger answer no user saw: the mirror phase mirrors champion-arm requests
 # to the challenger (`gateway.ab.mirror_share`). Such a record has arm "challenger", request id
 # "<original id>:mirror", and `fallback_reason` set where the gateway would have fallen back.
 MIRROR = "mirror"
@@ -93,15 +93,37 @@ class AbChange:
 TrafficItem = TrafficRecord | ShadowRecord | AbChange
 
 _REQUEST_COLUMNS = (
-    "request_id", "ts", "endpoint", "arm", "served_by", "status", "latency_s", "stream",
-    "student_model", "fallback_reason", "confidence", "ttft_s", "prompt_tokens",
-    "completion_tokens", "user_hash", "prompt", "answer", "student_answer", "error",
+    "request_id",
+    "ts",
+    "endpoint",
+    "arm",
+    "served_by",
+    "status",
+    "latency_s",
+    "stream",
+    "student_model",
+    "fallback_reason",
+    "confidence",
+    "ttft_s",
+    "prompt_tokens",
+    "completion_tokens",
+    "user_hash",
+    "prompt",
+    "answer",
+    "student_answer",
+    "error",
     "student_completion_tokens",
-)  # fmt: skip
+)
 _SHADOW_COLUMNS = (
-    "request_id", "ts", "student_model", "token_ids", "student_logprobs", "teacher_logprobs",
-    "student_top", "teacher_top",
-)  # fmt: skip
+    "request_id",
+    "ts",
+    "student_model",
+    "token_ids",
+    "student_logprobs",
+    "teacher_logprobs",
+    "student_top",
+    "teacher_top",
+)
 _AB_COLUMNS = ("ts", "share", "seed", "previous_share", "previous_seed", "actor")
 
 _SCHEMA = f"""

@@ -77,9 +77,11 @@ class ControllerThread:
     def __init__(self, settings: Settings, admin: GatewayAdmin, say: Callable[[str], None]):
         self.store = ControllerStore.open(settings.controller_dir)
         self.runtime = ControllerRuntime(
-            settings, admin, RegistryClient.from_settings(settings),
+            settings,
+            admin,
+            RegistryClient.from_settings(settings),
             lambda line: say(f"controller: {line}"),
-        )  # fmt: skip
+        )
         self.settings = settings
         self._stop = threading.Event()
         self.error: BaseException | None = None
@@ -88,10 +90,13 @@ class ControllerThread:
     def _run(self) -> None:
         try:
             run_controller(
-                self.store, self.runtime.observe, self.runtime.execute,
-                self.settings.rollout.controller, stop=self._stop,
+                self.store,
+                self.runtime.observe,
+                self.runtime.execute,
+                self.settings.rollout.controller,
+                stop=self._stop,
                 log=self.runtime.log,
-            )  # fmt: skip
+            )
         except BaseException as exc:  # reported by the demo's main thread
             self.error = exc
 

@@ -178,11 +178,16 @@ def _calibrate_champion(settings: Settings, admin: GatewayAdmin, version: int, c
         prompts, test_prompts = calibration_prompts(settings)
         console.print(f"calibrating the champion (version {version}) on {len(prompts)} prompts")
         calibrate_version(
-            settings, version,
-            student_url=champion["base_url"], student_name=champion["served_name"],
-            teacher_url=teacher["base_url"], teacher_name=teacher["served_name"],
-            prompts=prompts, test_prompts=test_prompts, console=console,
-        )  # fmt: skip
+            settings,
+            version,
+            student_url=champion["base_url"],
+            student_name=champion["served_name"],
+            teacher_url=teacher["base_url"],
+            teacher_name=teacher["served_name"],
+            prompts=prompts,
+            test_prompts=test_prompts,
+            console=console,
+        )
         admin.refresh()
     elif found.certified:
         console.print(
@@ -204,8 +209,9 @@ def _rollout(settings, admin, url, world, students, console) -> None:
     def say(line: str) -> None:
         console.print(line, markup=False, highlight=False)
 
-    traffic = TrafficLoop(f"{url}/v1", demo_tickets(world), n_users=N_USERS,
-                          concurrency=CONCURRENCY)  # fmt: skip
+    traffic = TrafficLoop(
+        f"{url}/v1", demo_tickets(world), n_users=N_USERS, concurrency=CONCURRENCY
+    )
     controller = cycle.ControllerThread(settings, admin, say)
     traffic.start()
     controller.start()
@@ -225,8 +231,10 @@ def _rollout(settings, admin, url, world, students, console) -> None:
                 f"{failed} failed"
             )
         bad = students.degraded.version
-        say(f"next week: the re-distillation registers version {bad} (shuffled answers) "
-            "as the challenger")  # fmt: skip
+        say(
+            f"next week: the re-distillation registers version {bad} (shuffled answers) "
+            "as the challenger"
+        )
         # On two cores vLLM's default CPU binding puts every server's worker on core 0, where
         # busy servers starve one that is starting (measured: 9 ms of CPU in 6 minutes): the
         # demo pauses its traffic while the gateway starts the new challenger.
@@ -234,8 +242,9 @@ def _rollout(settings, admin, url, world, students, console) -> None:
         registry.set_alias("challenger", bad)
         with console.status(f"the gateway starts version {bad}'s vLLM server"):
             cycle.wait_for_role(admin, "challenger", f"models:/{name}/{bad}")
-        traffic = TrafficLoop(f"{url}/v1", demo_tickets(world), n_users=N_USERS,
-                              concurrency=CONCURRENCY, tally=tally)  # fmt: skip
+        traffic = TrafficLoop(
+            f"{url}/v1", demo_tickets(world), n_users=N_USERS, concurrency=CONCURRENCY, tally=tally
+        )
         traffic.start()
         second = cycle.wait_for_decision(controller, bad)
         cycle.print_outcome(second, console)
@@ -255,11 +264,14 @@ def _log_judge_check(settings: Settings, check) -> None:
 
     tracker = RunTracker(RegistryClient.from_settings(settings), settings.mlflow.experiment)
     with tracker.run("judge-check", {"stillhouse.job": "judge-check"}) as run:
-        run.log_metrics({
-            "pairs": check.pairs, "non_tie": check.non_tie,
-            "agreement_non_tie": check.agreement_non_tie or float("nan"),
-            "agreement_with_ties": check.agreement_with_ties or float("nan"),
-            "position_consistent": check.position_consistent or float("nan"),
-            "recall": check.recall or float("nan"),
-            "unparseable": check.stats.unparseable,
-        })  # fmt: skip
+        run.log_metrics(
+            {
+                "pairs": check.pairs,
+                "non_tie": check.non_tie,
+                "agreement_non_tie": check.agreement_non_tie or float("nan"),
+                "agreement_with_ties": check.agreement_with_ties or float("nan"),
+                "position_consistent": check.position_consistent or float("nan"),
+                "recall": check.recall or float("nan"),
+                "unparseable": check.stats.unparseable,
+            }
+        )

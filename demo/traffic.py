@@ -137,10 +137,16 @@ class TrafficLoop:
             part = self.tickets[start : start + chunk]
             tally = asyncio.run(
                 drive_tickets(
-                    self.base_url, "unused", "stillhouse", part, n_users=self.n_users,
-                    concurrency=self.concurrency, first_index=sent, stop=self._stop.is_set,
+                    self.base_url,
+                    "unused",
+                    "stillhouse",
+                    part,
+                    n_users=self.n_users,
+                    concurrency=self.concurrency,
+                    first_index=sent,
+                    stop=self._stop.is_set,
                 )
-            )  # fmt: skip
+            )
             sent += len(part)
             self._merge(tally)
 

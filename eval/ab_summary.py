@@ -13,15 +13,12 @@ numbers come from `stillhouse.eval.abtest` and `stillhouse.eval.cost`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from rich.table import Table
-
 from stillhouse.common.config import Settings
-from stillhouse.common.formatting import number
-from stillhouse.common.traffic import MIRROR, AbChange, TrafficRecord
+from stillhouse.common.roles import STUDENT_ROLES, Role
+from stillhouse.common.traffic import MIRROR, AbChange, TrafficLogReader, TrafficRecord
 from stillhouse.eval.abtest import (
     AbConfig,
     AbVerdict,
@@ -34,14 +31,13 @@ from stillhouse.eval.abtest import (
     srm_check,
     summarize_arm,
 )
-from stillhouse.eval.cost import CostReport, Price, Request, arm_costs
-from stillhouse.eval.store import StoredJudgment
-
-ARMS = ("champion", "challenger")
+from stillhouse.eval.cost import CostSummary, Price, Request, arm_costs
+from stillhouse.eval.store import EvalStore, StoredJudgment
+from stillhouse.eval.window import Window, read_window
 
 
 @dataclass(frozen=True)
-class AbReport:
+class AbSummary:
     window: str
     arms: dict[str, ArmSummary]
     pairwise: dict[str, PairwiseSummary]  # each arm's served answers vs the teacher's
@@ -50,7 +46,7 @@ class AbReport:
     units: dict[str, int]  # users (or requests without a user) per arm, as the SRM counts them
     judge_verdict: AbVerdict  # challenger vs champion, single-answer judge score
     pairwise_verdict: AbVerdict  # challenger vs champion, pairwise score against the teacher
-    cost: CostReport
+    cost: CostSummary
     judge_model: str | None
     notes: tuple[str, ...] = ()
 
@@ -72,7 +68,7 @@ def fell_back(record: TrafficRecord) -> bool:
     as well (served_by "none", `fallback_reason` set) is an error, not a fallback."""
     if record.served_by == MIRROR:
         return record.fallback_reason is not None
-    return record.served_by == "teacher"
+    return record.served_by == Role.TEACHER
 
 
 def failed(record: TrafficRecord) -> bool:
@@ -95,12 +91,12 @@ def srm_units(
     """
     last: dict[str, TrafficRecord] = {}
     for record in records:
-        if record.arm not in ARMS or record.served_by == MIRROR:
+        if record.arm not in STUDENT_ROLES or record.served_by == MIRROR:
             continue
         unit = record.user_hash or f"request:{record.request_id}"
         if unit not in last or record.ts >= last[unit].ts:
             last[unit] = record
-    counts = dict.fromkeys(ARMS, 0)
+    counts = dict.fromkeys(STUDENT_ROLES, 0)
     expected = 0.0
     for record in last.values():
         counts[record.arm] += 1
@@ -113,13 +109,13 @@ def _judged(judgments: Sequence[StoredJudgment], kind: str, arm: str) -> list[St
     return [j for j in judgments if j.kind == kind and j.arm == arm and j.status == "ok"]
 
 
-def build_ab_report(
+def build_ab_summary(
     records: Sequence[TrafficRecord],
     judgments: Sequence[StoredJudgment],
     changes: Sequence[AbChange],
     settings: Settings,
     window_label: str,
-) -> AbReport:
+) -> AbSummary:
     ev = settings.evaluation
     config = AbConfig(
         alpha=ev.ab.alpha,
@@ -128,12 +124,50 @@ def build_ab_report(
         min_samples=ev.ab.min_samples,
     )
     notes: list[str] = []
-    answered = [r for r in records if r.arm in ARMS]
+    answered = [r for r in records if r.arm in STUDENT_ROLES]
+    arms, pairwise, scores, pair_scores = _per_arm(answered, judgments, config)
+    units, share = srm_units(answered, changes, settings.gateway.ab.challenger_share)
+    srm = None
+    if sum(units.values()) > 0:
+        expected = {Role.CHAMPION: 1 - share, Role.CHALLENGER: share}
+        srm = srm_check(units, expected, alpha=ev.ab.srm_alpha)
+    else:
+        notes.append("no champion/challenger traffic in the window: no sample-ratio check")
+    judge_verdict = ab_verdict(scores[Role.CHALLENGER], scores[Role.CHAMPION], config)
+    pairwise_verdict = ab_verdict(
+        pairwise_scores(pair_scores[Role.CHALLENGER]),
+        pairwise_scores(pair_scores[Role.CHAMPION]),
+        config,
+    )
+    if not judgments:
+        notes.append("no judgments in the window: run `stillhouse judge` first")
+    judge_models = sorted({j.judge_model for j in judgments})
+    return AbSummary(
+        window=window_label,
+        arms=arms,
+        pairwise=pairwise,
+        srm=srm,
+        expected_challenger_share=share if srm is not None else None,
+        units=units,
+        judge_verdict=judge_verdict,
+        pairwise_verdict=pairwise_verdict,
+        cost=_cost(answered, settings, notes),
+        judge_model=", ".join(judge_models) or None,
+        notes=tuple(notes),
+    )
+
+
+def _per_arm(
+    answered: Sequence[TrafficRecord], judgments: Sequence[StoredJudgment], config: AbConfig
+) -> tuple[
+    dict[str, ArmSummary], dict[str, PairwiseSummary], dict[str, list[float]], dict[str, list[str]]
+]:
+    """Each arm's summary and pairwise summary, with the judge scores they rest on."""
     arms: dict[str, ArmSummary] = {}
     pairwise: dict[str, PairwiseSummary] = {}
     scores: dict[str, list[float]] = {}
     pair_scores: dict[str, list[str]] = {}
-    for arm in ARMS:
+    for arm in STUDENT_ROLES:
         rows = [r for r in answered if r.arm == arm]
         scores[arm] = [float(j.score) for j in _judged(judgments, "single", arm) if j.score]
         pair_scores[arm] = [
@@ -150,56 +184,41 @@ def build_ab_report(
         pairwise[arm] = pairwise_summary(
             pair_scores[arm], confidence=1 - config.alpha, alpha=config.alpha
         )
-    units, share = srm_units(answered, changes, settings.gateway.ab.challenger_share)
-    srm = None
-    if sum(units.values()) > 0:
-        srm = srm_check(units, {"champion": 1 - share, "challenger": share}, alpha=ev.ab.srm_alpha)
-    else:
-        notes.append("no champion/challenger traffic in the window: no sample-ratio check")
-    judge_verdict = ab_verdict(scores["challenger"], scores["champion"], config)
-    pairwise_verdict = ab_verdict(
-        pairwise_scores(pair_scores["challenger"]),
-        pairwise_scores(pair_scores["champion"]),
-        config,
-    )
-    if not judgments:
-        notes.append("no judgments in the window: run `stillhouse judge` first")
-    prices = {role: Price(**p.model_dump()) for role, p in ev.prices.items()}
-    # Mirrored answers served no user: the challenger's cost is what its own users cost.
+    return arms, pairwise, scores, pair_scores
+
+
+def _cost(answered: Sequence[TrafficRecord], settings: Settings, notes: list[str]) -> CostSummary:
+    """What each arm's own users cost; mirrored answers served no user, so they are left out."""
+    prices = {role: Price(**p.model_dump()) for role, p in settings.evaluation.prices.items()}
     paid = [r for r in answered if r.served_by != MIRROR]
     if len(paid) < len(answered):
         notes.append(
-            f"{len(answered) - len(paid)} mirrored challenger answers (shadow, no user saw "
+            f"{len(answered) - len(paid)} mirrored challenger answers (mirror phase, no user saw "
             "them) are judged and counted in fallback and latency, but left out of the cost "
             "and the sample-ratio check"
         )
-    cost = arm_costs(
-        [
-            Request(
-                r.arm,
-                r.served_by,
-                r.prompt_tokens,
-                r.completion_tokens,
-                r.student_completion_tokens,
-            )
-            for r in paid
-        ],
-        prices,
-    )
-    judge_models = sorted({j.judge_model for j in judgments})
-    return AbReport(
-        window=window_label,
-        arms=arms,
-        pairwise=pairwise,
-        srm=srm,
-        expected_challenger_share=share if srm is not None else None,
-        units=units,
-        judge_verdict=judge_verdict,
-        pairwise_verdict=pairwise_verdict,
-        cost=cost,
-        judge_model=", ".join(judge_models) or None,
-        notes=tuple(notes),
-    )
+    requests = [
+        Request(
+            r.arm, r.served_by, r.prompt_tokens, r.completion_tokens, r.student_completion_tokens
+        )
+        for r in paid
+    ]
+    return arm_costs(requests, prices)
+
+
+def ab_summary_for_window(
+    settings: Settings, window: Window
+) -> tuple[AbSummary, list[TrafficRecord], list[StoredJudgment]]:
+    """The A/B summary of `window`, with the records and judgments it was built from."""
+    records = read_window(settings.traffic_log_path, window)
+    with TrafficLogReader(settings.traffic_log_path) as log:
+        changes = log.ab_changes()
+    with EvalStore(settings.eval_db_path) as store:
+        judgments = store.judgments(
+            since=window.since, until=window.until, judge_model=settings.evaluation.judge.model
+        )
+    summary = build_ab_summary(records, judgments, changes, settings, window.label)
+    return summary, records, judgments
 
 
 def verdict_row(label: str, verdict: AbVerdict) -> Mapping[str, object]:
@@ -220,67 +239,22 @@ def verdict_row(label: str, verdict: AbVerdict) -> Mapping[str, object]:
     }
 
 
-def ab_tables(report: AbReport) -> list[Table]:
-    """The per-arm table and the challenger-vs-champion table, for the terminal."""
-    arms = Table(title=f"A/B per arm: quality ({report.window})")
-    for col in ("arm", "requests", "users", "judge ± CI (n)", "vs teacher W/T/L", "fallback"):
-        arms.add_column(col, justify="left" if col == "arm" else "right")
-    ops = Table(title="A/B per arm: latency and cost")
-    for col in ("arm", "p50 s", "p99 s", "cost/request", "saved vs teacher"):
-        ops.add_column(col, justify="left" if col == "arm" else "right")
-    for arm in ARMS:
-        s, p, c = report.arms[arm], report.pairwise[arm], report.cost.arms.get(arm)
-        judge = "–"
-        if s.judge_n:
-            half = (s.judge_ci[1] - s.judge_ci[0]) / 2 if s.judge_n >= 2 else math.nan
-            judge = f"{s.judge_mean:.2f} ± {number(half, '.2f')} ({s.judge_n})"
-        arms.add_row(
-            arm, str(s.n), str(report.units.get(arm, 0)), judge,
-            f"{p.wins}/{p.ties}/{p.losses}" if p.n else "–", number(s.fallback_rate, ".1%"),
-        )  # fmt: skip
-        ops.add_row(
-            arm, number(s.latency_p50, ".2f"), number(s.latency_p99, ".2f"),
-            number(c.per_request if c else None, ".5f"),
-            number(c.savings_fraction if c else None, ".0%"),
-        )  # fmt: skip
-    verdicts = Table(title="challenger vs champion")
-    for col in ("metric", "diff [95% CI]", "always-valid", "MDE", "verdict"):
-        verdicts.add_column(col, justify="left" if col in ("metric", "verdict") else "right")
-    for label, v in (("judge", report.judge_verdict),
-                     ("vs teacher", report.pairwise_verdict)):  # fmt: skip
-        d, s = v.difference, v.sequential
-        verdicts.add_row(
-            label,
-            "–" if d is None else f"{d.diff:+.2f} [{d.low:+.2f}, {d.high:+.2f}]",
-            "–" if s is None else f"[{s.low:+.2f}, {s.high:+.2f}]",
-            number(v.mde),
-            v.verdict,
-        )
-    return [arms, ops, verdicts]
-
-
-def srm_line(report: AbReport) -> str:
-    if report.srm is None:
-        return "sample ratio: no traffic to check"
-    srm, share = report.srm, report.expected_challenger_share or 0.0
-    state = "MISMATCH (alarm)" if srm.alarm else "ok"
-    return (
-        f"sample ratio {state}: {srm.observed['challenger']} challenger / "
-        f"{srm.observed['champion']} champion users against an expected share of {share:.1%} "
-        f"(chi² {srm.chi2:.2f}, p = {srm.p_value:.3g})"
-    )
-
-
-def ab_metrics(report: AbReport) -> dict[str, float]:
+def ab_metrics(report: AbSummary) -> dict[str, float]:
     """Flat numbers for MLflow (NaN dropped by the tracker)."""
     out: dict[str, float] = {}
-    for arm in ARMS:
+    for arm in STUDENT_ROLES:
         s, p = report.arms[arm], report.pairwise[arm]
-        out.update({
-            f"{arm}.requests": s.n, f"{arm}.judge_n": s.judge_n, f"{arm}.judge_mean": s.judge_mean,
-            f"{arm}.fallback_rate": s.fallback_rate, f"{arm}.latency_p99_s": s.latency_p99,
-            f"{arm}.pairwise_win_or_tie": p.win_or_tie_rate, f"{arm}.pairwise_score": p.score,
-        })  # fmt: skip
+        out.update(
+            {
+                f"{arm}.requests": s.n,
+                f"{arm}.judge_n": s.judge_n,
+                f"{arm}.judge_mean": s.judge_mean,
+                f"{arm}.fallback_rate": s.fallback_rate,
+                f"{arm}.latency_p99_s": s.latency_p99,
+                f"{arm}.pairwise_win_or_tie": p.win_or_tie_rate,
+                f"{arm}.pairwise_score": p.score,
+            }
+        )
         cost = report.cost.arms.get(arm)
         if cost is not None:
             out[f"{arm}.cost_per_request"] = cost.per_request

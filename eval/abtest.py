@@ -1,19 +1,10 @@
-"""A/B statistics for challenger vs champion: pure functions over plain numbers.
+"""A/B statistics for challenger vs champion: pure functions over plain numbers. Did the split
+happen as configured (sample-ratio mismatch), how big is the difference, is it real (fixed-n
+and always-valid mSPRT intervals, valid however often the controller peeks), and what could
+we have detected (the minimum detectable effect)?
 
-The gateway splits users between `champion` and `challenger` (sticky per user); the judge scores
-answers. This module answers: did the split happen as configured (sample-ratio mismatch), how
-big is the difference, is it real, and what could we have detected at all?
-
-Why a sequential test: the rollout controller looks at the running A/B every hour and stops as
-soon as it sees significance. A fixed-n t-test checked that often rejects a true null far more
-than `alpha` of the time (peeking). The mixture SPRT (mSPRT; Johari, Koomen, Pekelis & Walsh,
-"Peeking at A/B tests", KDD 2017, and "Always valid inference", Operations Research 2022) gives
-an *always-valid* p-value and confidence interval: valid at every look, however the looks were
-chosen. Variances are plug-in estimates (as in the paper's deployment), so validity is
-asymptotic; the unit tests measure it on simulated A/A streams.
-
-Conventions: differences are challenger − champion ("treatment − control"); higher is better
-unless `AbConfig.higher_is_better` says otherwise (latency).
+Differences are challenger − champion; higher is better unless `AbConfig.higher_is_better`
+says otherwise. Why a sequential test: docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -26,9 +17,10 @@ from typing import Literal
 import numpy as np
 from scipy import stats
 
+from stillhouse.eval.samples import Values, as_sample
+
 Verdict = Literal["better", "worse", "inconclusive"]
 Outcome = Literal["win", "tie", "loss"]
-Values = Sequence[float] | np.ndarray
 _OUTCOME_SCORE = {"win": 1.0, "tie": 0.0, "loss": -1.0}
 _SHARE_TOLERANCE = 1e-6
 
@@ -36,15 +28,6 @@ _SHARE_TOLERANCE = 1e-6
 def _check_open_unit(value: float, name: str) -> None:
     if not (isinstance(value, int | float) and 0.0 < value < 1.0):
         raise ValueError(f"{name} must be in (0, 1), got {value!r}")
-
-
-def _sample(values: Values, name: str) -> np.ndarray:
-    array = np.asarray(values, dtype=float)
-    if array.ndim != 1:
-        raise ValueError(f"{name} must be a flat sequence of numbers, got shape {array.shape}")
-    if not np.all(np.isfinite(array)):
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return array
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +102,7 @@ def mean_difference(treatment: Values, control: Values, confidence: float = 0.95
     for one look at a fixed n only; for repeated looks use `msprt`.
     """
     _check_open_unit(confidence, "confidence")
-    t, c = _sample(treatment, "treatment"), _sample(control, "control")
+    t, c = as_sample(treatment, "treatment"), as_sample(control, "control")
     if len(t) < 2 or len(c) < 2:
         raise ValueError(f"need at least 2 observations per arm, got {len(t)} and {len(c)}")
     vt, vc = t.var(ddof=1) / len(t), c.var(ddof=1) / len(c)
@@ -225,7 +208,7 @@ def msprt_from_estimate(
 
 def msprt(treatment: Values, control: Values, tau: float, alpha: float = 0.05) -> SequentialResult:
     """Two-sample mSPRT for mean(treatment) − mean(control) with plug-in (Welch) variances."""
-    t, c = _sample(treatment, "treatment"), _sample(control, "control")
+    t, c = as_sample(treatment, "treatment"), as_sample(control, "control")
     if len(t) < 2 or len(c) < 2:
         raise ValueError(f"need at least 2 observations per arm, got {len(t)} and {len(c)}")
     variance = t.var(ddof=1) / len(t) + c.var(ddof=1) / len(c)
@@ -234,7 +217,7 @@ def msprt(treatment: Values, control: Values, tau: float, alpha: float = 0.05) -
 
 def one_sample_sequential(values: Values, tau: float, alpha: float = 0.05) -> SequentialResult:
     """One-sample mSPRT of mean(values) against 0 (e.g. pairwise scores: +1 win, 0 tie, −1 loss)."""
-    x = _sample(values, "values")
+    x = as_sample(values, "values")
     if len(x) < 2:
         raise ValueError(f"need at least 2 observations, got {len(x)}")
     return msprt_from_estimate(float(x.mean()), x.var(ddof=1) / len(x), tau, alpha, len(x), 0)
@@ -278,7 +261,7 @@ def always_valid_p_values(
     Each look is `(n_treatment, n_control)` (or one int for both): the first that many
     observations of each arm, in arrival order. Returns one running result per look.
     """
-    t, c = _sample(treatment, "treatment"), _sample(control, "control")
+    t, c = as_sample(treatment, "treatment"), as_sample(control, "control")
     st, sst = _prefix_moments(t)
     sc, ssc = _prefix_moments(c)
     per_look: list[SequentialResult] = []
@@ -350,7 +333,7 @@ def ab_verdict(
     inconclusive whatever the data say: plug-in variances are unreliable there.
     """
     config = config or AbConfig()
-    t, c = _sample(treatment, "treatment"), _sample(control, "control")
+    t, c = as_sample(treatment, "treatment"), as_sample(control, "control")
     nt, nc = len(t), len(c)
     need = f"need at least {config.min_samples} per arm, have {nt} challenger and {nc} champion"
     if min(nt, nc) < 2:
@@ -444,10 +427,18 @@ def pairwise_summary(
     if n >= 2 and scores.var() > 0:
         sequential = one_sample_sequential(scores, tau, alpha)
     return PairwiseSummary(
-        n, wins, ties, losses, rate(wins), rate(ties), rate(losses), rate(wins + ties),
+        n,
+        wins,
+        ties,
+        losses,
+        rate(wins),
+        rate(ties),
+        rate(losses),
+        rate(wins + ties),
         wilson_interval(wins + ties, n, confidence),
-        float(scores.mean()) if n else math.nan, sequential,
-    )  # fmt: skip
+        float(scores.mean()) if n else math.nan,
+        sequential,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -482,8 +473,8 @@ def summarize_arm(
             "fallbacks, latencies_s and errors must have one entry per request, got lengths "
             f"{len(fallbacks)}, {len(latencies_s)}, {len(errors)}"
         )
-    scores = _sample(judge_scores, "judge_scores")
-    latencies = _sample(latencies_s, "latencies_s")
+    scores = as_sample(judge_scores, "judge_scores")
+    latencies = as_sample(latencies_s, "latencies_s")
     n, judge_n = len(latencies), len(scores)
     judge_ci = (math.nan, math.nan)
     if judge_n >= 2:
@@ -493,7 +484,13 @@ def summarize_arm(
     n_fallback, n_error = sum(bool(f) for f in fallbacks), sum(bool(e) for e in errors)
     quantiles = np.percentile(latencies, [50, 95, 99]) if n else [math.nan] * 3
     return ArmSummary(
-        arm, n, judge_n, float(scores.mean()) if judge_n else math.nan, judge_ci,
-        n_fallback / n if n else math.nan, wilson_interval(n_fallback, n, confidence),
-        *(float(q) for q in quantiles), n_error / n if n else math.nan,
-    )  # fmt: skip
+        arm,
+        n,
+        judge_n,
+        float(scores.mean()) if judge_n else math.nan,
+        judge_ci,
+        n_fallback / n if n else math.nan,
+        wilson_interval(n_fallback, n, confidence),
+        *(float(q) for q in quantiles),
+        n_error / n if n else math.nan,
+    )

@@ -1,22 +1,9 @@
-"""What the traffic cost, per A/B arm, and what it would have cost had the teacher answered it all.
+"""What the traffic cost per A/B arm, and what it would have cost had the teacher answered it
+all. Prices per model role, per 1k tokens or per GPU-hour (with a measured throughput).
+Fallbacks pay twice (the student's tokens, then the teacher's); a missing token count is never
+taken as zero: the request is counted as unknown and left out of both sums.
 
-Prices are per model role (`champion`, `challenger`, `teacher`) and come in one of two modes:
-
-* per 1k tokens, separate prompt and completion prices (a hosted API's price list), or
-* per GPU-hour, with a measured throughput in tokens per second per GPU that turns tokens into
-  GPU-seconds: cost = (prompt + completion tokens) / throughput / 3600 · price per GPU-hour.
-  The throughput is the *total* token throughput (prompt and completion tokens together, as
-  `vllm bench serve` reports it) of one replica under a representative load, divided by the
-  replica's GPU count. It therefore already prices prompt tokens at the traffic's own
-  prompt/completion mix; it assumes the GPUs are kept that busy (idle time is not charged).
-
-Fallbacks pay twice: the student spent the prompt and its own completion before the router
-replaced its answer with the teacher's, and then the teacher answered. Missing token counts
-(None) are never taken as zero: such a request is counted as unknown and left out of the sums
-(both the actual and the teacher-only ones, so savings compare the same requests).
-
-Pure functions over plain rows; `stillhouse.common.traffic.TrafficRecord` works as a row (it has no
-`student_completion_tokens`, so its fallbacks count as unknown unless the caller supplies them).
+Pure functions over plain rows. The pricing model in full: docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -126,7 +113,7 @@ class ArmCost:
 
 
 @dataclass(frozen=True, slots=True)
-class CostReport:
+class CostSummary:
     """Per-arm costs and the same sums over all arms (`overall.arm` is "all")."""
 
     arms: dict[str, ArmCost]
@@ -176,7 +163,7 @@ def _price(prices: Mapping[str, Price], model: str) -> Price:
         raise ValueError(f"no price configured for {model!r} (have {sorted(prices)})") from None
 
 
-def arm_costs(requests: Iterable[CostRow], prices: Mapping[str, Price]) -> CostReport:
+def arm_costs(requests: Iterable[CostRow], prices: Mapping[str, Price]) -> CostSummary:
     """Cost per arm, the teacher-only counterfactual and the savings.
 
     A student-served request costs one call at its model's price. A fallback costs the student's
@@ -212,7 +199,7 @@ def arm_costs(requests: Iterable[CostRow], prices: Mapping[str, Price]) -> CostR
     overall = _Tally()
     for tally in tallies.values():
         overall.add(tally)
-    return CostReport(
+    return CostSummary(
         arms={arm: tally.freeze(arm) for arm, tally in sorted(tallies.items())},
         overall=overall.freeze("all"),
     )

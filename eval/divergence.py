@@ -1,31 +1,12 @@
-"""Student–teacher divergence from shadow records: per-request KL estimates, a top-k lower
-bound, top-1 agreement, and window aggregates with bootstrap confidence intervals.
+"""Student–teacher divergence from shadow records: per-request KL estimates (k1, k3), a top-k
+lower bound, top-1 agreement, and window aggregates with bootstrap confidence intervals.
 
-A shadow record holds, for every token of the student's answer, the student's log-prob of the
-token it sampled and the teacher's log-prob of the same token (see
-`stillhouse.common.traffic.ShadowRecord`). The tokens are samples from the student, so with
-log-ratio ``ℓ = lp_s − lp_t`` and ``r = exp(−ℓ) = p_t / p_s``, Schulman's estimators of
-KL(student ‖ teacher) (http://joschu.net/blog/kl-approx.html) are, per token,
-
-* ``k1 = ℓ``: unbiased, but single tokens can be negative and it is noisy;
-* ``k3 = (r − 1) − log r``: also unbiased (E_s[r] = 1), never negative, and of lower
-  variance while the models are close (a distilled student); far apart, r's heavy tail can
-  make it the noisier of the two, which is why both are kept.
-
-Both are reported as the per-token mean (comparable across answer lengths; what drift watches)
-and the sequence sum (the estimate of the KL between the two models' distributions over whole
-answers). Both are estimates *on the student's own prefixes*: the KL at positions the student
-visits, which is what matters for what the student serves.
-
-    from stillhouse.eval.divergence import request_divergence, window_divergence
     per_request = [request_divergence(r) for r in log.shadow(since=t0)]
     summary = window_divergence(per_request)   # means with 95 % bootstrap intervals
 
-Edge policy: empty answers, NaN, +inf, log-probs clearly above 0 and misaligned lengths are
-rejected with `ValueError` (a corrupt record must not become a number). A −inf log-prob (vLLM
-reports NaN, which the shadow scorer turns into −inf, when a probability underflows) is floored
-at `LOGPROB_FLOOR`, so one such token weighs heavily but finitely instead of turning every
-window mean into inf.
+Estimates are on the student's own tokens (Schulman's k1 and k3); corrupt records raise
+`ValueError`, a −inf log-prob is floored at `LOGPROB_FLOOR`. Why, and the edge policy in
+full: docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -120,8 +101,9 @@ def _argmax(top: Mapping[int, float]) -> int:
     return min(top, key=lambda token: (-top[token], token))
 
 
-def _position_bound(s_top: Mapping[int, float], t_top: Mapping[int, float], token: int,
-                    lp_s: float, lp_t: float) -> float:  # fmt: skip
+def _position_bound(
+    s_top: Mapping[int, float], t_top: Mapping[int, float], token: int, lp_s: float, lp_t: float
+) -> float:
     """KL of the two distributions coarse-grained onto S ∪ {rest}.
 
     S is the tokens in both top-k lists plus the sampled token (whose probability both sides

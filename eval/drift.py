@@ -1,30 +1,17 @@
-"""Drift of the student–teacher divergence: two-sample tests of a current window against a
-reference window, a sequential detector for fast alarms, and the ok / warn / drift decision.
-
-The input is one number per shadowed request, usually its per-token k3
-(`stillhouse.eval.divergence.request_divergence(record).k3`). The reference is the window set
-at promotion (or the first N records after it); the null sample is the "noise floor": the same
-statistic when nothing has changed (teacher against itself, or the reference student on
-traffic held out from the reference), from which the thresholds are calibrated.
-
-* `two_sample_tests`: Kolmogorov–Smirnov (any change of shape), Mann–Whitney U (a shift), and
-  the population stability index (how far the mass moved across the reference's deciles).
-* `Cusum` / `first_alarm`: a one-sided CUSUM for an upward shift (the student getting worse).
-  `calibrate_sequential` sets its threshold so that a stream of `stream_length` no-drift records
-  raises a false alarm with probability ≈ α.
-* `sliding_ks_statistics` / `calibrate_window_ks`: the baseline the CUSUM is benchmarked
-  against (tests/bench/bench_drift.py): a KS test of the last `window` records against the
-  reference after every record, calibrated to the same stream-level false-alarm rate.
-* `drift_state` / `drift_report`: the decision, with short reasons for a dashboard or alert.
+"""Drift of the student–teacher divergence: two-sample tests (KS, Mann–Whitney, PSI) of a
+current window against a reference, a calibrated one-sided CUSUM for fast alarms, and the
+ok / warn / drift decision with its reasons.
 
     cal = calibrate_sequential(null, stream_length=2000, false_alarm_rate=0.01)
-    report = drift_report(reference, current, calibration=cal)   # report.state: ok|warn|drift
+    assessment = assess_drift(reference, current, calibration=cal)   # .state: ok|warn|drift
+
+The input is one number per shadowed request (its per-token k3). Details: docs/evaluation.md.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
@@ -32,24 +19,14 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy import stats
 
-Values = Sequence[float] | np.ndarray
+from stillhouse.eval.samples import Values, as_sample
+
 _CHUNK = 1 << 22  # elements per vectorised block in calibration (≈ 32 MiB of float64)
 
 
 class NoSpreadError(ValueError):
     """The null sample (after clipping) is constant: there is no noise floor to calibrate on,
     e.g. a student that matches the teacher token for token."""
-
-
-def _sample(values: Values, what: str, min_size: int = 1) -> np.ndarray:
-    x = np.asarray(values, dtype=float)
-    if x.ndim != 1:
-        raise ValueError(f"{what} must be a flat sequence, got shape {x.shape}")
-    if x.size < min_size:
-        raise ValueError(f"{what} needs at least {min_size} values, got {x.size}")
-    if not np.isfinite(x).all():
-        raise ValueError(f"{what} must be finite (no NaN or inf)")
-    return x
 
 
 def _check_rate(false_alarm_rate: float, n_streams: int, stream_length: int) -> None:
@@ -76,8 +53,8 @@ def psi(reference: Values, current: Values, bins: int = 10, eps: float = 1e-4) -
     Conventional reading (credit scoring): < 0.1 no real change, 0.1–0.25 a moderate shift
     worth a look, ≥ 0.25 a significant shift.
     """
-    ref = _sample(reference, "reference")
-    cur = _sample(current, "current")
+    ref = as_sample(reference, "reference", 1)
+    cur = as_sample(current, "current", 1)
     if bins < 2:
         raise ValueError(f"psi needs at least 2 bins, got {bins!r}")
     edges = np.unique(np.quantile(ref, np.linspace(0, 1, bins + 1)[1:-1]))
@@ -108,8 +85,8 @@ class TwoSampleTests:
 def two_sample_tests(reference: Values, current: Values, psi_bins: int = 10) -> TwoSampleTests:
     """Compare the current window with the reference; two-sided, since a student that suddenly
     agrees *better* with the teacher is also a change worth explaining."""
-    ref = _sample(reference, "reference")
-    cur = _sample(current, "current")
+    ref = as_sample(reference, "reference", 1)
+    cur = as_sample(current, "current", 1)
     ks = stats.ks_2samp(cur, ref)
     mw = stats.mannwhitneyu(cur, ref, alternative="two-sided")
     return TwoSampleTests(
@@ -170,7 +147,7 @@ def cusum_statistics(values: Values, calibration: SequentialCalibration) -> np.n
 def first_alarm(values: Values, calibration: SequentialCalibration) -> int | None:
     """Index of the first value at which the CUSUM exceeds h, or None: the pure-function
     form of `Cusum` over a whole stream."""
-    path = cusum_statistics(_sample(values, "values", 0), calibration)
+    path = cusum_statistics(as_sample(values, "values", 0), calibration)
     hits = np.flatnonzero(path > calibration.h)
     return int(hits[0]) if hits.size else None
 
@@ -246,7 +223,7 @@ def calibrate_sequential(
     not in the bootstrap, so the realised rate can be off by a factor of ~1.5 either way with
     a few thousand null values: use that many or more, and measure it as the bench does.
     """
-    null = _sample(null_values, "null_values", 10)
+    null = as_sample(null_values, "null_values", 10)
     _check_rate(false_alarm_rate, n_streams, stream_length)
     if not k_sigma >= 0:
         raise ValueError(f"k_sigma must be >= 0, got {k_sigma!r}")
@@ -258,13 +235,23 @@ def calibrate_sequential(
     if not std > 0:
         raise NoSpreadError("null_values have no spread: a detector cannot be calibrated on them")
     base = SequentialCalibration(
-        mean=float(clipped.mean()), std=std, clip=clip, k=float(k_sigma), h=math.inf,
-        stream_length=stream_length, false_alarm_rate=false_alarm_rate, n_null=null.size,
-    )  # fmt: skip
+        mean=float(clipped.mean()),
+        std=std,
+        clip=clip,
+        k=float(k_sigma),
+        h=math.inf,
+        stream_length=stream_length,
+        false_alarm_rate=false_alarm_rate,
+        n_null=null.size,
+    )
     maxima = _bootstrap_maxima(
-        clipped, stream_length, n_streams, seed,
-        lambda s: cusum_statistics(s, base).max(axis=1), stream_length,
-    )  # fmt: skip
+        clipped,
+        stream_length,
+        n_streams,
+        seed,
+        lambda s: cusum_statistics(s, base).max(axis=1),
+        stream_length,
+    )
     h = float(np.quantile(maxima, 1 - false_alarm_rate))
     return replace(base, h=h)
 
@@ -281,7 +268,7 @@ def sliding_ks_statistics(values: Values, reference: Values, window: int) -> np.
     D = max_i max(i/w − r_i/m, r⁻_i/m − (i − 1)/w) — the two empirical CDFs compared just at
     and just before every window value, which is where their gap can peak.
     """
-    ref = np.sort(_sample(reference, "reference"))
+    ref = np.sort(as_sample(reference, "reference", 1))
     x = np.asarray(values, dtype=float)
     if not 1 <= window <= x.shape[-1]:
         raise ValueError(f"window must be in [1, {x.shape[-1]}], got {window!r}")
@@ -332,18 +319,21 @@ def calibrate_window_ks(
     Pass a reference that is *not* the null sample: streams resampled from the reference
     itself sit closer to it than fresh no-drift traffic does, which would make h too low.
     """
-    null = _sample(null_values, "null_values", 10)
-    ref = _sample(reference, "reference", 10)
+    null = as_sample(null_values, "null_values", 10)
+    ref = as_sample(reference, "reference", 10)
     _check_rate(false_alarm_rate, n_streams, stream_length)
     if not 1 <= window <= stream_length:
         raise ValueError(f"window must be in [1, stream_length={stream_length}], got {window!r}")
     if not 1 <= step <= window:
         raise ValueError(f"step must be in [1, window={window}], got {step!r}")
     maxima = _bootstrap_maxima(
-        null, stream_length, n_streams, seed,
+        null,
+        stream_length,
+        n_streams,
+        seed,
         lambda s: sliding_ks_statistics(s, ref, window)[..., ::step].max(axis=1),
         stream_length * window,
-    )  # fmt: skip
+    )
     return WindowKsCalibration(
         window=window,
         h=float(np.quantile(maxima, 1 - false_alarm_rate)),
@@ -359,7 +349,7 @@ def first_ks_alarm(
     values: Values, reference: Values, calibration: WindowKsCalibration
 ) -> int | None:
     """Index of the record after which the window KS first exceeds h, or None."""
-    x = _sample(values, "values", 0)
+    x = as_sample(values, "values", 0)
     if x.size < calibration.window:
         return None
     step = calibration.step
@@ -435,7 +425,7 @@ def drift_state(
 
 
 @dataclass(frozen=True, slots=True)
-class DriftReport:
+class DriftAssessment:
     """Everything behind one drift decision. `sequential_statistic` is the largest CUSUM
     value over the current window (> threshold exactly when it alarmed)."""
 
@@ -449,18 +439,18 @@ class DriftReport:
     reasons: tuple[str, ...]
 
 
-def drift_report(
+def assess_drift(
     reference: Values,
     current: Values,
     calibration: SequentialCalibration | None = None,
     config: DriftConfig | None = None,
-) -> DriftReport:
+) -> DriftAssessment:
     """Run the tests (when both windows have `min_samples`) and the CUSUM over `current`
     (when calibrated), and decide. `current` should be at most the calibration's
     `stream_length` long, or the CUSUM's false-alarm rate is above the calibrated one."""
     config = config or DriftConfig()
-    ref = _sample(reference, "reference", 0)
-    cur = _sample(current, "current", 0)
+    ref = as_sample(reference, "reference", 0)
+    cur = as_sample(current, "current", 0)
     tests = None
     if min(ref.size, cur.size) >= config.min_samples:
         tests = two_sample_tests(ref, cur, config.psi_bins)
@@ -473,7 +463,7 @@ def drift_report(
     state, reasons = drift_state(tests, alarm is not None, config)
     if tests is None:
         reasons += (f"too few records for two-sample tests (< {config.min_samples})",)
-    return DriftReport(
+    return DriftAssessment(
         n_reference=ref.size,
         n_current=cur.size,
         tests=tests,

@@ -1,24 +1,11 @@
-"""Simulated shadow traffic for deterministic drift tests and the drift benchmark.
+"""Simulated shadow traffic for deterministic drift tests and the drift benchmark: teacher and
+student next-token distributions per position, the student's sampled answer, both sides'
+log-probs of it (what a shadow record holds), all from one seeded numpy Generator.
 
-Per request, a teacher and a student produce next-token distributions over a small vocabulary
-at every answer position; the student samples its answer and both sides score the sampled
-tokens, exactly what a shadow record holds. The per-request divergence therefore has the real
-thing's shape (skewed, heavier-tailed for long-tailed difficulty, noisier for short answers)
-rather than being drawn from a convenient textbook distribution.
-
-* teacher logits: ``teacher_scale · N(0, 1)`` per vocabulary entry and position;
-* student logits: teacher logits + ``noise · d · N(0, 1)``, where the per-request difficulty
-  ``d`` is log-normal (some prompts the student handles worse than others);
-* answer length: geometric with mean `mean_tokens`, capped at `max_tokens`;
-* the answer token at each position: a sample from the student.
-
-A "worse student" is the same teacher with a larger `noise`. Everything is drawn from one
-seeded numpy Generator and vectorised over all tokens of all requests, so a few thousand
-requests take milliseconds.
-
-    from stillhouse.eval.drift_sim import SimStudent, simulate_stream
     stream = simulate_stream(2000, SimStudent(), seed=3, change_at=1000,
                              after=SimStudent().worse(1.5))   # per-request k3, shape (2000,)
+
+The generative model: docs/evaluation.md.
 """
 
 from __future__ import annotations

@@ -1,21 +1,12 @@
 """The LLM judge: single-answer grades and order-swapped pairwise comparisons from any
-OpenAI-compatible endpoint (a vLLM-served judge, a hosted API), through the `openai` client.
+OpenAI-compatible endpoint, through the `openai` client.
 
-    config = JudgeConfig(base_url="http://127.0.0.1:8000/v1", model="teacher",
-                         cache_path=Path(".stillhouse/judge-cache.db"))
     async with Judge(config, DemoJudgeTemplate()) as judge:
         grades = await judge.grade_many([(ticket_text, answer), ...])
         pairs = await judge.compare_many([(ticket_text, student, teacher), ...])
-        print(judge.stats)
 
-Every item comes back, in input order, with a status: "ok", "unparseable" (the judge answered,
-but not with a valid verdict after `max_parse_retries` retries) or "error" (the endpoint failed:
-timeout, connection, 5xx after `max_transport_retries` retries, another 4xx). Nothing is dropped
-or silently scored. A refused key (401/403) or an unknown model (404) is the caller's
-configuration, not a per-item failure: it raises `JudgeError` at once.
-
-A vLLM judge should be started with `judge_engine_args(template)`: vLLM 0.32 honours
-`disable_any_whitespace` only as a server setting (see there).
+Every item comes back in input order with a status (ok / unparseable / error); a refused key
+or an unknown model raises `JudgeError` at once. Start a vLLM judge with `judge_engine_args`.
 """
 
 from __future__ import annotations
@@ -37,7 +28,7 @@ from stillhouse.eval.judge_cache import JudgeCache, cache_key
 from stillhouse.eval.judge_templates import JudgeTemplate, PairwiseVerdict, SingleVerdict
 
 Status = Literal["ok", "unparseable", "error"]
-Outcome = Literal["a", "b", "tie"]
+Winner = Literal["a", "b", "tie"]
 T = TypeVar("T")
 
 # vLLM 0.32 reads `disable_any_whitespace` only from the server's StructuredOutputsConfig (the
@@ -124,7 +115,7 @@ class PairwiseJudgment:
 
     key: str  # the cache key of the (a, b) order
     status: Status
-    outcome: Outcome | None  # None unless status is "ok"
+    outcome: Winner | None  # None unless status is "ok"
     first: str | None  # the winner said with the answers shown as (a, b)
     second: str | None  # the winner said with the answers shown as (b, a), mapped back to a/b
     first_reason: str | None
@@ -167,7 +158,7 @@ def swap_winner(winner: str) -> str:
     return {"a": "b", "b": "a"}.get(winner, winner)
 
 
-def pairwise_outcome(first: str, second: str) -> Outcome:
+def pairwise_outcome(first: str, second: str) -> Winner:
     """A win only when both orders name the same answer (both in the original labels); any
     disagreement — position bias, a tie on either side — is a tie."""
     if first == second and first in ("a", "b"):
@@ -284,49 +275,78 @@ class Judge:
     async def grade(self, question: str, answer: str) -> SingleJudgment:
         key = cache_key(self.config.model, self._version, "single", (question, answer))
         got = await self._verdict(
-            "single", key, self.template.single_messages(question, answer),
-            self.template.single_schema, self.template.parse_single,
-        )  # fmt: skip
+            "single",
+            key,
+            self.template.single_messages(question, answer),
+            self.template.single_schema,
+            self.template.parse_single,
+        )
         self._count_judgment(got.status)
         verdict = got.verdict or {}
         return SingleJudgment(
-            key, got.status, verdict.get("score"), verdict.get("reason"),
-            got.attempts, got.cached, got.error,
-        )  # fmt: skip
+            key,
+            got.status,
+            verdict.get("score"),
+            verdict.get("reason"),
+            got.attempts,
+            got.cached,
+            got.error,
+        )
 
     async def compare(self, question: str, answer_a: str, answer_b: str) -> PairwiseJudgment:
         """Ask (a, b) and (b, a) concurrently; a win needs both orders to agree. Two identical
         answers are a tie without a call (both orders would be one prompt, one cache entry)."""
         t = self.template
         orders = ((answer_a, answer_b), (answer_b, answer_a))
-        keys = [cache_key(self.config.model, self._version, "pairwise", (question, x, y))
-                for x, y in orders]  # fmt: skip
+        keys = [
+            cache_key(self.config.model, self._version, "pairwise", (question, x, y))
+            for x, y in orders
+        ]
         if answer_a == answer_b:
             self._count_judgment("ok")
             return PairwiseJudgment(
-                key=keys[0], status="ok", outcome="tie", first="tie", second="tie",
-                first_reason="identical answers", second_reason="identical answers",
-                attempts=0, cached=False,
-            )  # fmt: skip
-        first, second = await gather_or_cancel([
-            self._verdict("pairwise", k, t.pairwise_messages(question, x, y),
-                          t.pairwise_schema, t.parse_pairwise)
-            for k, (x, y) in zip(keys, orders, strict=True)
-        ])  # fmt: skip
+                key=keys[0],
+                status="ok",
+                outcome="tie",
+                first="tie",
+                second="tie",
+                first_reason="identical answers",
+                second_reason="identical answers",
+                attempts=0,
+                cached=False,
+            )
+        first, second = await gather_or_cancel(
+            [
+                self._verdict(
+                    "pairwise",
+                    k,
+                    t.pairwise_messages(question, x, y),
+                    t.pairwise_schema,
+                    t.parse_pairwise,
+                )
+                for k, (x, y) in zip(keys, orders, strict=True)
+            ]
+        )
         status = combine_status(first.status, second.status)
         self._count_judgment(status)
         w1 = first.verdict["winner"] if first.verdict else None
         w2 = swap_winner(second.verdict["winner"]) if second.verdict else None
         outcome = pairwise_outcome(w1, w2) if status == "ok" and w1 and w2 else None
-        errors = [f"{name}: {f.error}" for name, f in (("(a,b)", first), ("(b,a)", second))
-                  if f.error]  # fmt: skip
+        errors = [
+            f"{name}: {f.error}" for name, f in (("(a,b)", first), ("(b,a)", second)) if f.error
+        ]
         return PairwiseJudgment(
-            key=keys[0], status=status, outcome=outcome, first=w1, second=w2,
+            key=keys[0],
+            status=status,
+            outcome=outcome,
+            first=w1,
+            second=w2,
             first_reason=first.verdict["reason"] if first.verdict else None,
             second_reason=second.verdict["reason"] if second.verdict else None,
-            attempts=first.attempts + second.attempts, cached=first.cached and second.cached,
+            attempts=first.attempts + second.attempts,
+            cached=first.cached and second.cached,
             error="; ".join(errors) or None,
-        )  # fmt: skip
+        )
 
     async def grade_many(
         self,

@@ -1,17 +1,12 @@
-"""`stillhouse judge`: the LLM judge over a sample of the traffic log.
+"""Judging traffic: a sample of each arm's answered requests, graded by the LLM judge (single
+answer) and compared with the teacher's answer to the same prompt (pairwise, both orders).
 
-    stillhouse judge                     # default window and sample (evaluation.judge)
-    stillhouse judge --since 2h --sample 50
+    selection = select_for_judging(settings, window, per_arm=100)
+    result = judge_selection(settings, selection, endpoints, truth)   # stored for `ab`
 
-For each arm, up to `sample` answered requests not judged before by this judge and template:
-a single-answer grade of what the user received, and (with `pairwise`) a comparison with the
-teacher's answer to the same prompt, asked in both orders. A request the teacher itself
-answered (a fallback) is a tie with the teacher by definition and costs no call. Mirrored
-challenger answers (served_by "mirror", the shadow phase: no user saw them) are sampled and
-judged as the challenger arm's, single and pairwise, whatever the gateway would have done
-with them (their `fallback_reason` says that). Results go
-to the evaluation store (`stillhouse ab` reads them); where ground truth is known (the demo)
-each verdict is checked against it and the agreement reported.
+Used by `stillhouse judge` and by the rollout gates. A fallback is a tie with the teacher at
+no cost; a mirrored answer that would have fallen back is judged as one. Details:
+docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -21,11 +16,12 @@ import json
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from openai import APIError, AsyncOpenAI
 
 from stillhouse.common.config import Settings
+from stillhouse.common.roles import STUDENT_ROLES, Role
 from stillhouse.common.traffic import MIRROR, TrafficRecord
 from stillhouse.eval.judge import Judge, JudgeConfig, JudgeStats, PairwiseJudgment
 from stillhouse.eval.judge_templates import (
@@ -34,9 +30,9 @@ from stillhouse.eval.judge_templates import (
     RubricJudgeTemplate,
     ticket_from_logged_prompt,
 )
-from stillhouse.eval.store import StoredJudgment
+from stillhouse.eval.store import EvalStore, StoredJudgment
+from stillhouse.eval.window import Window, read_window
 
-ARMS = ("champion", "challenger")
 # The served answer is "a", the teacher's reference "b": the served answer's outcome.
 _OUTCOME = {"a": "win", "b": "loss", "tie": "tie"}
 REFERENCE_MAX_TOKENS = 64
@@ -65,7 +61,7 @@ class Agreement:
 
 
 @dataclass
-class JudgeJobResult:
+class JudgingResult:
     judge_model: str
     template_version: str
     judged: list[StoredJudgment] = field(default_factory=list)
@@ -119,12 +115,16 @@ def select_sample(
     sample is not just the window's first minutes."""
     rng = random.Random(seed)
     sample: dict[str, list[TrafficRecord]] = {}
-    for arm in ARMS:
+    for arm in STUDENT_ROLES:
         pool = [
-            r for r in records
-            if r.arm == arm and r.status == 200 and r.answer and r.prompt
+            r
+            for r in records
+            if r.arm == arm
+            and r.status == 200
+            and r.answer
+            and r.prompt
             and r.request_id not in skip
-        ]  # fmt: skip
+        ]
         sample[arm] = sorted(rng.sample(pool, min(per_arm, len(pool))), key=lambda r: r.ts)
     return sample
 
@@ -147,15 +147,19 @@ async def fetch_references(
                 try:
                     if record.endpoint == "chat":
                         out = await c.chat.completions.create(
-                            model=model, messages=json.loads(record.prompt),
-                            max_tokens=REFERENCE_MAX_TOKENS, temperature=0.0,
-                        )  # fmt: skip
+                            model=model,
+                            messages=json.loads(record.prompt),
+                            max_tokens=REFERENCE_MAX_TOKENS,
+                            temperature=0.0,
+                        )
                         text = out.choices[0].message.content
                     else:
                         done = await c.completions.create(
-                            model=model, prompt=json.loads(record.prompt),
-                            max_tokens=REFERENCE_MAX_TOKENS, temperature=0.0,
-                        )  # fmt: skip
+                            model=model,
+                            prompt=json.loads(record.prompt),
+                            max_tokens=REFERENCE_MAX_TOKENS,
+                            temperature=0.0,
+                        )
                         text = done.choices[0].text
                 except (APIError, json.JSONDecodeError):
                     return
@@ -170,10 +174,17 @@ def _stored(
     record: TrafficRecord, kind: str, judge_model: str, version: str, status: str, **extra: object
 ) -> StoredJudgment:
     return StoredJudgment(
-        request_id=record.request_id, kind=kind, arm=record.arm, served_by=record.served_by,
-        student_model=record.student_model, judge_model=judge_model, template_version=version,
-        ts=record.ts, status=status, **extra,  # type: ignore[arg-type]
-    )  # fmt: skip
+        request_id=record.request_id,
+        kind=kind,
+        arm=record.arm,
+        served_by=record.served_by,
+        student_model=record.student_model,
+        judge_model=judge_model,
+        template_version=version,
+        ts=record.ts,
+        status=status,
+        **extra,  # type: ignore[arg-type]
+    )
 
 
 def agreement_of(judged: Sequence[StoredJudgment]) -> Agreement:
@@ -200,27 +211,39 @@ def would_fall_back(record: TrafficRecord) -> bool:
     return record.served_by == MIRROR and record.status < 400 and record.fallback_reason is not None
 
 
-async def judge_sample(
+@dataclass(frozen=True)
+class _Plan:
+    """What one judging run asks: every record's question, the answer the user received (or
+    would have), the discarded student answers to grade too, and the pairs to compare."""
+
+    records: list[TrafficRecord]
+    questions: dict[str, str | None]
+    references: dict[str, str]
+    fell_back: set[str]
+    pair_records: list[TrafficRecord]
+    replaced: list[TrafficRecord]
+    received: dict[str, str]
+    discarded: dict[str, str]
+
+    @property
+    def calls(self) -> int:
+        return len(self.records) + len(self.pair_records) + len(self.replaced)
+
+
+async def _plan(
     settings: Settings,
     sample: Mapping[str, Sequence[TrafficRecord]],
-    judge_url: str,
+    template: JudgeTemplate,
     reference_url: str | None,
     reference_model: str,
-    truth: GroundTruth | None = None,
-    on_done: Callable[[int, int], None] | None = None,
-) -> JudgeJobResult:
-    """Judge every sampled record (single, and pairwise against the teacher's answer)."""
-    template = make_template(settings)
-    config = judge_config(settings, judge_url)
-    result = JudgeJobResult(config.model, template.version)
-    records = [r for arm in ARMS for r in sample.get(arm, ())]
+    result: JudgingResult,
+) -> _Plan:
+    records = [r for arm in STUDENT_ROLES for r in sample.get(arm, ())]
     questions = {r.request_id: question_of(r, template) for r in records}
     records = [r for r in records if questions[r.request_id]]
-    want_pairs = settings.evaluation.judge.pairwise and reference_url is not None
     references: dict[str, str] = {}
-    if want_pairs:
-        ask = [r for r in records if r.served_by != "teacher"]
-        assert reference_url is not None
+    if settings.evaluation.judge.pairwise and reference_url is not None:
+        ask = [r for r in records if r.served_by != Role.TEACHER]
         references = await fetch_references(
             reference_url, reference_model, ask, settings.evaluation.judge.concurrency
         )
@@ -239,7 +262,7 @@ async def judge_sample(
     replaced = [
         r
         for r in records
-        if (r.served_by == "teacher" and r.student_answer) or r.request_id in fell_back
+        if (r.served_by == Role.TEACHER and r.student_answer) or r.request_id in fell_back
     ]
     received = {
         r.request_id: (references[r.request_id] if r.request_id in fell_back else r.answer) or ""
@@ -249,116 +272,167 @@ async def judge_sample(
         r.request_id: (r.answer if r.request_id in fell_back else r.student_answer) or ""
         for r in replaced
     }
-    total = len(records) + len(pair_records) + len(replaced)
+    return _Plan(
+        records, questions, references, fell_back, pair_records, replaced, received, discarded
+    )
+
+
+async def judge_sample(
+    settings: Settings,
+    sample: Mapping[str, Sequence[TrafficRecord]],
+    judge_url: str,
+    reference_url: str | None,
+    reference_model: str,
+    truth: GroundTruth | None = None,
+    on_done: Callable[[int, int], None] | None = None,
+) -> JudgingResult:
+    """Judge every sampled record (single, and pairwise against the teacher's answer)."""
+    template = make_template(settings)
+    config = judge_config(settings, judge_url)
+    result = JudgingResult(config.model, template.version)
+    plan = await _plan(settings, sample, template, reference_url, reference_model, result)
     done = 0
 
     def tick(*_: object) -> None:
         nonlocal done
         done += 1
         if on_done is not None:
-            on_done(done, total)
+            on_done(done, plan.calls)
 
+    q = plan.questions
     async with Judge(config, template) as judge:
         singles, students, pairs = await asyncio.gather(
             judge.grade_many(
-                [(questions[r.request_id] or "", received[r.request_id]) for r in records], tick
+                [(q[r.request_id] or "", plan.received[r.request_id]) for r in plan.records], tick
             ),
             judge.grade_many(
-                [(questions[r.request_id] or "", discarded[r.request_id]) for r in replaced], tick
+                [(q[r.request_id] or "", plan.discarded[r.request_id]) for r in plan.replaced],
+                tick,
             ),
             judge.compare_many(
                 [
-                    (questions[r.request_id] or "", r.answer or "", references[r.request_id])
-                    for r in pair_records
+                    (q[r.request_id] or "", r.answer or "", plan.references[r.request_id])
+                    for r in plan.pair_records
                 ],
                 tick,
             ),
         )
         result.stats = judge.stats
-    graded = (("single", records, singles, received), ("student", replaced, students, discarded))
-    for kind, rows, verdicts, texts in graded:
-        for record, verdict in zip(rows, verdicts, strict=True):
+    row = _Rows(config.model, template.version, truth, plan)
+    result.judged += row.graded("single", plan.records, singles, plan.received)
+    result.judged += row.graded("student", plan.replaced, students, plan.discarded)
+    result.judged += [row.pair(r, pair) for r, pair in zip(plan.pair_records, pairs, strict=True)]
+    if settings.evaluation.judge.pairwise and reference_url is not None:
+        result.judged += row.teacher_ties()
+    result.agreement = agreement_of(result.judged)
+    return result
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """Turns verdicts into stored judgments, with the ground truth where it is known."""
+
+    judge_model: str
+    version: str
+    truth: GroundTruth | None
+    plan: _Plan
+
+    def _question(self, record: TrafficRecord) -> str:
+        return self.plan.questions[record.request_id] or ""
+
+    def graded(
+        self,
+        kind: str,
+        records: Sequence[TrafficRecord],
+        verdicts: Sequence[Any],
+        texts: Mapping[str, str],
+    ) -> list[StoredJudgment]:
+        rows = []
+        for record, verdict in zip(records, verdicts, strict=True):
             text = texts[record.request_id]
-            true = truth.score(questions[record.request_id] or "", text) if truth else None
-            result.judged.append(
+            true = self.truth.score(self._question(record), text) if self.truth else None
+            rows.append(
                 _stored(
                     record,
                     kind,
-                    config.model,
-                    template.version,
+                    self.judge_model,
+                    self.version,
                     verdict.status,
                     score=verdict.score,
                     truth=None if true is None else str(true),
                 )
             )
-    for record, pair in zip(pair_records, pairs, strict=True):
-        result.judged.append(_pair_row(record, pair, questions, references, truth, config.model,
-                                       template.version))  # fmt: skip
-    if want_pairs:
-        for record in records:
-            if record.served_by == "teacher" or record.request_id in fell_back:
-                # What the user got (or would have got) is the teacher's answer: a tie, no call.
-                q = questions[record.request_id] or ""
-                answer = received[record.request_id]
-                true = truth.outcome(q, answer, answer) if truth else None
-                result.judged.append(
+        return rows
+
+    def pair(self, record: TrafficRecord, pair: PairwiseJudgment) -> StoredJudgment:
+        reference = self.plan.references[record.request_id]
+        true = (
+            self.truth.outcome(self._question(record), record.answer or "", reference)
+            if self.truth
+            else None
+        )
+        outcome = _OUTCOME[pair.outcome] if pair.outcome is not None else None
+        return _stored(
+            record,
+            "pairwise",
+            self.judge_model,
+            self.version,
+            pair.status,
+            outcome=outcome,
+            truth=true,
+        )
+
+    def teacher_ties(self) -> list[StoredJudgment]:
+        """What the user got (or would have got) is the teacher's answer: a tie, no call."""
+        rows = []
+        for record in self.plan.records:
+            if record.served_by == Role.TEACHER or record.request_id in self.plan.fell_back:
+                answer = self.plan.received[record.request_id]
+                q = self._question(record)
+                true = self.truth.outcome(q, answer, answer) if self.truth else None
+                rows.append(
                     _stored(
                         record,
                         "pairwise",
-                        config.model,
-                        template.version,
+                        self.judge_model,
+                        self.version,
                         "ok",
                         outcome="tie",
                         truth=true,
                     )
                 )
-    result.agreement = agreement_of(result.judged)
-    return result
-
-
-def _pair_row(
-    record: TrafficRecord,
-    pair: PairwiseJudgment,
-    questions: Mapping[str, str | None],
-    references: Mapping[str, str],
-    truth: GroundTruth | None,
-    judge_model: str,
-    version: str,
-) -> StoredJudgment:
-    q = questions[record.request_id] or ""
-    true = truth.outcome(q, record.answer or "", references[record.request_id]) if truth else None
-    outcome = _OUTCOME[pair.outcome] if pair.outcome is not None else None
-    return _stored(record, "pairwise", judge_model, version, pair.status,
-                   outcome=outcome, truth=true)  # fmt: skip
+        return rows
 
 
 def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def judge_summary_rows(result: JudgeJobResult) -> list[dict[str, object]]:
+def judge_summary_rows(result: JudgingResult) -> list[dict[str, object]]:
     """One row per arm: what this run judged and what the judge said."""
     rows = []
-    for arm in ARMS:
+    for arm in STUDENT_ROLES:
         mine = [j for j in result.judged if j.arm == arm]
         single = [j for j in mine if j.kind == "single"]
         pairs = [j for j in mine if j.kind == "pairwise"]
         ok_scores = [float(j.score) for j in single if j.status == "ok" and j.score]
         outcomes = [j.outcome for j in pairs if j.status == "ok"]
-        rows.append({
-            "arm": arm,
-            "judged": len(single),
-            "mean_score": _mean(ok_scores),
-            "wins": outcomes.count("win"),
-            "ties": outcomes.count("tie"),
-            "losses": outcomes.count("loss"),
-            "unparseable": sum(j.status == "unparseable" for j in mine),
-            "errors": sum(j.status == "error" for j in mine),
-        })  # fmt: skip
+        rows.append(
+            {
+                "arm": arm,
+                "judged": len(single),
+                "mean_score": _mean(ok_scores),
+                "wins": outcomes.count("win"),
+                "ties": outcomes.count("tie"),
+                "losses": outcomes.count("loss"),
+                "unparseable": sum(j.status == "unparseable" for j in mine),
+                "errors": sum(j.status == "error" for j in mine),
+            }
+        )
     return rows
 
 
-def judge_metrics(result: JudgeJobResult) -> dict[str, float]:
+def judge_metrics(result: JudgingResult) -> dict[str, float]:
     out: dict[str, float] = {}
     for row in judge_summary_rows(result):
         arm = row["arm"]
@@ -367,12 +441,71 @@ def judge_metrics(result: JudgeJobResult) -> dict[str, float]:
             if isinstance(value, int | float):
                 out[f"{arm}.{key}"] = float(value)
     s = result.stats
-    out.update(calls=s.calls, cache_hits=s.cache_hits, prompt_tokens=s.prompt_tokens,
-               completion_tokens=s.completion_tokens, parse_retries=s.parse_retries,
-               unparseable=s.unparseable, errors=s.errors)  # fmt: skip
+    out.update(
+        calls=s.calls,
+        cache_hits=s.cache_hits,
+        prompt_tokens=s.prompt_tokens,
+        completion_tokens=s.completion_tokens,
+        parse_retries=s.parse_retries,
+        unparseable=s.unparseable,
+        errors=s.errors,
+    )
     a = result.agreement
     for key in ("single_exact", "single_correct", "pairwise_with_ties", "non_tie"):
         value = getattr(a, key)
         if value is not None:
             out[f"agreement.{key}"] = value
     return out
+
+
+@dataclass(frozen=True)
+class JudgeEndpoints:
+    judge_url: str
+    reference_url: str | None  # the teacher, for pairwise references; None: no pairwise
+    reference_model: str
+
+
+@dataclass(frozen=True)
+class JudgeSelection:
+    """What one judging run takes from a window: up to `per_arm` requests per arm that this
+    judge and template have not judged before."""
+
+    window_records: int
+    chosen: dict[str, list[TrafficRecord]]
+    judged_before: int
+
+    @property
+    def size(self) -> int:
+        return sum(len(v) for v in self.chosen.values())
+
+
+def select_for_judging(settings: Settings, window: Window, per_arm: int) -> JudgeSelection:
+    records = read_window(settings.traffic_log_path, window)
+    template = make_template(settings)
+    with EvalStore(settings.eval_db_path) as store:
+        done = store.judged_ids("single", settings.evaluation.judge.model, template.version)
+    return JudgeSelection(len(records), select_sample(records, per_arm, done), len(done))
+
+
+def judge_selection(
+    settings: Settings,
+    selection: JudgeSelection,
+    endpoints: JudgeEndpoints,
+    truth: GroundTruth | None = None,
+    on_done: Callable[[int, int], None] | None = None,
+) -> JudgingResult:
+    """Judge the selection and store the judgments (`stillhouse ab` and the gates read them)."""
+    result = asyncio.run(
+        judge_sample(
+            settings,
+            selection.chosen,
+            endpoints.judge_url,
+            endpoints.reference_url,
+            endpoints.reference_model,
+            truth,
+            on_done,
+        )
+    )
+    with EvalStore(settings.eval_db_path) as store:
+        store.save_judgments(result.judged)
+    return result

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
 
-from stillhouse.eval.ab_summary import ARMS, AbReport
+from stillhouse.common.roles import STUDENT_ROLES
+from stillhouse.eval.ab_summary import AbSummary
 from stillhouse.eval.student_drift import STATE_VALUE, StudentDrift
 
 VERDICT_VALUE = {"better": 1.0, "inconclusive": 0.0, "worse": -1.0}
@@ -44,26 +45,51 @@ def _finish(registry: CollectorRegistry, job: str, path: Path) -> Path:
 
 def write_drift_metrics(results: Sequence[StudentDrift], path: Path) -> Path:
     r = CollectorRegistry()
-    state = Gauge("stillhouse_drift_state", "0 ok, 1 warn, 2 drift, -1 collecting a reference.",
-                  ["arm"], registry=r)  # fmt: skip
-    kl = Gauge("stillhouse_divergence_kl", "Mean per-token KL(student || teacher) estimate over "
-               "the window's shadow records.", ["arm", "estimator"], registry=r)  # fmt: skip
-    top1 = Gauge("stillhouse_divergence_top1_agreement", "Share of answer tokens where "
-                 "student and teacher agree on the top-1 token.", ["arm"], registry=r)  # fmt: skip
-    cusum = Gauge("stillhouse_drift_cusum_statistic", "Largest CUSUM value over the window.",
-                  ["arm"], registry=r)  # fmt: skip
-    threshold = Gauge("stillhouse_drift_cusum_threshold", "The CUSUM alarm threshold "
-                      "calibrated on the reference.", ["arm"], registry=r)  # fmt: skip
-    psi = Gauge("stillhouse_drift_psi", "Population stability index, window vs reference.",
-                ["arm"], registry=r)  # fmt: skip
-    records = Gauge("stillhouse_drift_window_records", "Shadow records in the window.",
-                    ["arm"], registry=r)  # fmt: skip
+    state = Gauge(
+        "stillhouse_drift_state",
+        "0 ok, 1 warn, 2 drift, -1 collecting a reference.",
+        ["arm"],
+        registry=r,
+    )
+    kl = Gauge(
+        "stillhouse_divergence_kl",
+        "Mean per-token KL(student || teacher) estimate over the window's shadow records.",
+        ["arm", "estimator"],
+        registry=r,
+    )
+    top1 = Gauge(
+        "stillhouse_divergence_top1_agreement",
+        "Share of answer tokens where student and teacher agree on the top-1 token.",
+        ["arm"],
+        registry=r,
+    )
+    cusum = Gauge(
+        "stillhouse_drift_cusum_statistic",
+        "Largest CUSUM value over the window.",
+        ["arm"],
+        registry=r,
+    )
+    threshold = Gauge(
+        "stillhouse_drift_cusum_threshold",
+        "The CUSUM alarm threshold calibrated on the reference.",
+        ["arm"],
+        registry=r,
+    )
+    psi = Gauge(
+        "stillhouse_drift_psi",
+        "Population stability index, window vs reference.",
+        ["arm"],
+        registry=r,
+    )
+    records = Gauge(
+        "stillhouse_drift_window_records", "Shadow records in the window.", ["arm"], registry=r
+    )
     for result in results:
-        if result.arm not in ARMS:
+        if result.arm not in STUDENT_ROLES:
             continue
         arm = result.arm
         state.labels(arm=arm).set(STATE_VALUE.get(result.state, -1))
-        d, rep = result.divergence, result.report
+        d, rep = result.divergence, result.assessment
         _set(records, d.n if d else 0, arm=arm)
         if d is not None:
             _set(kl, d.k3_mean, arm=arm, estimator="k3")
@@ -76,26 +102,54 @@ def write_drift_metrics(results: Sequence[StudentDrift], path: Path) -> Path:
     return _finish(r, "drift", path)
 
 
-def write_ab_metrics(report: AbReport, path: Path) -> Path:
+def write_ab_metrics(report: AbSummary, path: Path) -> Path:
     r = CollectorRegistry()
-    judge = Gauge("stillhouse_judge_score_mean", "Mean LLM-judge score (1-5) of served answers.",
-                  ["arm"], registry=r)  # fmt: skip
-    win = Gauge("stillhouse_judge_pairwise_win_or_tie_rate", "Share of served answers the judge "
-                "rates at least as good as the teacher's.", ["arm"], registry=r)  # fmt: skip
-    fallback = Gauge("stillhouse_ab_fallback_rate", "Share of the arm's requests the teacher "
-                     "answered.", ["arm"], registry=r)  # fmt: skip
-    cost = Gauge("stillhouse_ab_cost_per_request", "Mean cost per request at configured prices.",
-                 ["arm"], registry=r)  # fmt: skip
-    savings = Gauge("stillhouse_ab_savings_fraction", "Cost saved against sending the same "
-                    "requests to the teacher.", ["arm"], registry=r)  # fmt: skip
-    verdict = Gauge("stillhouse_ab_verdict", "Challenger vs champion: 1 better, 0 "
-                    "inconclusive, -1 worse.", ["metric"], registry=r)  # fmt: skip
-    srm = Gauge("stillhouse_ab_srm_alarm", "1 when the sample ratio mismatches the share.",
-                registry=r)  # fmt: skip
+    judge = Gauge(
+        "stillhouse_judge_score_mean",
+        "Mean LLM-judge score (1-5) of served answers.",
+        ["arm"],
+        registry=r,
+    )
+    win = Gauge(
+        "stillhouse_judge_pairwise_win_or_tie_rate",
+        "Share of served answers the judge rates at least as good as the teacher's.",
+        ["arm"],
+        registry=r,
+    )
+    fallback = Gauge(
+        "stillhouse_ab_fallback_rate",
+        "Share of the arm's requests the teacher answered.",
+        ["arm"],
+        registry=r,
+    )
+    cost = Gauge(
+        "stillhouse_ab_cost_per_request",
+        "Mean cost per request at configured prices.",
+        ["arm"],
+        registry=r,
+    )
+    savings = Gauge(
+        "stillhouse_ab_savings_fraction",
+        "Cost saved against sending the same requests to the teacher.",
+        ["arm"],
+        registry=r,
+    )
+    verdict = Gauge(
+        "stillhouse_ab_verdict",
+        "Challenger vs champion: 1 better, 0 inconclusive, -1 worse.",
+        ["metric"],
+        registry=r,
+    )
+    srm = Gauge(
+        "stillhouse_ab_srm_alarm", "1 when the sample ratio mismatches the share.", registry=r
+    )
     srm_p = Gauge("stillhouse_ab_srm_p_value", "The sample-ratio check's p-value.", registry=r)
-    share = Gauge("stillhouse_ab_expected_challenger_share", "The share in force over the "
-                  "window, as the log's A/B history says.", registry=r)  # fmt: skip
-    for arm in ARMS:
+    share = Gauge(
+        "stillhouse_ab_expected_challenger_share",
+        "The share in force over the window, as the log's A/B history says.",
+        registry=r,
+    )
+    for arm in STUDENT_ROLES:
         s = report.arms[arm]
         _set(judge, s.judge_mean, arm=arm)
         _set(fallback, s.fallback_rate, arm=arm)

@@ -1,18 +1,10 @@
-"""`stillhouse drift`: per-student divergence from the teacher, and whether it drifted.
+"""Per-student divergence from the teacher over a window, and whether it drifted from the
+student's reference (set at promotion, or its first `reference_size` shadow records ever,
+fixed once chosen), with the CUSUM calibrated on that reference.
 
-    stillhouse drift [--since 2h]
+    results = drift_for_window(settings, window)   # `stillhouse drift`, and the gates
 
-For each student in the window's shadow records (the teacher's log-probabilities of the
-student's own tokens): per-request KL(student || teacher) estimates (k1, k3), their window
-means with bootstrap intervals, top-1 agreement and the top-k bound, and divergence over time.
-Drift compares the current window's per-request k3 with the student's reference: set at
-promotion, or else its first `reference_size` shadow records ever (fixed once chosen, so the
-baseline does not creep with the drift it should detect).
-
-The thresholds are calibrated on a noise floor: the reference records themselves, i.e. the
-same student on the same kind of traffic when nothing has changed. The CUSUM's threshold is
-set by bootstrapping no-drift streams from them (`calibrate_sequential`), so a stream of the
-current window's length false-alarms with probability `false_alarm_rate`.
+Details: docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -20,8 +12,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from stillhouse.common.config import Settings
+from stillhouse.common.errors import UsageError
 from stillhouse.common.eval_settings import DriftSettings
-from stillhouse.common.traffic import ShadowRecord
+from stillhouse.common.traffic import ShadowRecord, TrafficLogReader
 from stillhouse.eval.divergence import (
     RequestDivergence,
     WindowDivergence,
@@ -30,13 +24,15 @@ from stillhouse.eval.divergence import (
     window_divergence,
 )
 from stillhouse.eval.drift import (
+    DriftAssessment,
     DriftConfig,
-    DriftReport,
     NoSpreadError,
     SequentialCalibration,
+    assess_drift,
     calibrate_sequential,
-    drift_report,
 )
+from stillhouse.eval.store import EvalStore
+from stillhouse.eval.window import Window
 
 STATE_VALUE = {"ok": 0, "warn": 1, "drift": 2}
 BUCKETS_PER_WINDOW = 20
@@ -51,12 +47,12 @@ class StudentDrift:
     reference_size: int
     reference_source: str
     calibration: SequentialCalibration | None
-    report: DriftReport | None  # None: the reference is still filling up
+    assessment: DriftAssessment | None  # None: the reference is still filling up
     note: str = ""
 
     @property
     def state(self) -> str:
-        return "collecting" if self.report is None else str(self.report.state)
+        return "collecting" if self.assessment is None else str(self.assessment.state)
 
 
 def divergences(records: Sequence[ShadowRecord]) -> list[RequestDivergence]:
@@ -114,10 +110,16 @@ def student_drift(
     )
     if reference is None:
         return StudentDrift(
-            student_model, arm, window, over_time, 0, reference_source, None, None,
-            f"reference needs {settings.reference_size} shadow records; "
-            f"{len(current)} so far",
-        )  # fmt: skip
+            student_model,
+            arm,
+            window,
+            over_time,
+            0,
+            reference_source,
+            None,
+            None,
+            f"reference needs {settings.reference_size} shadow records; {len(current)} so far",
+        )
     values = [d.k3 for d in current]
     try:
         calibration = calibrate_sequential(
@@ -128,16 +130,29 @@ def student_drift(
         )
     except NoSpreadError:
         return StudentDrift(
-            student_model, arm, window, over_time, len(reference), reference_source, None, None,
+            student_model,
+            arm,
+            window,
+            over_time,
+            len(reference),
+            reference_source,
+            None,
+            None,
             "the reference divergences have no spread (the student matches the teacher token "
             "for token), so there is no noise floor to detect drift against",
-        )  # fmt: skip
+        )
     config = drift_config(settings, len(reference), len(values))
-    report = drift_report(reference, values, calibration, config)
+    assessment = assess_drift(reference, values, calibration, config)
     return StudentDrift(
-        student_model, arm, window, over_time, len(reference), reference_source,
-        calibration, report,
-    )  # fmt: skip
+        student_model,
+        arm,
+        window,
+        over_time,
+        len(reference),
+        reference_source,
+        calibration,
+        assessment,
+    )
 
 
 def split_reference(
@@ -165,26 +180,28 @@ def arm_of(student_model: str, arms: Mapping[str, str]) -> str:
 def drift_rows(results: Sequence[StudentDrift]) -> list[dict[str, object]]:
     rows = []
     for r in results:
-        d, rep = r.divergence, r.report
+        d, rep = r.divergence, r.assessment
         tests = rep.tests if rep else None
-        rows.append({
-            "arm": r.arm,
-            "student": r.student_model,
-            "n": d.n if d else 0,
-            "kl_k3": d.k3_mean if d else None,
-            "kl_k3_low": d.k3_ci[0] if d else None,
-            "kl_k3_high": d.k3_ci[1] if d else None,
-            "kl_k1": d.k1_mean if d else None,
-            "top1_agreement": d.top1_agreement if d else None,
-            "topk_bound": d.topk_bound if d else None,
-            "reference": r.reference_size,
-            "ks_p": tests.ks_pvalue if tests else None,
-            "mw_p": tests.mw_pvalue if tests else None,
-            "psi": tests.psi if tests else None,
-            "cusum_max": rep.sequential_statistic if rep else None,
-            "cusum_h": rep.sequential_threshold if rep else None,
-            "state": r.state,
-        })  # fmt: skip
+        rows.append(
+            {
+                "arm": r.arm,
+                "student": r.student_model,
+                "n": d.n if d else 0,
+                "kl_k3": d.k3_mean if d else None,
+                "kl_k3_low": d.k3_ci[0] if d else None,
+                "kl_k3_high": d.k3_ci[1] if d else None,
+                "kl_k1": d.k1_mean if d else None,
+                "top1_agreement": d.top1_agreement if d else None,
+                "topk_bound": d.topk_bound if d else None,
+                "reference": r.reference_size,
+                "ks_p": tests.ks_pvalue if tests else None,
+                "mw_p": tests.mw_pvalue if tests else None,
+                "psi": tests.psi if tests else None,
+                "cusum_max": rep.sequential_statistic if rep else None,
+                "cusum_h": rep.sequential_threshold if rep else None,
+                "state": r.state,
+            }
+        )
     return rows
 
 
@@ -197,3 +214,33 @@ def drift_metrics(results: Sequence[StudentDrift]) -> dict[str, float]:
                 out[f"{prefix}.{key}"] = float(value)
         out[f"{prefix}.state"] = float(STATE_VALUE.get(str(row["state"]), -1))
     return out
+
+
+def drift_for_window(settings: Settings, window: Window) -> list[StudentDrift]:
+    """Each student's divergence over `window` and its drift against its reference. A student
+    without a stored reference gets one now: its first `reference_size` shadow records ever
+    (not just this window's), fixed once in the evaluation store."""
+    ds = settings.evaluation.drift
+    path = settings.traffic_log_path
+    if not path.is_file():
+        raise UsageError(f"no traffic log at {path}: serve traffic first")
+    with TrafficLogReader(path) as log, EvalStore(settings.eval_db_path) as store:
+        current_all = divergences(log.shadow(since=window.since, until=window.until))
+        records = log.records(since=window.since, until=window.until)
+        arms = {r.student_model: r.arm for r in records if r.student_model}
+        results = []
+        for student, items in by_student(current_all).items():
+            ref = store.reference(student)
+            in_ref: set[str] = set()
+            if ref is not None:
+                reference, source = list(ref.values), ref.source
+            else:
+                source = "first-records"
+                history = [d for d in divergences(log.shadow()) if d.student_model == student]
+                reference, in_ref = split_reference(history, ds.reference_size)
+                if reference is not None:
+                    store.set_reference(student, reference, source)
+            current = [d for d in items if d.request_id not in in_ref]
+            arm = arm_of(student, arms)
+            results.append(student_drift(student, arm, current, reference, source, ds))
+    return results

@@ -4,7 +4,7 @@
     parse_since("2026-11-24T09:00:00+00:00", now) -> that instant
 
 A window is [since, until) in unix seconds; its label is what tables, plots and MLflow params
-show so a reader knows which traffic a number describes.
+show so a reader knows which traffic a number describes. `read_window` reads its records.
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ import re
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 from stillhouse.common.errors import UsageError
+from stillhouse.common.traffic import TrafficLogReader, TrafficRecord
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -63,3 +65,14 @@ def make_window(since: str | None, window_hours: float | None, now: float | None
     if window_hours is None:
         return Window(None, None)
     return Window(now - window_hours * 3600, None)
+
+
+def read_window(traffic_log_path: Path, window: Window) -> list[TrafficRecord]:
+    """The traffic records of `window`; a missing log is the user's cue to serve traffic first."""
+    if not traffic_log_path.is_file():
+        raise UsageError(
+            f"no traffic log at {traffic_log_path}: serve traffic first "
+            "(`stillhouse serve`, or `make demo`)"
+        )
+    with TrafficLogReader(traffic_log_path) as log:
+        return log.records(since=window.since, until=window.until)

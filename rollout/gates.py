@@ -55,7 +55,7 @@ from typing import Literal
 
 from stillhouse.common.formatting import finite_or_none
 from stillhouse.common.rollout_settings import GateSettings
-from stillhouse.eval.ab_summary import AbReport
+from stillhouse.eval.ab_summary import AbSummary
 from stillhouse.eval.abtest import msprt_from_estimate, wilson_interval
 from stillhouse.eval.student_drift import StudentDrift
 
@@ -134,7 +134,7 @@ def _pick_drift(drift: Sequence[StudentDrift], arm: str) -> tuple[StudentDrift |
     return best, note
 
 
-def evidence_from(report: AbReport, drift: Sequence[StudentDrift]) -> GateEvidence:
+def evidence_from(report: AbSummary, drift: Sequence[StudentDrift]) -> GateEvidence:
     """The numbers the gates need, from the A/B report and the per-student drift results."""
     arms: dict[str, ArmEvidence] = {}
     notes: list[str] = []

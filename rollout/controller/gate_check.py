@@ -15,14 +15,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 
-from rich.console import Console
-
-from stillhouse.cli import evaluation as eval_jobs
 from stillhouse.common.config import Settings
 from stillhouse.common.traffic import MIRROR, TrafficRecord
+from stillhouse.eval.ab_summary import ab_summary_for_window
 from stillhouse.eval.abtest import wilson_interval
+from stillhouse.eval.judging import JudgeEndpoints, judge_selection, select_for_judging
+from stillhouse.eval.student_drift import drift_for_window
 from stillhouse.eval.window import Window
 from stillhouse.rollout.gates import (
     GateEvidence,
@@ -53,15 +52,15 @@ def with_judge(settings: Settings, base_url: str, model: str) -> Settings:
 
 def endpoints_for(
     settings: Settings, judge_base_url: str, judge_model: str
-) -> eval_jobs.JudgeEndpoints:
+) -> JudgeEndpoints:
     """Pairwise references come from a running teacher when one is configured; otherwise the
     judge is taken to be the teacher (as in the demo, where the teacher also judges)."""
     teacher = settings.gateway.engines.teacher
     if teacher is not None and teacher.base_url is not None:
-        return eval_jobs.JudgeEndpoints(
+        return JudgeEndpoints(
             judge_base_url, teacher.base_url, teacher.served_name or "teacher"
         )
-    return eval_jobs.JudgeEndpoints(judge_base_url, judge_base_url, judge_model)
+    return JudgeEndpoints(judge_base_url, judge_base_url, judge_model)
 
 
 def mirror_fallback(
@@ -82,22 +81,15 @@ def evaluate_step(
     judge_base_url: str,
     judge_model: str,
     phase: Phase,
-    console: Console | None = None,
 ) -> StepEvaluation:
-    console = console or Console(quiet=True)
     settings = with_judge(settings, judge_base_url, judge_model)
-    since = datetime.fromtimestamp(since_ts, UTC).isoformat()
-    judged = eval_jobs.run_judge(
-        settings,
-        console,
-        since=since,
-        sample=settings.rollout.controller.judge_sample,
-        endpoints=endpoints_for(settings, judge_base_url, judge_model),
-    )
-    # The exact timestamp, not the ISO round trip, for what is read back.
     window = Window(since_ts, None)
-    ab, records, _ = eval_jobs.compute_ab(settings, window)
-    drift = eval_jobs.compute_drift(settings, window)
+    # Judging only, stored for the A/B summary below: no MLflow run, nothing printed per look.
+    selection = select_for_judging(settings, window, settings.rollout.controller.judge_sample)
+    endpoints = endpoints_for(settings, judge_base_url, judge_model)
+    judged = judge_selection(settings, selection, endpoints)
+    ab, records, _ = ab_summary_for_window(settings, window)
+    drift = drift_for_window(settings, window)
     evidence = evidence_from(ab, drift)
     mirrored, rate, ci = mirror_fallback(records, settings.rollout.gates.alpha)
     if phase == "shadow" and mirrored:

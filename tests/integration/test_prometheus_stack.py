@@ -237,7 +237,7 @@ def stack(teacher_engine, student_engine, tmp_path_factory, group_processes) -> 
         eval_jobs.run_ab(settings, console)
         drift = eval_jobs.run_drift(settings, console)
         # One student serves both arms here, so drift has one result: it must be a decision.
-        assert drift and all(r.report is not None for r in drift), drift
+        assert drift and all(r.assessment is not None for r in drift), drift
         _traffic(gw_url, 24)  # a second burst, so every rate has two points after the jobs
         yield Stack(settings, gw_url, prom_url, state)
     finally:

@@ -16,10 +16,10 @@ from stillhouse.eval.drift import (
     DriftState,
     SequentialCalibration,
     TwoSampleTests,
+    assess_drift,
     calibrate_sequential,
     calibrate_window_ks,
     cusum_statistics,
-    drift_report,
     drift_state,
     first_alarm,
     first_ks_alarm,
@@ -252,15 +252,15 @@ def test_drift_config_rejects_bad_ranges(kwargs, message):
 
 def test_drift_report_on_simulated_windows(noise_floor_calibration):
     reference = simulate_divergences(1000, SIM, seed=7)
-    same = drift_report(reference, simulate_divergences(600, SIM, seed=8), noise_floor_calibration)
+    same = assess_drift(reference, simulate_divergences(600, SIM, seed=8), noise_floor_calibration)
     assert same.state == DriftState.OK and same.sequential_alarm_index is None
     assert same.sequential_statistic < same.sequential_threshold == noise_floor_calibration.h
-    worse = drift_report(
+    worse = assess_drift(
         reference, simulate_divergences(600, WORSE, seed=9), noise_floor_calibration
     )
     assert worse.state == DriftState.DRIFT and worse.reasons[0] == "cusum alarm"
     assert worse.tests.pvalue < 1e-6 and (worse.n_reference, worse.n_current) == (1000, 600)
-    few = drift_report(reference, reference[:10])
+    few = assess_drift(reference, reference[:10])
     assert few.tests is None and few.sequential_alarm_index is None and few.state == "ok"
     assert few.reasons == ("too few records for two-sample tests (< 30)",)
 
@@ -297,6 +297,6 @@ def test_a_reference_without_spread_reports_no_drift_decision_instead_of_failing
         for i in range(40)
     ]
     result = student_drift("m", "champion", current, [0.0] * 30, "first records", DriftSettings())
-    assert result.report is None and result.calibration is None
+    assert result.assessment is None and result.calibration is None
     assert result.divergence is not None and result.divergence.k3_mean == 0.0
     assert "no spread" in result.note

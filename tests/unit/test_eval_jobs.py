@@ -78,10 +78,10 @@ def test_ab_against_a_misconfigured_share_raises_the_srm_alarm(judged, tmp_path)
     settings, _, _ = judged
     with TrafficLogReader(settings.traffic_log_path) as log:
         records = log.records()
-    from stillhouse.eval.ab_summary import build_ab_report
+    from stillhouse.eval.ab_summary import build_ab_summary
 
     wrong = [AbChange(T0 - 1, 0.5, SEED, 0.0, SEED, "gateway-start")]  # said 50 %, got 30 %
-    report = build_ab_report(records, [], wrong, settings, "all")
+    report = build_ab_summary(records, [], wrong, settings, "all")
     assert report.srm is not None and report.srm.alarm
 
 

@@ -13,7 +13,7 @@ from stillhouse.common.eval_settings import DriftSettings
 from stillhouse.common.rollout_settings import GateSettings
 from stillhouse.common.traffic import AbChange, TrafficRecord
 from stillhouse.eval import student_drift as drift_job
-from stillhouse.eval.ab_summary import build_ab_report
+from stillhouse.eval.ab_summary import build_ab_summary
 from stillhouse.eval.drift_sim import SimStudent, simulate_records
 from stillhouse.eval.store import StoredJudgment
 from stillhouse.rollout.gates import (
@@ -297,7 +297,7 @@ def ab_world(challenger: str, tmp_path) -> tuple[Any, list[drift_job.StudentDrif
             outcome=outcome(i // 2, wtl),
         ))  # fmt: skip
     changes = [AbChange(999.0, 0.5, "s", 0.0, "s", "test")]
-    report = build_ab_report(records, judgments, changes, Settings(state_dir=tmp_path), "test")
+    report = build_ab_summary(records, judgments, changes, Settings(state_dir=tmp_path), "test")
     drift = []
     for arm, seed in (("champion", 1), ("challenger", 2)):
         noise = ARM_PROFILES[challenger if arm == "challenger" else "champion"][3]

@@ -10,7 +10,7 @@ import pytest
 
 from stillhouse.common.config import Settings
 from stillhouse.common.traffic import MIRROR, AbChange, TrafficRecord
-from stillhouse.eval.ab_summary import build_ab_report, fell_back, srm_units
+from stillhouse.eval.ab_summary import build_ab_summary, fell_back, srm_units
 from stillhouse.eval.judging import select_sample
 
 T0 = 1_700_000_000.0
@@ -50,14 +50,14 @@ def test_the_sample_ratio_check_ignores_mirrored_answers():
     changes = [AbChange(T0 - 1, 0.0, "s", 0.0, "s", "gateway-start")]
     units, share = srm_units(records, changes, 0.1)
     assert units == {"champion": 100, "challenger": 0} and share == 0.0
-    report = build_ab_report(records, [], changes, Settings(), "test")
+    report = build_ab_summary(records, [], changes, Settings(), "test")
     assert report.units == {"champion": 100, "challenger": 0}
     assert report.srm is not None and not report.srm.alarm
 
 
 def test_fallback_rates_count_mirrored_answers_that_would_have_fallen_back():
     records = shadow_world()
-    report = build_ab_report(records, [], [], Settings(), "test")
+    report = build_ab_summary(records, [], [], Settings(), "test")
     assert report.arms["challenger"].n == 100
     assert report.arms["challenger"].fallback_rate == pytest.approx(0.25)
     assert report.arms["champion"].fallback_rate == pytest.approx(0.10)
@@ -70,7 +70,7 @@ def test_fallback_rules_for_ordinary_records_are_unchanged():
     # the teacher failed too: an error, not a fallback
     failed = record(3, "champion", "none", status=503, fallback_reason="timeout")
     assert not fell_back(failed)
-    report = build_ab_report([failed], [], [], Settings(), "test")
+    report = build_ab_summary([failed], [], [], Settings(), "test")
     assert report.arms["champion"].error_rate == 1.0
 
 
@@ -78,14 +78,14 @@ def test_a_failed_mirror_counts_as_a_would_be_fallback_not_an_error():
     failed = record(1, "challenger", MIRROR, status=502, fallback_reason="upstream_5xx",
                     answer=None)  # fmt: skip
     rejected = record(2, "challenger", MIRROR, status=400, answer=None)  # the challenger's 4xx
-    report = build_ab_report([failed, rejected], [], [], Settings(), "test")
+    report = build_ab_summary([failed, rejected], [], [], Settings(), "test")
     challenger = report.arms["challenger"]
     assert challenger.fallback_rate == 0.5 and challenger.error_rate == 0.5
 
 
 def test_the_cost_leaves_mirrored_answers_out_and_says_so():
     records = shadow_world()
-    report = build_ab_report(records, [], [], Settings(), "test")
+    report = build_ab_summary(records, [], [], Settings(), "test")
     assert "challenger" not in report.cost.arms
     assert report.cost.arms["champion"].n_requests == 100
     assert report.cost.overall.n_requests == 100
@@ -100,7 +100,7 @@ def test_the_judge_samples_mirrored_answers_as_the_challengers():
     # a failed mirror has no answer to judge
     failed = record(99, "challenger", MIRROR, status=502, answer=None, fallback_reason="timeout")
     assert select_sample([failed], per_arm=5, skip=set())["challenger"] == []
-    assert math.isnan(build_ab_report([], [], [], Settings(), "t").arms["challenger"].error_rate)
+    assert math.isnan(build_ab_summary([], [], [], Settings(), "t").arms["challenger"].error_rate)
 
 
 def test_a_mirrored_answer_that_would_fall_back_is_judged_as_the_teachers(tmp_path):
