@@ -50,16 +50,12 @@ def with_judge(settings: Settings, base_url: str, model: str) -> Settings:
     return settings.model_copy(update={"evaluation": evaluation})
 
 
-def endpoints_for(
-    settings: Settings, judge_base_url: str, judge_model: str
-) -> JudgeEndpoints:
+def endpoints_for(settings: Settings, judge_base_url: str, judge_model: str) -> JudgeEndpoints:
     """Pairwise references come from a running teacher when one is configured; otherwise the
     judge is taken to be the teacher (as in the demo, where the teacher also judges)."""
     teacher = settings.gateway.engines.teacher
     if teacher is not None and teacher.base_url is not None:
-        return JudgeEndpoints(
-            judge_base_url, teacher.base_url, teacher.served_name or "teacher"
-        )
+        return JudgeEndpoints(judge_base_url, teacher.base_url, teacher.served_name or "teacher")
     return JudgeEndpoints(judge_base_url, judge_base_url, judge_model)
 
 
