@@ -16,43 +16,86 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any
 
+import typer
 from rich.console import Console
 
-from stillhouse.cli.evaluation_tables import (
-    ab_tables,
-    drift_table,
-    judge_lines,
-    judge_table,
-    srm_line,
-)
+from stillhouse.cli.context import completed_settings, settings_of
 from stillhouse.common.config import Settings
-from stillhouse.common.progress import progress_bar
-from stillhouse.common.registry import RegistryClient
-from stillhouse.common.tracking import RunTracker
-from stillhouse.eval.ab_summary import AbSummary, ab_metrics, ab_summary_for_window, verdict_row
-from stillhouse.eval.judging import (
-    GroundTruth,
-    JudgeEndpoints,
-    JudgingResult,
-    judge_metrics,
-    judge_selection,
-    make_template,
-    select_for_judging,
-)
-from stillhouse.eval.metrics import write_ab_metrics, write_drift_metrics
-from stillhouse.eval.report import write_report
-from stillhouse.eval.report_data import build_report_data
-from stillhouse.eval.student_drift import StudentDrift, drift_for_window, drift_metrics, drift_rows
-from stillhouse.eval.window import Window, make_window
+
+if TYPE_CHECKING:
+    from stillhouse.common.tracking import RunTracker
+    from stillhouse.eval.ab_summary import AbSummary
+    from stillhouse.eval.judging import GroundTruth, JudgeEndpoints, JudgingResult
+    from stillhouse.eval.student_drift import StudentDrift
+    from stillhouse.eval.window import Window
+
+SinceOption = Annotated[
+    str | None,
+    typer.Option(
+        "--since",
+        help="Window start: a duration back from now (30m, 2h, 7d) or an ISO time "
+        "(default: evaluation.window_hours).",
+    ),
+]
+
+
+def register(app: typer.Typer) -> None:
+    for command in (judge, drift, ab, report):
+        app.command()(command)
+
+
+def judge(
+    ctx: typer.Context,
+    since: SinceOption = None,
+    sample: Annotated[
+        int | None,
+        typer.Option(min=1, help="Requests per arm (default: evaluation.judge.sample_per_arm)."),
+    ] = None,
+) -> None:
+    """Judge a sample of each arm's answers with the LLM judge (single and pairwise)."""
+    from stillhouse.demo.truth import demo_truth
+
+    console = Console()
+    settings = settings_of(ctx)
+    if settings.evaluation.judge.base_url is None:  # the teacher judges
+        settings = completed_settings(ctx, {"teacher"}, console)
+    run_judge(settings, console, since=since, sample=sample, truth=demo_truth(settings))
+
+
+def drift(ctx: typer.Context, since: SinceOption = None) -> None:
+    """Student-teacher divergence per student and whether it drifted from its reference."""
+    run_drift(settings_of(ctx), Console(), since=since)
+
+
+def ab(ctx: typer.Context, since: SinceOption = None) -> None:
+    """The A/B test: per-arm quality, fallbacks, latency, cost, SRM check and the verdict."""
+    run_ab(settings_of(ctx), Console(), since=since)
+
+
+def report(
+    ctx: typer.Context,
+    since: SinceOption = None,
+    out: Annotated[
+        Path | None, typer.Option(help="HTML file (default: <state_dir>/reports/...).")
+    ] = None,
+) -> None:
+    """One self-contained HTML report with plots, also logged to MLflow."""
+    path = run_report(settings_of(ctx), Console(), since=since, out=out)
+    Console().print(f"report: {path}")
 
 
 def window_for(settings: Settings, since: str | None) -> Window:
+    from stillhouse.eval.window import make_window
+
     return make_window(since, settings.evaluation.window_hours)
 
 
 def _tracker(settings: Settings) -> RunTracker:
+    from stillhouse.common.registry import RegistryClient
+    from stillhouse.common.tracking import RunTracker
+
     return RunTracker(RegistryClient.from_settings(settings), settings.mlflow.experiment)
 
 
@@ -70,6 +113,8 @@ def judge_endpoints(settings: Settings, console: Console) -> Iterator[JudgeEndpo
     gives the pairwise references: a running one is asked where it is, a model is started on
     vLLM for the command. A configured judge takes its references from a running teacher, if
     there is one."""
+    from stillhouse.eval.judging import JudgeEndpoints
+
     judge = settings.evaluation.judge
     teacher = settings.gateway.engines.teacher
     if judge.base_url is not None:
@@ -88,6 +133,7 @@ def judge_endpoints(settings: Settings, console: Console) -> Iterator[JudgeEndpo
         yield JudgeEndpoints(teacher.base_url, teacher.base_url, name)
         return
     from stillhouse.eval.judge import judge_engine_args
+    from stillhouse.eval.judging import make_template
     from stillhouse.serving.engines.vllm import EngineSpec, VllmEngine
     from stillhouse.serving.serve import resolve_engine
 
@@ -117,6 +163,10 @@ def run_judge(
     truth: GroundTruth | None = None,
 ) -> JudgingResult:
     """`stillhouse judge`; `truth` (the demo's ground truth) adds the judge's agreement."""
+    from stillhouse.cli.evaluation_tables import judge_lines, judge_table
+    from stillhouse.common.progress import progress_bar
+    from stillhouse.eval.judging import judge_metrics, judge_selection, select_for_judging
+
     window = window_for(settings, since)
     per_arm = sample or settings.evaluation.judge.sample_per_arm
     selection = select_for_judging(settings, window, per_arm)
@@ -169,6 +219,10 @@ def _judgment_row(j: Any) -> dict[str, object]:
 
 def run_ab(settings: Settings, console: Console, *, since: str | None = None) -> AbSummary:
     """`stillhouse ab`."""
+    from stillhouse.cli.evaluation_tables import ab_tables, srm_line
+    from stillhouse.eval.ab_summary import ab_metrics, ab_summary_for_window, verdict_row
+    from stillhouse.eval.metrics import write_ab_metrics
+
     window = window_for(settings, since)
     summary, _, _ = ab_summary_for_window(settings, window)
     for table in ab_tables(summary):
@@ -204,6 +258,10 @@ def run_drift(
     settings: Settings, console: Console, *, since: str | None = None
 ) -> list[StudentDrift]:
     """`stillhouse drift`."""
+    from stillhouse.cli.evaluation_tables import drift_table
+    from stillhouse.eval.metrics import write_drift_metrics
+    from stillhouse.eval.student_drift import drift_for_window, drift_metrics, drift_rows
+
     window = window_for(settings, since)
     ds = settings.evaluation.drift
     results = drift_for_window(settings, window)
@@ -241,6 +299,11 @@ def run_report(
     settings: Settings, console: Console, *, since: str | None = None, out: Path | None = None
 ) -> Path:
     """`stillhouse report`: the HTML page, also logged to MLflow; returns its path."""
+    from stillhouse.eval.ab_summary import ab_summary_for_window
+    from stillhouse.eval.report import write_report
+    from stillhouse.eval.report_data import build_report_data
+    from stillhouse.eval.student_drift import drift_for_window
+
     window = window_for(settings, since)
     ab, records, judgments = ab_summary_for_window(settings, window)
     drift = drift_for_window(settings, window)

@@ -1,4 +1,4 @@
-"""What `stillhouse calibrate | promote | rollback | controller` do, behind thin CLI commands.
+"""Rollout commands: the fallback threshold, promotion and rollback by hand, the controller.
 
 stillhouse calibrate [VERSION]        # default: the challenger; starts the engines it needs
 stillhouse promote VERSION [--yes]    # by hand (admin): champion → VERSION, recorded
@@ -9,17 +9,65 @@ stillhouse controller                 # the rollout loop against a running gatew
 from __future__ import annotations
 
 import os
+import signal
 import threading
 from collections.abc import Mapping
 from contextlib import ExitStack
+from typing import Annotated
 
+import typer
 from rich.console import Console
 
+from stillhouse.cli.context import completed_settings, settings_of
 from stillhouse.common.config import EngineRef, Settings
 from stillhouse.common.errors import UsageError
 from stillhouse.common.registry import RegistryClient, VersionInfo
 from stillhouse.common.tracking import RunTracker
 from stillhouse.rollout.gateway_admin import GatewayAdmin, GatewayAdminError
+
+
+def register(app: typer.Typer) -> None:
+    for command in (calibrate, promote, rollback, controller):
+        app.command()(command)
+
+
+ReasonOption = Annotated[str, typer.Option(help="Why, recorded with the decision.")]
+YesOption = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
+
+
+def calibrate(
+    ctx: typer.Context,
+    version: Annotated[
+        str | None, typer.Argument(help="A version number or alias (default: the challenger).")
+    ] = None,
+) -> None:
+    """Pick the version's fallback threshold on held-out prompts (Learn-then-Test) and tag it."""
+    console = Console()
+    run_calibrate(completed_settings(ctx, {"teacher", "calibration"}, console), version, console)
+
+
+def promote(
+    ctx: typer.Context,
+    version: Annotated[int, typer.Argument(min=1, help="The version to make the champion.")],
+    reason: ReasonOption = "promoted by hand",
+    yes: YesOption = False,
+) -> None:
+    """Make VERSION the champion (the old one becomes previous-champion), recorded in MLflow."""
+    run_promote(settings_of(ctx), version, reason, yes, Console())
+
+
+def rollback(
+    ctx: typer.Context, reason: ReasonOption = "rolled back by hand", yes: YesOption = False
+) -> None:
+    """Point champion back at previous-champion, recorded in MLflow."""
+    run_rollback(settings_of(ctx), reason, yes, Console())
+
+
+def controller(ctx: typer.Context) -> None:
+    """The rollout controller: calibrate, mirror, ramp, promote or roll back each challenger."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    run_controller_command(settings_of(ctx), Console(), stop)
 
 
 def resolve_version(registry: RegistryClient, version: str | None) -> VersionInfo:
@@ -36,15 +84,15 @@ def resolve_version(registry: RegistryClient, version: str | None) -> VersionInf
 
 def run_calibrate(settings: Settings, version: str | None, console: Console) -> None:
     """Serve the version and the teacher on vLLM here, calibrate, stop them."""
-    from stillhouse.demo.engines import engine_refs
     from stillhouse.rollout.calibration.job import calibrate_version
     from stillhouse.rollout.controller.runtime import calibration_prompts
     from stillhouse.serving.serve import resolve_engines, start_engines
+    from stillhouse.serving.student_refs import teacher_ref
 
     registry = RegistryClient.from_settings(settings)
     info = resolve_version(registry, version)
-    teacher = engine_refs(settings, console, teacher_only=True)["teacher"]
-    refs = {"teacher": teacher, "champion": EngineRef(model=info.uri, served_name="student")}
+    student = EngineRef(model=info.uri, served_name="student")
+    refs = {"teacher": teacher_ref(settings), "champion": student}
     engines = resolve_engines(refs, settings)
     prompts, test_prompts = calibration_prompts(settings)
     with ExitStack() as stack:

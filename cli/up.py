@@ -2,21 +2,13 @@
 
     stillhouse up                     # gateway + engines, rollout controller, weekly re-distill
     stillhouse up --no-schedule       # without the re-distillation schedule
-    stillhouse --config stillhouse.yaml up --port 8000
+    stillhouse --config stillhouse.yaml up --port 8000 [--with-prometheus]
 
-Three children, each the same command a user could run alone, each in its own process group
-with its log under `<state_dir>/logs/`:
-
-- `stillhouse serve`: the engines and the gateway; its model watcher hot-swaps a student when
-  its registry alias moves;
-- `stillhouse controller`: calibrate → shadow → ramp → promote or roll back each new challenger;
-- `stillhouse schedule`: re-distils on the cron schedule and registers the `challenger`.
-
-They talk only through the registry, the traffic log and the gateway's admin API, so any of
-them can also run on another machine (as in deploy/). A child that dies is restarted with a
-back-off, at most `MAX_RESTARTS` times in `RESTART_WINDOW_S`; then `up` stops everything and
-exits non-zero. Ctrl-C or SIGTERM stops the controller and the scheduler first (no decision
-half-made against a stopping gateway), then the gateway, which stops its engines.
+Its children are the commands a user could run alone (`serve`, `controller`, `schedule`, and
+Prometheus), each in its own process group with its log under `<state_dir>/logs/`; they talk
+only through the registry, the traffic log and the gateway's admin API. A child that dies is
+restarted with a back-off (at most `MAX_RESTARTS` in `RESTART_WINDOW_S`, then `up` stops all);
+Ctrl-C stops the controller and scheduler first, then the gateway. See docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -32,10 +24,13 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import httpx
+import typer
 from rich.console import Console
 
+from stillhouse.cli.context import CliState
 from stillhouse.common.config import Settings
 from stillhouse.common.errors import StillhouseError
 from stillhouse.serving.engines.vllm import read_log_tail, stop_group
@@ -45,6 +40,36 @@ RESTART_WINDOW_S = 600.0
 BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 STOP_GRACE_S = 60.0  # the gateway drains and stops its engines inside this
 READY_TIMEOUT_S = 1800.0  # cold vLLM starts on two cores, one per model
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(up)
+
+
+def up(
+    ctx: typer.Context,
+    port: Annotated[int | None, typer.Option(help="Gateway port (default: config, 8000).")] = None,
+    schedule: Annotated[
+        bool, typer.Option(help="Also re-distil on the configured cron schedule.")
+    ] = True,
+    with_prometheus: Annotated[
+        bool,
+        typer.Option(help="Also run a local Prometheus with the shipped config and rules."),
+    ] = False,
+    prometheus_port: Annotated[
+        int, typer.Option(help="Port of the local Prometheus.", min=1, max=65535)
+    ] = 9090,
+) -> None:
+    """Engines, gateway, rollout controller and weekly re-distillation together; Ctrl-C stops."""
+    state: CliState = ctx.obj
+    run_up(
+        state.settings(),
+        state.config,
+        Console(),
+        port=port,
+        with_schedule=schedule,
+        prometheus_port=prometheus_port if with_prometheus else None,
+    )
 
 
 class UpError(StillhouseError):

@@ -64,6 +64,9 @@ class EngineSettings(_Section):
 class DemoSettings(_Section):
     """The embedded demo world: corpus size, model sizes and training budget."""
 
+    # The CLI fills what the config leaves unset (the teacher, the prompts to distil and to
+    # calibrate on) from the demo world. Off: every one of them must be configured.
+    enabled: bool = True
     seed: int = 1234
     n_train: int = Field(default=10000, ge=18)
     n_val: int = Field(default=600, ge=18)

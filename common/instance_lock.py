@@ -1,4 +1,5 @@
-"""One process per state dir for a long-running job (`stillhouse schedule`, the controller).
+"""One process at a time: per state dir for a long-running job (`stillhouse schedule`, the
+controller), or for a build that others wait for (the demo world).
 
     with instance_lock(path, lambda who: MyLockedError(f"... ({who}) holds {path}")):
         ...
@@ -18,8 +19,14 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def instance_lock(path: Path, locked: Callable[[str], Exception]) -> Iterator[Path]:
-    """Hold the lock or raise `locked(who)` at once ("pid 123" or "another process")."""
+def instance_lock(
+    path: Path,
+    locked: Callable[[str], Exception],
+    *,
+    wait: Callable[[str], object] | None = None,
+) -> Iterator[Path]:
+    """Hold the lock or raise `locked(who)` at once ("pid 123" or "another process"); with
+    `wait`, tell `wait(who)` and block until the holder lets go instead."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -27,7 +34,11 @@ def instance_lock(path: Path, locked: Callable[[str], Exception]) -> Iterator[Pa
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.read(fd, 32).decode(errors="replace").strip()
-            raise locked(f"pid {holder}" if holder.isdigit() else "another process") from None
+            who = f"pid {holder}" if holder.isdigit() else "another process"
+            if wait is None:
+                raise locked(who) from None
+            wait(who)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         try:

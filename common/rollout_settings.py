@@ -4,6 +4,7 @@ that walks a challenger through shadow → ramp → promote or roll back (the `r
 from __future__ import annotations
 
 from itertools import pairwise
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator
@@ -34,6 +35,10 @@ class CalibrationSettings(_Section):
     # ~22 would otherwise end it at a tiny share (simulated median share 7 % vs 18 % with 2).
     # It depends on the scores only, never the labels, so the guarantee holds.
     start_errors: int = Field(default=2, ge=0, le=100)
+    # Held-out prompts (JSONL, as `redistill.data.source`) to calibrate on and to check the
+    # threshold on; the first `holdout_size` of each. None: the traffic log's newest prompts.
+    prompts_file: Path | None = None
+    test_prompts_file: Path | None = None
     max_tokens: int = Field(default=64, ge=1, le=4096)
     concurrency: int = Field(default=8, ge=1, le=256)
 

@@ -27,6 +27,7 @@ from transformers.utils import logging as hf_logging
 from stillhouse.common import prompts
 from stillhouse.common.config import DemoSettings, Settings
 from stillhouse.common.errors import DemoBuildError
+from stillhouse.common.instance_lock import instance_lock
 from stillhouse.common.progress import progress_bar
 from stillhouse.demo import corpus, examples, tokenizer
 from stillhouse.demo import teacher as train
@@ -85,7 +86,9 @@ def teacher_sft_config(demo: DemoSettings) -> train.SftConfig:
 
 def cache_key(demo: DemoSettings) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps(demo.model_dump(mode="json"), sort_keys=True).encode())
+    # `enabled` decides whether the CLI uses the world, not what it holds.
+    shaping = demo.model_dump(mode="json", exclude={"enabled"})
+    h.update(json.dumps(shaping, sort_keys=True).encode())
     for module in _SHAPING_MODULES:
         # The syntax tree, not the bytes: reformatting or editing a comment rebuilds nothing.
         tree = ast.parse(Path(module.__file__ or "").read_text(encoding="utf-8"))
@@ -144,15 +147,33 @@ def _train_teacher(
 def build_demo_world(
     settings: Settings, *, force: bool = False, console: Console | None = None
 ) -> DemoWorld:
-    """Build the corpus, tokenizer and teacher unless the cached build matches the inputs."""
+    """Build the corpus, tokenizer and teacher unless the cached build matches the inputs. One
+    process builds at a time; another that needs the world meanwhile waits for that build."""
     console = console or Console(quiet=True)
     root = settings.demo_dir
     key = cache_key(settings.demo)
-    cached = load_demo_world(root)
-    if not force and cached is not None and cached.manifest.get("key") == key:
-        console.print(f"demo world is up to date ({root}, key {key})")
+
+    def up_to_date() -> DemoWorld | None:
+        cached = load_demo_world(root)
+        if not force and cached is not None and cached.manifest.get("key") == key:
+            console.print(f"demo world is up to date ({root}, key {key})")
+            return cached
+        return None
+
+    if (cached := up_to_date()) is not None:
         return cached
 
+    def waiting(who: str) -> None:
+        console.print(f"waiting for {who}, which is building the demo world")
+
+    lock = root.with_name(root.name + ".lock")
+    with instance_lock(lock, DemoBuildError, wait=waiting):
+        if not force and (cached := up_to_date()) is not None:
+            return cached
+        return _build(settings, root, key, console)
+
+
+def _build(settings: Settings, root: Path, key: str, console: Console) -> DemoWorld:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     staging = root.with_name(root.name + ".building")
     shutil.rmtree(staging, ignore_errors=True)

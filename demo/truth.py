@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from stillhouse.common.config import Settings
 from stillhouse.common.prompts import judge_verdict, pairwise_verdict, parse_triage_answer
+from stillhouse.demo.build import load_demo_world
 from stillhouse.demo.corpus import PRIORITIES, Ticket
 
 # pairwise_verdict's winner ("a" = the served answer, "b" = the reference) as the served
@@ -44,3 +46,14 @@ class DemoTruth:
             return None
         verdict = pairwise_verdict(self._verdict(ticket, answer), self._verdict(ticket, reference))
         return _OUTCOME[verdict["winner"]]
+
+
+def demo_truth(settings: Settings) -> DemoTruth | None:
+    """The demo world's ground truth when the judge uses the demo template and a world is
+    built; None otherwise (the judge's agreement is then not reported)."""
+    if settings.evaluation.judge.template != "demo" or not settings.demo.enabled:
+        return None
+    world = load_demo_world(settings.demo_dir)
+    if world is None:
+        return None
+    return DemoTruth(t for split in ("train", "val", "test") for t in world.split(split))

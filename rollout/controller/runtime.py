@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -57,22 +58,18 @@ class ChallengerNotServing(StillhouseError):
 
 
 def calibration_prompts(settings: Settings) -> tuple[list[Messages], list[Messages]]:
-    """Held-out prompts to calibrate on, and a fresh split to check the threshold on.
+    """Held-out prompts to calibrate on, and a fresh split to check the threshold on: the
+    configured prompt files (the first `holdout_size` of each), else the newest distinct
+    prompts of the traffic log, split alternately."""
+    cal = settings.rollout.calibration
+    n = cal.holdout_size
+    if cal.prompts_file is not None:
+        from stillhouse.rollout.distill.data import load_prompt_file
 
-    The demo world has labelled validation and test splits that no student trained on; with
-    real data, the newest distinct prompts of the traffic log, split alternately."""
-    n = settings.rollout.calibration.holdout_size
-    if settings.redistill.data.source is None:
-        from stillhouse.common.prompts import triage_user_message
-        from stillhouse.demo.build import build_demo_world
+        def chats(path: Path | None) -> list[Messages]:
+            return [] if path is None else [r.chat for r in load_prompt_file(path)[:n]]
 
-        world = build_demo_world(settings)
-
-        def chat(split: str) -> list[Messages]:
-            tickets = world.split(split)[:n]
-            return [[{"role": "user", "content": triage_user_message(t.text)}] for t in tickets]
-
-        return chat("val"), chat("test")
+        return chats(cal.prompts_file), chats(cal.test_prompts_file)
     from stillhouse.rollout.calibration.job import heldout_prompts_from_traffic
 
     prompts = heldout_prompts_from_traffic(settings, 2 * n)

@@ -54,9 +54,9 @@ def parse_stillhouse(argv: list[str]) -> None:
     """Parse argv with the real typer app, down to the leaf command, without running it."""
     import typer.main
 
-    from stillhouse.cli.main import app
+    from stillhouse.cli.main import build_app
 
-    command = typer.main.get_command(app)
+    command = typer.main.get_command(build_app())
     ctx = command.make_context("stillhouse", list(argv[1:]))
     while hasattr(command, "resolve_command"):  # a group: what is left names a subcommand
         rest = [*ctx._protected_args, *ctx.args]
