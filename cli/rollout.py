@@ -38,7 +38,7 @@ def run_calibrate(settings: Settings, version: str | None, console: Console) -> 
     """Serve the version and the teacher on vLLM here, calibrate, stop them."""
     from stillhouse.demo.engines import engine_refs
     from stillhouse.rollout.calibration.job import calibrate_version
-    from stillhouse.rollout.controller.runtime import calibration_prompts
+    from stillhouse.rollout.calibration.prompts import calibration_prompts
     from stillhouse.serving.serve import resolve_engines, start_engines
 
     registry = RegistryClient.from_settings(settings)

@@ -42,8 +42,8 @@ from stillhouse.demo.summary import print_build_summary
 from stillhouse.demo.traffic import TrafficLoop
 from stillhouse.eval.judge import judge_engine_args
 from stillhouse.eval.judging import make_template
-from stillhouse.rollout.controller.runtime import calibration_prompts, engine_of
-from stillhouse.rollout.gateway_admin import GatewayAdmin
+from stillhouse.rollout.calibration.prompts import calibration_prompts
+from stillhouse.rollout.gateway_admin import GatewayAdmin, engine_entry
 from stillhouse.serving.serve import resolve_engine, start_engines
 
 STEPS = 6
@@ -173,7 +173,7 @@ def _calibrate_champion(settings: Settings, admin: GatewayAdmin, version: int, c
     found, _ = read_calibration(info.tags, settings.gateway.confidence)
     if found is None:
         engines = admin.engines()
-        champion, teacher = engine_of(engines, "champion"), engine_of(engines, "teacher")
+        champion, teacher = engine_entry(engines, "champion"), engine_entry(engines, "teacher")
         assert champion is not None and teacher is not None
         prompts, test_prompts = calibration_prompts(settings)
         console.print(f"calibrating the champion (version {version}) on {len(prompts)} prompts")

@@ -30,12 +30,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from stillhouse.common.errors import UsageError
 from stillhouse.common.rollout_settings import ControllerSettings
-from stillhouse.rollout.controller.core import ControllerState, GateResult, Observation, Phase
+from stillhouse.rollout.controller.core import ControllerState, GateLook, Observation, Phase
 from stillhouse.rollout.controller.store import ControllerStore
+from stillhouse.rollout.gate_status import GATE_NAMES
 
 log = logging.getLogger(__name__)
-
-GATES = ("not_worse", "win_or_tie", "divergence", "fallback", "latency", "srm")
 
 
 @dataclass(frozen=True)
@@ -52,7 +51,7 @@ def rollout_families(
     state: ControllerState,
     cfg: ControllerSettings,
     counts: DecisionCounts,
-    gates: GateResult | None,
+    gates: GateLook | None,
     last_tick_at: float | None,
 ) -> list[Metric]:
     """The rollout's metric families from plain data (pure; the collector does the reading)."""
@@ -108,7 +107,7 @@ def rollout_families(
             "The last gate look: 1 pass, 0 inconclusive, -1 fail.",
             labels=["gate"],
         )
-        for gate in GATES:
+        for gate in GATE_NAMES:
             value = gates.metrics.get(f"gate.{gate}.status")
             if value is not None:
                 status.add_metric([gate], value)
@@ -140,7 +139,7 @@ class RolloutCollector:
         self._load_last_gates = load_last_gates
         self._cfg = cfg
         self._lock = threading.Lock()
-        self._gates: GateResult | None = None
+        self._gates: GateLook | None = None
         self._last_tick_at: float | None = None
 
     def observed(self, obs: Observation) -> None:
@@ -154,7 +153,7 @@ class RolloutCollector:
             gates, tick = self._gates, self._last_tick_at
         if gates is None:  # no look by this process yet: the gates behind the last decision
             journaled = self._load_last_gates()
-            gates = GateResult("pass", journaled) if journaled else None
+            gates = GateLook("pass", journaled) if journaled else None
         state = self._load_state() or ControllerState()
         yield from rollout_families(state, self._cfg, self._load_counts(), gates, tick)
 
@@ -225,9 +224,11 @@ def controller_registry(
 ) -> tuple[RolloutCollector, CollectorRegistry]:
     """The controller's collectors on their own registry (no globals)."""
     collector = RolloutCollector(
-        store.load, lambda: counts_from_rows(store.executed_counts()), cfg,
+        store.load,
+        lambda: counts_from_rows(store.executed_counts()),
+        cfg,
         store.last_gate_metrics,
-    )  # fmt: skip
+    )
     registry = CollectorRegistry(auto_describe=True)
     registry.register(collector)
     registry.register(JobFilesCollector(metrics_dir))

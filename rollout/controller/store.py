@@ -1,16 +1,14 @@
 """The rollout controller's durable state: `<controller_dir>/controller.db` (SQLite, WAL) and the
 single-instance lock `<controller_dir>/lock`.
 
-Crash consistency is write-ahead: a decision's new state and one journal row per action are
-committed in one transaction *before* any action runs, each executable row marked pending; a
-row is marked done once its action ran. So a `kill -9` anywhere leaves either the old state and
-no rows, or the new state with its actions pending. A restarted controller re-executes the
-pending rows in order (every action is idempotent: shares and mirrors are absolute values,
-promotion checks the alias and a completion tag, a challenger rollback record its decision
-time), then re-asserts the share and mirror of its state (`controller.actions_to_restore`),
-which also repairs a gateway that restarted with its default share. Notes are journaled done.
-The `decisions` table doubles as the audit log: ts, version, phase, step, action, reason,
-metrics.
+    store = ControllerStore.open(settings.controller_dir)
+    store.commit(new_state, actions, now)     # one transaction, before any action runs
+    store.pending(); store.mark_done(row_id); store.decisions(version)
+
+Write-ahead: a `kill -9` anywhere leaves either the old state and no journal rows, or the new
+state with its actions pending, which a restarted controller runs again in order (every action
+is idempotent). The `decisions` table doubles as the audit log. The full argument:
+docs/rollout.md (Crash safety).
 """
 
 from __future__ import annotations
@@ -114,7 +112,7 @@ class ControllerStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
-            # WAL: a reader (`stillhouse controller status`) never blocks the controller.
+            # WAL: a reader (the metrics endpoint, the demo) never blocks the controller.
             db.execute("PRAGMA journal_mode=WAL")
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version not in (0, _SCHEMA_VERSION):
