@@ -5,12 +5,9 @@
 
 MLflow keeps no alias history, so every move is recorded twice: as tags on the version
 (`stillhouse.promotion.*`, `stillhouse.rollback.*`, `stillhouse.rollout.*`) and as one MLflow
-run (`promote-v7`, `rollback-v7`, `rollout-rollback-v7`) whose params say who moved what and why
-and whose metrics are the gate numbers behind the decision.
-
-Every function is safe to run again after a crash part-way (the controller re-executes journaled
-actions): aliases move first, then the run is logged, then the tags, the timestamp tag last, so
-a version whose timestamp tag matches is completely recorded and a repeat is a no-op.
+run (`promote-v7`, `rollback-v7`, `rollout-rollback-v7`). Every function is safe to run again
+after a crash part-way (aliases, then the run, then the tags, the timestamp tag last; see
+docs/rollout.md, Promotion and rollback).
 """
 
 from __future__ import annotations

@@ -146,20 +146,20 @@ class Note:
     kind: ClassVar[str] = "note"
 
 
-Action = Calibrate | SetMirror | SetShare | Promote | RollBack | Note
-_ACTIONS: dict[str, type[Action]] = {
+ControllerAction = Calibrate | SetMirror | SetShare | Promote | RollBack | Note
+_ACTIONS: dict[str, type[ControllerAction]] = {
     a.kind: a for a in (Calibrate, SetMirror, SetShare, Promote, RollBack, Note)
 }
 
 
-def action_to_dict(action: Action) -> dict[str, Any]:
+def action_to_dict(action: ControllerAction) -> dict[str, Any]:
     data = asdict(action)
     if "metrics" in data:
         data["metrics"] = {str(k): float(v) for k, v in data["metrics"].items()}
     return {"kind": action.kind, **data}
 
 
-def action_from_dict(data: Mapping[str, Any]) -> Action:
+def action_from_dict(data: Mapping[str, Any]) -> ControllerAction:
     fields = dict(data)
     kind = fields.pop("kind")
     if kind not in _ACTIONS:
@@ -230,7 +230,7 @@ def gates_due(state: ControllerState, now: float, samples: int, cfg: ControllerS
     return samples >= min_samples(state, cfg) and now - state.step_started_at >= cfg.min_step_s
 
 
-def actions_to_restore(state: ControllerState) -> list[Action]:
+def actions_to_restore(state: ControllerState) -> list[ControllerAction]:
     """What a (re)starting controller asserts before anything else: the share and mirror its
     state says are set. After a kill -9 between persisting a decision and executing it, this
     (with the journal's pending actions) brings the gateway back in line; both are idempotent.
@@ -250,7 +250,7 @@ def _with_summary(text: str, summary: str) -> str:
 
 def decide(
     state: ControllerState, obs: Observation, cfg: ControllerSettings
-) -> tuple[ControllerState, list[Action]]:
+) -> tuple[ControllerState, list[ControllerAction]]:
     """The next state and the actions to execute, in order. No transition, no actions.
 
     A gateway whose split differs from the state's (it restarted and fell back to its config)
@@ -273,9 +273,9 @@ def decide(
 
 def _transition(
     state: ControllerState, obs: Observation, cfg: ControllerSettings
-) -> tuple[ControllerState, list[Action]]:
+) -> tuple[ControllerState, list[ControllerAction]]:
     ch = obs.challenger_version
-    actions: list[Action] = []
+    actions: list[ControllerAction] = []
     if state.phase in ACTIVE and ch != state.version:
         if ch is None:
             return _stopped(state, cfg)
@@ -314,8 +314,8 @@ def _transition(
 
 
 def _start(
-    state: ControllerState, obs: Observation, actions: list[Action]
-) -> tuple[ControllerState, list[Action]]:
+    state: ControllerState, obs: Observation, actions: list[ControllerAction]
+) -> tuple[ControllerState, list[ControllerAction]]:
     v = obs.challenger_version
     assert v is not None
     new = replace(
@@ -335,7 +335,7 @@ def _start(
 
 def _after_calibration(
     state: ControllerState, obs: Observation, cfg: ControllerSettings
-) -> tuple[ControllerState, list[Action]]:
+) -> tuple[ControllerState, list[ControllerAction]]:
     cal = obs.calibration
     if cal is None:
         return state, []
@@ -368,7 +368,7 @@ def _after_calibration(
 
 def _advance(
     state: ControllerState, obs: Observation, cfg: ControllerSettings
-) -> tuple[ControllerState, list[Action]]:
+) -> tuple[ControllerState, list[ControllerAction]]:
     assert obs.gates is not None and state.version is not None
     label = step_label(state, cfg)
     elapsed = obs.now - state.step_started_at
@@ -415,7 +415,7 @@ def _roll_back(
     cfg: ControllerSettings,
     reason: str,
     metrics: dict[str, float],
-) -> tuple[ControllerState, list[Action]]:
+) -> tuple[ControllerState, list[ControllerAction]]:
     assert state.version is not None
     label = step_label(state, cfg)
     new = replace(
@@ -443,7 +443,7 @@ def _roll_back(
 
 def _stopped(
     state: ControllerState, cfg: ControllerSettings
-) -> tuple[ControllerState, list[Action]]:
+) -> tuple[ControllerState, list[ControllerAction]]:
     label = step_label(state, cfg)
     reason = f"challenger alias removed from v{state.version} during {label}"
     new = ControllerState(

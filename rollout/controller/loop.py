@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from stillhouse.common.errors import StillhouseError
 from stillhouse.common.rollout_settings import ControllerSettings
 from stillhouse.rollout.controller.core import (
-    Action,
+    ControllerAction,
     ControllerState,
     Note,
     Observation,
@@ -81,7 +81,9 @@ class _Failures:
         self.repeats = 0
 
 
-def _flush(store: ControllerStore, execute: Callable[[Action], None], failures: _Failures) -> bool:
+def _flush(
+    store: ControllerStore, execute: Callable[[ControllerAction], None], failures: _Failures
+) -> bool:
     """Run the journal's pending actions in order; stop at the first failure (a later action
     must not overtake an earlier one: an old share would win). True when none is left."""
     for row in store.pending():
@@ -97,7 +99,7 @@ def _flush(store: ControllerStore, execute: Callable[[Action], None], failures: 
 def run_controller(
     store: ControllerStore,
     observe: Callable[[ControllerState], Observation],
-    execute: Callable[[Action], None],
+    execute: Callable[[ControllerAction], None],
     cfg: ControllerSettings,
     *,
     clock: Callable[[], float] = time.time,
@@ -147,7 +149,7 @@ def run_controller(
 def _tick(
     store: ControllerStore,
     observe: Callable[[ControllerState], Observation],
-    execute: Callable[[Action], None],
+    execute: Callable[[ControllerAction], None],
     cfg: ControllerSettings,
     state: ControllerState,
     failures: _Failures,

@@ -4,15 +4,10 @@
                               # (rollout.controller.metrics_host / metrics_port; port 0: off)
 
 Two collectors on one registry, both read at scrape time so nothing can go stale:
-- `RolloutCollector`: the phase, step and version under rollout from the controller's store,
-  promotions and rollbacks counted from its journal (so they survive restarts, as counters
-  must), and the last gate look this process made.
-- `JobFilesCollector`: the text files batch jobs write under `<state_dir>/metrics/`
-  (`stillhouse judge|ab|drift` and every re-distillation run). Batch jobs cannot be scraped
-  while they run, so the long-running controller serves their last results, like the node
-  exporter's textfile collector would. Families with the same name in several files are merged.
-
-Labels stay bounded: phase, gate, outcome; a version is a value, never a label.
+`RolloutCollector` (phase, step and version from the store; promotions and rollbacks counted
+from the journal, so they survive restarts; the last gate look) and `JobFilesCollector` (the
+`<state_dir>/metrics/*.prom` files of `stillhouse judge|ab|drift` and every re-distillation run,
+which cannot be scraped while they run). Labels stay bounded: phase, gate; a version is a value.
 """
 
 from __future__ import annotations

@@ -34,9 +34,9 @@ from stillhouse.rollout.calibration.job import (
 )
 from stillhouse.rollout.calibration.prompts import calibration_prompts
 from stillhouse.rollout.controller.core import (
-    Action,
     Calibrate,
     Calibration,
+    ControllerAction,
     ControllerState,
     GateLook,
     Note,
@@ -162,7 +162,7 @@ class ControllerRuntime:
 
     # -- execute -------------------------------------------------------------------------------
 
-    def execute(self, action: Action) -> None:
+    def execute(self, action: ControllerAction) -> None:
         if isinstance(action, SetShare):
             self.admin.set_ab(share=action.share, actor="controller")
         elif isinstance(action, SetMirror):

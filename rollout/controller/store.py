@@ -24,7 +24,7 @@ from typing import Any
 from stillhouse.common.errors import StillhouseError
 from stillhouse.common.instance_lock import instance_lock
 from stillhouse.rollout.controller.core import (
-    Action,
+    ControllerAction,
     ControllerState,
     Note,
     Promote,
@@ -83,11 +83,11 @@ class DecisionRow:
     payload: dict[str, Any] = field(hash=False)
     done: bool
 
-    def to_action(self) -> Action:
+    def to_action(self) -> ControllerAction:
         return action_from_dict(self.payload)
 
 
-def _row_reason(action: Action, default: str) -> str:
+def _row_reason(action: ControllerAction, default: str) -> str:
     if isinstance(action, Promote | RollBack):
         return action.reason
     if isinstance(action, Note):
@@ -95,7 +95,7 @@ def _row_reason(action: Action, default: str) -> str:
     return default
 
 
-def _row_metrics(action: Action) -> dict[str, float]:
+def _row_metrics(action: ControllerAction) -> dict[str, float]:
     if isinstance(action, Promote | RollBack):
         return {str(k): float(v) for k, v in action.metrics.items()}
     if isinstance(action, SetShare):
@@ -160,7 +160,11 @@ class ControllerStore:
             ) from None
 
     def commit(
-        self, state: ControllerState, actions: Sequence[Action], ts: float, reason: str = ""
+        self,
+        state: ControllerState,
+        actions: Sequence[ControllerAction],
+        ts: float,
+        reason: str = "",
     ) -> None:
         """Write `state` and journal `actions` in one transaction, every action but notes
         pending. `reason` labels the share/mirror rows (default: the state's reason)."""

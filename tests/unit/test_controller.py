@@ -16,9 +16,9 @@ from stillhouse.common.config import load_settings
 from stillhouse.common.errors import StillhouseError
 from stillhouse.common.rollout_settings import ControllerSettings
 from stillhouse.rollout.controller.core import (
-    Action,
     Calibrate,
     Calibration,
+    ControllerAction,
     ControllerState,
     GateLook,
     Note,
@@ -80,7 +80,7 @@ def obs(
     return Observation(now, ch, 3, cal, samples, gates)
 
 
-def shape(actions: list[Action]) -> list[str]:
+def shape(actions: list[ControllerAction]) -> list[str]:
     """Actions without notes, as short comparable strings (reasons are checked separately)."""
     out: list[str] = []
     for a in actions:
@@ -379,7 +379,7 @@ def test_a_tick_that_sets_the_share_itself_is_not_doubled_by_the_reassertion():
 def test_state_and_actions_round_trip_through_json():
     state = replace(RAMP2_HELD, decided=frozenset({3, 5}), reason="ramp-1/4 passed ✓")
     assert ControllerState.from_json(state.to_json()) == state
-    actions: list[Action] = [
+    actions: list[ControllerAction] = [
         Calibrate(7),
         SetMirror(1.0),
         SetShare(0.05),

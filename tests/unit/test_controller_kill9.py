@@ -22,8 +22,8 @@ import pytest
 from stillhouse.common.errors import StillhouseError
 from stillhouse.common.rollout_settings import ControllerSettings
 from stillhouse.rollout.controller.core import (
-    Action,
     Calibration,
+    ControllerAction,
     ControllerState,
     GateLook,
     Observation,
@@ -55,8 +55,8 @@ class World:
         self.t = 1_000_000.0
         self.gates = gates
         self.challenger = challenger
-        self.executed: list[Action] = []
-        self.fail_on: Callable[[Action], bool] = lambda a: False
+        self.executed: list[ControllerAction] = []
+        self.fail_on: Callable[[ControllerAction], bool] = lambda a: False
 
     def clock(self) -> float:
         return self.t
@@ -72,7 +72,7 @@ class World:
             gates = GateLook(status, NUMBERS, f"scripted {status}")  # type: ignore[arg-type]
         return Observation(self.t, self.challenger, 3, Calibration(True, 0.4), samples, gates)
 
-    def execute(self, action: Action) -> None:
+    def execute(self, action: ControllerAction) -> None:
         if self.fail_on(action):
             raise StillhouseError(f"gateway unreachable while doing {action.kind}")
         self.executed.append(action)
@@ -148,7 +148,7 @@ def test_a_failed_action_stays_pending_and_blocks_new_decisions_until_it_runs(tm
     world = World(dict.fromkeys(["mirror", "ramp-1/4"], "pass"))
     attempts: list[int] = []
 
-    def fail_four_times(a: Action) -> bool:
+    def fail_four_times(a: ControllerAction) -> bool:
         if a == SetShare(0.01):
             attempts.append(1)
             return len(attempts) <= 4
