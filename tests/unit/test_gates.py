@@ -12,7 +12,7 @@ from stillhouse.common.config import Settings
 from stillhouse.common.eval_settings import DriftSettings
 from stillhouse.common.rollout_settings import GateSettings
 from stillhouse.common.traffic import AbChange, TrafficRecord
-from stillhouse.eval import student_drift as drift_job
+from stillhouse.eval import student_drift
 from stillhouse.eval.ab_summary import build_ab_report
 from stillhouse.eval.drift_sim import SimStudent, simulate_records
 from stillhouse.eval.store import StoredJudgment
@@ -360,7 +360,7 @@ def outcome(j: int, profile: tuple[int, int, int]) -> str:
     return "win" if k < win else "tie" if k < win + tie else "loss"
 
 
-def ab_world(challenger: str, tmp_path) -> tuple[Any, list[drift_job.StudentDrift]]:
+def ab_world(challenger: str, tmp_path) -> tuple[Any, list[student_drift.StudentDrift]]:
     """400 users split 50/50 (the recorded share), one request each, every one judged pairwise;
     per-arm shadow divergence from the drift simulator."""
     records, judgments = [], []
@@ -401,8 +401,10 @@ def ab_world(challenger: str, tmp_path) -> tuple[Any, list[drift_job.StudentDrif
     for arm, seed in (("champion", 1), ("challenger", 2)):
         noise = ARM_PROFILES[challenger if arm == "challenger" else "champion"][3]
         sim = SimStudent().worse(noise)
-        items = drift_job.divergences(simulate_records(200, sim, seed=seed))
-        drift.append(drift_job.student_drift(f"m-{arm}", arm, items, None, "x", DriftSettings()))
+        items = student_drift.divergences(simulate_records(200, sim, seed=seed))
+        drift.append(
+            student_drift.student_drift(f"m-{arm}", arm, items, None, "x", DriftSettings())
+        )
     return ab, drift
 
 
