@@ -18,10 +18,11 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from stillhouse.cli.context import completed_settings, settings_of
+from stillhouse.cli.context import completed_settings, settings_of, with_demo
 from stillhouse.common.config import EngineRef, Settings
 from stillhouse.common.errors import UsageError
 from stillhouse.common.registry import RegistryClient, VersionInfo
+from stillhouse.common.roles import Alias, Role
 from stillhouse.common.tracking import RunTracker
 from stillhouse.rollout.gateway_admin import GatewayAdmin, GatewayAdminError
 
@@ -74,36 +75,42 @@ def resolve_version(registry: RegistryClient, version: str | None) -> VersionInf
     """A version number, an alias, or (None) the challenger."""
     name = registry.registered_model
     if version is None:
-        found = registry.get_alias("challenger")
+        found = registry.get_alias(Alias.CHALLENGER)
         if found is None:
             raise UsageError(f"{name} has no challenger: name a version (e.g. `calibrate 3`)")
         return found
-    ref = f"models:/{name}/{version}" if version.isdigit() else f"models:/{name}@{version}"
-    return registry.resolve(ref)
+    if version.isdigit():
+        return registry.resolve_version(int(version))
+    return registry.resolve(registry.alias_uri(version))
 
 
 def run_calibrate(settings: Settings, version: str | None, console: Console) -> None:
     """Serve the version and the teacher on vLLM here, calibrate, stop them."""
     from stillhouse.rollout.calibration.job import calibrate_version
-    from stillhouse.rollout.controller.runtime import calibration_prompts
+    from stillhouse.rollout.calibration.prompts import calibration_prompts
     from stillhouse.serving.serve import resolve_engines, start_engines
     from stillhouse.serving.student_refs import teacher_ref
 
     registry = RegistryClient.from_settings(settings)
     info = resolve_version(registry, version)
+    # The version under calibration is served as the champion role of this private engine set.
     student = EngineRef(model=info.uri, served_name="student")
-    refs = {"teacher": teacher_ref(settings), "champion": student}
+    refs = {Role.TEACHER: teacher_ref(settings), Role.CHAMPION: student}
     engines = resolve_engines(refs, settings)
     prompts, test_prompts = calibration_prompts(settings)
     with ExitStack() as stack:
         endpoints = start_engines(engines, settings, stack, console)
         calibrate_version(
-            settings, info.version,
-            student_url=endpoints["champion"].base_url, student_name="student",
-            teacher_url=endpoints["teacher"].base_url,
-            teacher_name=endpoints["teacher"].served_name,
-            prompts=prompts, test_prompts=test_prompts, console=console,
-        )  # fmt: skip
+            settings,
+            info.version,
+            student_url=endpoints[Role.CHAMPION].base_url,
+            student_name="student",
+            teacher_url=endpoints[Role.TEACHER].base_url,
+            teacher_name=endpoints[Role.TEACHER].served_name,
+            prompts=prompts,
+            test_prompts=test_prompts,
+            console=console,
+        )
 
 
 def _refresh_gateway(settings: Settings, console: Console, environ: Mapping[str, str]) -> None:
@@ -126,8 +133,6 @@ def _refresh_gateway(settings: Settings, console: Console, environ: Mapping[str,
 def _confirm(question: str, yes: bool) -> None:
     import sys
 
-    import typer
-
     if yes:
         return
     if not sys.stdin.isatty():
@@ -141,8 +146,8 @@ def run_promote(settings: Settings, version: int, reason: str, yes: bool, consol
 
     registry = RegistryClient.from_settings(settings)
     name = registry.registered_model
-    target = registry.resolve(f"models:/{name}/{version}")
-    current = registry.get_alias("champion")
+    target = registry.resolve_version(version)
+    current = registry.get_alias(Alias.CHAMPION)
     was = f"version {current.version}" if current else "no champion"
     _confirm(f"Make {name} version {target.version} the champion (now {was})?", yes)
     tracker = RunTracker(registry, settings.mlflow.experiment)
@@ -155,7 +160,8 @@ def run_rollback(settings: Settings, reason: str, yes: bool, console: Console) -
     from stillhouse.rollout.promotion import admin_actor, rollback_champion
 
     registry = RegistryClient.from_settings(settings)
-    current, previous = registry.get_alias("champion"), registry.get_alias("previous-champion")
+    current = registry.get_alias(Alias.CHAMPION)
+    previous = registry.get_alias(Alias.PREVIOUS_CHAMPION)
     if current is not None and previous is not None:
         _confirm(
             f"Roll the champion back from version {current.version} to {previous.version}?", yes
@@ -169,6 +175,7 @@ def run_rollback(settings: Settings, reason: str, yes: bool, console: Console) -
 def run_controller_command(
     settings: Settings, console: Console, stop: threading.Event | None = None
 ) -> None:
+    from stillhouse.rollout.calibration.prompts import calibration_prompts
     from stillhouse.rollout.controller.core import ControllerState, Observation
     from stillhouse.rollout.controller.loop import run_controller
     from stillhouse.rollout.controller.metrics import (
@@ -187,7 +194,13 @@ def run_controller_command(
     def log(line: str) -> None:
         console.print(line, markup=False, highlight=False)
 
-    runtime = ControllerRuntime(settings, admin, RegistryClient.from_settings(settings), log)
+    def prompts(settings: Settings) -> tuple[list, list]:
+        # The demo world's held-out splits when nothing else is configured; built only now,
+        # when a challenger first needs calibrating.
+        return calibration_prompts(with_demo(settings, {"calibration"}, console))
+
+    registry_client = RegistryClient.from_settings(settings)
+    runtime = ControllerRuntime(settings, admin, registry_client, log, prompts=prompts)
     store = ControllerStore.open(settings.controller_dir)
     collector, registry = controller_registry(settings.metrics_dir, store, cfg)
     servers: list[MetricsServer] = []
@@ -206,9 +219,14 @@ def run_controller_command(
     log(f"controller: gateway {cfg.gateway_url}, steps {list(cfg.steps)}, tick {cfg.tick_s:g} s")
     try:
         run_controller(
-            store, observe, runtime.execute, cfg, stop=stop or threading.Event(), log=log,
+            store,
+            observe,
+            runtime.execute,
+            cfg,
+            stop=stop or threading.Event(),
+            log=log,
             on_locked=serve_metrics,
-        )  # fmt: skip
+        )
     finally:
         admin.close()
         for server in servers:

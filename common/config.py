@@ -218,7 +218,7 @@ class AbSettings(_Section):
 
     challenger_share: float = Field(default=0.1, ge=0.0, le=1.0)
     seed: str = Field(default="stillhouse-ab", min_length=1)
-    # Shadow phase: the share of champion-arm requests also sent, in the background, to the
+    # Mirror phase: the share of champion-arm requests also sent, in the background, to the
     # challenger; no user sees its answer (traffic records `served_by: mirror`).
     mirror_share: float = Field(default=0.0, ge=0.0, le=1.0)
 

@@ -1,5 +1,5 @@
-"""Settings of the rollout: calibration of the fallback threshold, the gates, and the controller
-that walks a challenger through shadow → ramp → promote or roll back (the `rollout:` section)."""
+"""Settings of the rollout (the `rollout:` section): calibration of the fallback threshold, the
+gates, and the controller that walks a challenger through mirror → ramp → promote or roll back."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 
 from stillhouse.common.section import Section as _Section
 
@@ -21,6 +21,10 @@ class CalibrationSettings(_Section):
     "all" bounds unacceptable student answers as a share of all requests.
     `acceptable`: an answer is acceptable when it agrees with the teacher's answer to the same
     prompt ("teacher_match"), or when the judge grades it at least `min_judge_score` ("judge").
+    `prompts_file` / `test_prompts_file`: JSONL prompt files (chat messages, plain prompts or
+    demo tickets, as `redistill.data.source` reads them) to calibrate on and to check the
+    threshold on, the first `holdout_size` of each; none (the default) takes the newest
+    `2 × holdout_size` distinct prompts of the traffic log, split alternately.
     """
 
     epsilon: float = Field(default=0.1, gt=0.0, lt=1.0)
@@ -41,6 +45,14 @@ class CalibrationSettings(_Section):
     test_prompts_file: Path | None = None
     max_tokens: int = Field(default=64, ge=1, le=4096)
     concurrency: int = Field(default=8, ge=1, le=256)
+    prompts_file: Path | None = None
+    test_prompts_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _test_prompts_need_prompts(self) -> CalibrationSettings:
+        if self.test_prompts_file is not None and self.prompts_file is None:
+            raise ValueError("test_prompts_file is set but prompts_file is not: set both")
+        return self
 
 
 class GateSettings(_Section):
@@ -62,8 +74,18 @@ class ControllerSettings(_Section):
     """The rollout controller (`stillhouse controller`, or inside `stillhouse up`)."""
 
     steps: tuple[float, ...] = (0.01, 0.05, 0.25, 0.5)  # challenger shares, increasing
-    shadow_mirror_share: float = Field(default=1.0, gt=0.0, le=1.0)
-    shadow_min_samples: int = Field(default=200, ge=1)  # mirrored challenger answers
+    # The mirror phase: this share of champion-arm requests is copied to the challenger (answers
+    # no user sees) until `mirror_min_samples` of them are answered. The names before the
+    # phase was called "mirror" (shadow_*) are still accepted.
+    mirror_share: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=1.0,
+        validation_alias=AliasChoices("mirror_share", "shadow_mirror_share"),
+    )
+    mirror_min_samples: int = Field(
+        default=200, ge=1, validation_alias=AliasChoices("mirror_min_samples", "shadow_min_samples")
+    )
     min_step_samples: int = Field(default=200, ge=1)  # challenger requests per ramp step
     min_step_s: float = Field(default=3600.0, ge=0.0)
     max_inconclusive_s: float = Field(default=86_400.0, gt=0.0)

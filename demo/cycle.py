@@ -4,7 +4,7 @@ The rollout controller (the same `ControllerRuntime` as `stillhouse controller`)
 thread against the demo's gateway while steady ticket traffic flows, with compressed settings
 (`demo_rollout_settings`): shorter ramp steps and fewer samples per step. Two challengers:
 
-1. this week's student: calibrate → shadow → ramp → promoted; the gateway hot-swaps the
+1. this week's student: calibrate → mirror → ramp → promoted; the gateway hot-swaps the
    champion to it under load;
 2. a degraded student (trained on shuffled answers), registered as next week's challenger:
    the controller must stop it before it serves more than the first step's share.
@@ -26,14 +26,14 @@ from stillhouse.common.registry import RegistryClient
 from stillhouse.common.traffic import TrafficLogReader
 from stillhouse.rollout.controller.core import ControllerState
 from stillhouse.rollout.controller.loop import run_controller
-from stillhouse.rollout.controller.runtime import ControllerRuntime, engine_of
+from stillhouse.rollout.controller.runtime import ControllerRuntime
 from stillhouse.rollout.controller.store import ControllerStore, DecisionRow
-from stillhouse.rollout.gateway_admin import GatewayAdmin
+from stillhouse.rollout.gateway_admin import GatewayAdmin, engine_entry
 
 DEMO_STEPS = (0.05, 0.25, 0.5)  # production default: 1, 5, 25, 50 %
 DEMO_CONTROLLER = {
     "steps": DEMO_STEPS,
-    "shadow_min_samples": 60,
+    "mirror_min_samples": 60,
     "min_step_samples": 40,
     "min_step_s": 0.0,
     "max_inconclusive_s": 600.0,
@@ -148,7 +148,7 @@ def wait_for_role(
     deadline = time.monotonic() + timeout_s
     admin.refresh()
     while time.monotonic() < deadline:
-        entry = engine_of(admin.engines(), role) or {}
+        entry = engine_entry(admin.engines(), role) or {}
         if entry.get("active") and entry.get("model") == uri and not entry.get("swapping"):
             return entry
         time.sleep(2.0)

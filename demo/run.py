@@ -10,7 +10,7 @@ rollback, and a report.
    students given as registry aliases, so it starts them itself and hot-swaps on a move.
    Calibrate the champion's fallback threshold.
 4. The rollout: steady ticket traffic while the controller walks this week's student through
-   calibrate → shadow → ramp → promote (the champion hot-swaps under load), then the degraded
+   calibrate → mirror → ramp → promote (the champion hot-swaps under load), then the degraded
    student as next week's challenger, which it must roll back.
 5. Evaluation: check the judge on labelled pairs.
 6. Write the HTML report (and everything is in MLflow).
@@ -45,8 +45,8 @@ from stillhouse.demo.summary import print_build_summary
 from stillhouse.demo.traffic import TrafficLoop
 from stillhouse.eval.judge import judge_engine_args
 from stillhouse.eval.judging import make_template
-from stillhouse.rollout.controller.runtime import calibration_prompts, engine_of
-from stillhouse.rollout.gateway_admin import GatewayAdmin
+from stillhouse.rollout.calibration.prompts import calibration_prompts
+from stillhouse.rollout.gateway_admin import GatewayAdmin, engine_entry
 from stillhouse.serving.serve import resolve_engine, start_engines
 
 STEPS = 6
@@ -197,7 +197,8 @@ def _calibrate_champion(
     found, _ = read_calibration(info.tags, settings.gateway.confidence)
     if found is None:
         engines = admin.engines()
-        champion, teacher = engine_of(engines, Role.CHAMPION), engine_of(engines, Role.TEACHER)
+        champion = engine_entry(engines, Role.CHAMPION)
+        teacher = engine_entry(engines, Role.TEACHER)
         assert champion is not None and teacher is not None
         prompts, test_prompts = calibration_prompts(settings)
         console.print(f"calibrating the champion (version {version}) on {len(prompts)} prompts")

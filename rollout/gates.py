@@ -1,49 +1,13 @@
 """Promotion gates: pure functions that turn evaluation results into pass / fail / inconclusive.
 
-The rollout controller walks a challenger through shadow → ramp steps → promotion; at each look
-it builds a `GateEvidence` (plain numbers, from the A/B report and the drift results via
-`evidence_from`) and calls `evaluate_gates`. Every gate returns its status with the numbers it
-decided on; the report is "fail" if any gate fails, else "inconclusive" if any is, else "pass".
-"Fail" always needs the data to say the challenger is *surely* past the limit, so noise alone
-rolls nothing back; "inconclusive" means look again later with more samples.
+    ev = evidence_from(ab, drift)            # plain numbers from the A/B and drift results
+    gates = evaluate_gates(ev, settings.rollout.gates, phase="ramp")     # or "mirror"
+    gates.status, gates.summary_line(), gates.as_metrics()
 
-Semantics (cfg = `GateSettings`; intervals at level 1 − cfg.alpha unless said otherwise):
-
-* samples: a gate whose challenger numbers rest on fewer than `min_samples` is inconclusive
-  ("n=12 < 40"); so is one whose champion numbers rest on 1..min_samples−1. A champion with
-  *no* data for a comparison is replaced by the teacher, whose value is known by definition:
-  pairwise score 0 (it ties itself), divergence 0 (KL to itself), fallback rate 0 (it has
-  nothing to fall back to). That is stricter than any real champion, on purpose: with nothing
-  to compare against, the challenger must stand on its own. Latency has no such absolute:
-  without champion requests it stays inconclusive.
-* not_worse: d = challenger − champion pairwise score against the teacher (+1 win, 0 tie,
-  −1 loss), with the always-valid mSPRT interval [low, high] (valid at every look, so the
-  controller may peek each tick). pass when low ≥ −noninferiority_margin (surely not worse by
-  more than the margin); fail when high < −margin (surely worse by more); else inconclusive.
-  No champion judgments: the same test on the challenger's own score against 0 (the teacher).
-* win_or_tie: the challenger's share of answers that win or tie against the teacher, with a
-  Wilson interval. pass when the point estimate ≥ win_or_tie_bar; fail when the upper bound
-  < bar (surely below); else inconclusive. Requiring the lower bound ≥ bar would block a good
-  challenger for hundreds of samples; the point rule passes a true 0.95 at n = 40 with a 0.8
-  bar and fails only what the interval rules out.
-* divergence: excess = challenger mean k3 KL(student‖teacher) − champion's. pass when
-  excess ≤ divergence_margin; fail when the challenger's lower bound > the champion's upper
-  bound + margin (the bootstrap intervals the drift job computed, at its own 95 %); else
-  inconclusive.
-* fallback: the same shape over fallback rates (Wilson intervals): pass when challenger
-  rate ≤ champion rate + fallback_margin; fail when the challenger's lower bound > the
-  champion's upper bound + margin; else inconclusive.
-* latency: ratio = challenger p99 / champion p99. pass when ≤ latency_p99_ratio. A p99 has no
-  cheap interval and below ~100 requests it is one of the few slowest requests, so a ratio
-  over the limit fails only with ≥ `P99_MIN_REQUESTS` challenger requests; before that it is
-  inconclusive.
-* srm: the sample-ratio check of the A/B report. fail on its alarm at any n (its threshold is
-  already strict); pass when ok on ≥ min_samples assignment units; inconclusive when fewer or
-  when no check was possible.
-* phase "shadow": the challenger serves no users (its answers are mirrored, served_by
-  "mirror"), so srm and latency are reported as "pass" with "not applicable in shadow"
-  (kept in the report so every look has the same rows and metrics); the other gates compare
-  the mirrored answers with the champion arm as usual.
+Six gates (not_worse, win_or_tie, divergence, fallback, latency, srm), each returning its status
+with the numbers it decided on; a look fails if any gate fails, else is inconclusive if any is.
+"Fail" needs the data to say the challenger is surely past the limit, so noise alone rolls
+nothing back. Each gate's rule, and why, is in docs/rollout.md (Gates).
 """
 
 from __future__ import annotations
@@ -54,25 +18,29 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from stillhouse.common.formatting import finite_or_none
+from stillhouse.common.roles import STUDENT_ROLES, Role
 from stillhouse.common.rollout_settings import GateSettings
 from stillhouse.eval.ab_summary import AbSummary
 from stillhouse.eval.abtest import msprt_from_estimate, wilson_interval
 from stillhouse.eval.student_drift import StudentDrift
+from stillhouse.rollout.gate_status import STATUS_VALUE, GateStatus, combined_status
 
-GateStatus = Literal["pass", "fail", "inconclusive"]
-Phase = Literal["shadow", "ramp"]
+# The controller phases that have gates: mirrored answers only, or a ramp step serving users.
+GatePhase = Literal["mirror", "ramp"]
+GATE_PHASES: tuple[GatePhase, ...] = ("mirror", "ramp")
 Interval = tuple[float, float]
 
-STATUS_VALUE: dict[str, float] = {"pass": 1.0, "inconclusive": 0.0, "fail": -1.0}
 # Below this many requests a p99 is essentially the slowest request or two: too noisy to fail on.
 P99_MIN_REQUESTS = 100
 # pairwise_summary's own mixing scale (score units), for the no-champion not-worse test when
-# the report carries no tau.
+# the A/B results carry no tau.
 DEFAULT_PAIRWISE_TAU = 0.1
 
 
 @dataclass(frozen=True)
 class GateResult:
+    """One gate's decision at one look, with the numbers it decided on."""
+
     name: str
     status: GateStatus
     observed: float | None
@@ -88,11 +56,11 @@ class ArmEvidence:
 
     requests: int = 0
     fallback_rate: float | None = None
-    fallback_ci: Interval | None = None  # as the report computed it (informational)
+    fallback_ci: Interval | None = None  # as the A/B results computed it (informational)
     latency_p99: float | None = None
     pairwise_n: int = 0  # judged against the teacher
     win_or_tie_rate: float | None = None
-    win_or_tie_ci: Interval | None = None  # as the report computed it (informational)
+    win_or_tie_ci: Interval | None = None  # as the A/B results computed it (informational)
     pairwise_score: float | None = None  # mean of +1 / 0 / −1
     divergence_n: int = 0
     divergence_k3: float | None = None
@@ -101,10 +69,12 @@ class ArmEvidence:
 
 @dataclass(frozen=True)
 class GateEvidence:
+    """What every gate looks at: both arms' numbers, the A/B difference, the sample-ratio check."""
+
     champion: ArmEvidence = field(default_factory=ArmEvidence)
     challenger: ArmEvidence = field(default_factory=ArmEvidence)
     # challenger − champion pairwise score vs the teacher; se and tau let the gate recompute the
-    # always-valid interval at the gates' alpha; `pairwise_interval` is the report's.
+    # always-valid interval at the gates' alpha; `pairwise_interval` is the A/B results' own.
     pairwise_diff: float | None = None
     pairwise_diff_se: float | None = None
     pairwise_interval: Interval | None = None
@@ -134,12 +104,12 @@ def _pick_drift(drift: Sequence[StudentDrift], arm: str) -> tuple[StudentDrift |
     return best, note
 
 
-def evidence_from(report: AbSummary, drift: Sequence[StudentDrift]) -> GateEvidence:
-    """The numbers the gates need, from the A/B report and the per-student drift results."""
+def evidence_from(ab: AbSummary, drift: Sequence[StudentDrift]) -> GateEvidence:
+    """The numbers the gates need, from the A/B results and the per-student drift results."""
     arms: dict[str, ArmEvidence] = {}
     notes: list[str] = []
-    for arm in ("champion", "challenger"):
-        s, p = report.arms[arm], report.pairwise[arm]
+    for arm in STUDENT_ROLES:
+        s, p = ab.arms[arm], ab.pairwise[arm]
         d, note = _pick_drift(drift, arm)
         if note:
             notes.append(note)
@@ -157,23 +127,23 @@ def evidence_from(report: AbSummary, drift: Sequence[StudentDrift]) -> GateEvide
             divergence_k3=finite_or_none(div.k3_mean) if div else None,
             divergence_ci=_pair(div.k3_ci) if div else None,
         )
-    v = report.pairwise_verdict
+    v = ab.pairwise_verdict
     diff, seq = v.difference, v.sequential
     tau = seq.tau if seq is not None else None
-    own = report.pairwise["challenger"].sequential
+    own = ab.pairwise[Role.CHALLENGER].sequential
     if tau is None and own is not None:
         tau = own.tau
-    srm = report.srm
+    srm = ab.srm
     return GateEvidence(
-        champion=arms["champion"],
-        challenger=arms["challenger"],
+        champion=arms[Role.CHAMPION],
+        challenger=arms[Role.CHALLENGER],
         pairwise_diff=diff.diff if diff else None,
         pairwise_diff_se=diff.se if diff else None,
         pairwise_interval=(seq.low, seq.high) if seq else None,
         pairwise_tau=tau,
         srm_p_value=srm.p_value if srm else None,
         srm_ok=(not srm.alarm) if srm else None,
-        srm_units=sum(report.units.values()) if srm else 0,
+        srm_units=sum(ab.units.values()) if srm else 0,
         notes=tuple(notes),
     )
 
@@ -353,12 +323,13 @@ def gate_fallback(ev: GateEvidence, cfg: GateSettings) -> GateResult:
 
 def _not_applicable(name: str, n: int, limit: float | None) -> GateResult:
     reason = "the challenger serves no users, its answers are mirrored"
-    return GateResult(name, "pass", None, limit, n, f"not applicable in shadow ({reason})")
+    detail = f"not applicable in the mirror phase ({reason})"
+    return GateResult(name, "pass", None, limit, n, detail)
 
 
-def gate_latency(ev: GateEvidence, cfg: GateSettings, phase: Phase = "ramp") -> GateResult:
+def gate_latency(ev: GateEvidence, cfg: GateSettings, phase: GatePhase = "ramp") -> GateResult:
     name, c, b, limit = "latency", ev.challenger, ev.champion, cfg.latency_p99_ratio
-    if phase == "shadow":
+    if phase == "mirror":
         return _not_applicable(name, c.requests, limit)
     # No absolute stands in for a champion's latency: without its requests there is no answer.
     champion = ("champion requests", b.requests)
@@ -381,9 +352,9 @@ def gate_latency(ev: GateEvidence, cfg: GateSettings, phase: Phase = "ramp") -> 
     return GateResult(name, status, ratio, limit, c.requests, f"{numbers} {verdict}")
 
 
-def gate_srm(ev: GateEvidence, cfg: GateSettings, phase: Phase = "ramp") -> GateResult:
+def gate_srm(ev: GateEvidence, cfg: GateSettings, phase: GatePhase = "ramp") -> GateResult:
     name, n = "srm", ev.srm_units
-    if phase == "shadow":
+    if phase == "mirror":
         return _not_applicable(name, n, None)
     p = ev.srm_p_value
     if ev.srm_ok is None or p is None:
@@ -397,31 +368,37 @@ def gate_srm(ev: GateEvidence, cfg: GateSettings, phase: Phase = "ramp") -> Gate
     return GateResult(name, "pass", p, None, n, f"sample ratio ok: p={p:.3g} on {n} units")
 
 
-# ---- the report ----------------------------------------------------------------------------
+# ---- one look at all gates ----------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class GateReport:
-    phase: Phase
+class GateEvaluation:
+    """Every gate's result at one look, in a fixed order, and the status they combine to."""
+
+    phase: GatePhase
     results: tuple[GateResult, ...]
 
     @property
     def status(self) -> GateStatus:
-        statuses = {r.status for r in self.results}
-        if "fail" in statuses:
-            return "fail"
-        return "inconclusive" if "inconclusive" in statuses else "pass"
+        return combined_status(r.status for r in self.results)
 
     def result(self, name: str) -> GateResult:
         return next(r for r in self.results if r.name == name)
 
     def as_rows(self) -> list[dict[str, object]]:
         return [
-            {"gate": r.name, "status": r.status, "observed": r.observed, "limit": r.limit,
-             "n": r.n, "low": r.interval[0] if r.interval else None,
-             "high": r.interval[1] if r.interval else None, "detail": r.detail}
+            {
+                "gate": r.name,
+                "status": r.status,
+                "observed": r.observed,
+                "limit": r.limit,
+                "n": r.n,
+                "low": r.interval[0] if r.interval else None,
+                "high": r.interval[1] if r.interval else None,
+                "detail": r.detail,
+            }
             for r in self.results
-        ]  # fmt: skip
+        ]
 
     def as_metrics(self) -> dict[str, float]:
         """Flat numbers (status as 1 pass / 0 inconclusive / −1 fail); missing ones left out."""
@@ -450,9 +427,9 @@ class GateReport:
         return head + "".join(f"; {r.name}: {r.detail}" for r in rest)
 
 
-def evaluate_gates(ev: GateEvidence, cfg: GateSettings, *, phase: Phase) -> GateReport:
-    if phase not in ("shadow", "ramp"):
-        raise ValueError(f"phase must be 'shadow' or 'ramp', got {phase!r}")
+def evaluate_gates(ev: GateEvidence, cfg: GateSettings, *, phase: GatePhase) -> GateEvaluation:
+    if phase not in GATE_PHASES:
+        raise ValueError(f"phase must be one of {GATE_PHASES}, got {phase!r}")
     results = (
         gate_not_worse(ev, cfg),
         gate_win_or_tie(ev, cfg),
@@ -461,4 +438,4 @@ def evaluate_gates(ev: GateEvidence, cfg: GateSettings, *, phase: Phase) -> Gate
         gate_latency(ev, cfg, phase),
         gate_srm(ev, cfg, phase),
     )
-    return GateReport(phase, results)
+    return GateEvaluation(phase, results)

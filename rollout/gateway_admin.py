@@ -1,5 +1,9 @@
 """The rollout's side of the gateway's admin API (`/admin/ab`, `/admin/engines`).
 
+    admin = GatewayAdmin(url, key)
+    admin.set_ab(share=0.05, actor="controller")
+    engine_entry(admin.engines(), Role.CHALLENGER)   # {"base_url", "served_name", "model", ...}
+
 The controller changes traffic only through this API, never by importing the gateway, so the
 gateway may run in another process or on another machine. Transport failures and non-2xx
 answers become one `GatewayAdminError` line (the controller logs it and tries next tick).
@@ -19,7 +23,17 @@ class GatewayAdminError(StillhouseError):
     """The gateway's admin API could not be reached or refused the call."""
 
 
+def engine_entry(engines: Mapping[str, Any], role: str) -> dict[str, Any] | None:
+    """One role's entry in a `GET /admin/engines` answer (`{"engines": {role: {...}}}`, or the
+    role map itself), or None when the gateway lists no engine for it."""
+    listed = engines.get("engines", engines)
+    entry = listed.get(role) if isinstance(listed, Mapping) else None
+    return entry if isinstance(entry, dict) else None
+
+
 class GatewayAdmin:
+    """A client of the gateway's admin API, authenticated with its admin key."""
+
     def __init__(self, url: str, key: str | None, timeout_s: float = 10.0) -> None:
         self.url = url.rstrip("/")
         headers = {"authorization": f"Bearer {key}"} if key else {}

@@ -5,12 +5,9 @@
 
 MLflow keeps no alias history, so every move is recorded twice: as tags on the version
 (`stillhouse.promotion.*`, `stillhouse.rollback.*`, `stillhouse.rollout.*`) and as one MLflow
-run (`promote-v7`, `rollback-v7`, `rollout-rollback-v7`) whose params say who moved what and why
-and whose metrics are the gate numbers behind the decision.
-
-Every function is safe to run again after a crash part-way (the controller re-executes journaled
-actions): aliases move first, then the run is logged, then the tags, the timestamp tag last, so
-a version whose timestamp tag matches is completely recorded and a repeat is a no-op.
+run (`promote-v7`, `rollback-v7`, `rollout-rollback-v7`). Every function is safe to run again
+after a crash part-way (aliases, then the run, then the tags, the timestamp tag last; see
+docs/rollout.md, Promotion and rollback).
 """
 
 from __future__ import annotations
@@ -23,11 +20,9 @@ from datetime import UTC, datetime
 
 from stillhouse.common.errors import StillhouseError
 from stillhouse.common.registry import RegistryClient, VersionInfo
+from stillhouse.common.roles import Alias
 from stillhouse.common.tracking import MAX_PARAM_VALUE, RunTracker
 
-CHAMPION = "champion"
-PREVIOUS = "previous-champion"
-CHALLENGER = "challenger"
 MAX_TAG_VALUE = 5000  # MLflow's limit on a model-version tag value (reasons are cut to fit)
 
 
@@ -137,8 +132,8 @@ def promote(
     `stillhouse.rollout.outcome=promoted` on the version, and an MLflow run `promote-v{version}`.
     A version already champion with a promotion record is a no-op (`already=True`)."""
     when, gates = _when(at), dict(metrics or {})
-    info = registry.resolve(str(version))  # a missing version fails here, before any change
-    champion = registry.get_alias(CHAMPION)
+    info = registry.resolve_version(version)  # a missing version fails here, before any change
+    champion = registry.get_alias(Alias.CHAMPION)
     if champion is not None and champion.version == version:
         if info.tags.get("stillhouse.promotion.at"):
             return PromotionRecord(
@@ -154,16 +149,17 @@ def promote(
             )
         # The aliases moved but the record was not finished (a crash), or someone set the alias
         # by hand: previous-champion, set before champion moved, still names the one replaced.
-        previous = registry.get_alias(PREVIOUS)
+        previous = registry.get_alias(Alias.PREVIOUS_CHAMPION)
         from_version = previous.version if previous and previous.version != version else None
     else:
         from_version = champion.version if champion is not None else None
         if from_version is not None:
-            registry.set_alias(PREVIOUS, from_version)  # before champion moves: see above
-        registry.set_alias(CHAMPION, version)
-    challenger = registry.get_alias(CHALLENGER)
+            # Before champion moves: see above.
+            registry.set_alias(Alias.PREVIOUS_CHAMPION, from_version)
+        registry.set_alias(Alias.CHAMPION, version)
+    challenger = registry.get_alias(Alias.CHALLENGER)
     if challenger is not None and challenger.version == version:
-        registry.delete_alias(CHALLENGER)
+        registry.delete_alias(Alias.CHALLENGER)
     frm = "none" if from_version is None else str(from_version)
     params = {"from_version": frm, "to_version": str(version), "actor": actor, "reason": reason}
     run_id = _log_run(tracker, f"promote-v{version}", "promotion", version, params, gates)
@@ -196,10 +192,10 @@ def rollback_champion(
     demoted version; MLflow run `rollback-v{demoted}`. Raises PromotionError (one line) when
     there is nothing to go back to."""
     when = _when(at)
-    champion = registry.get_alias(CHAMPION)
+    champion = registry.get_alias(Alias.CHAMPION)
     if champion is None:
         raise PromotionError("nothing to roll back: no version holds the `champion` alias")
-    previous = registry.get_alias(PREVIOUS)
+    previous = registry.get_alias(Alias.PREVIOUS_CHAMPION)
     if previous is None:
         raise PromotionError(
             f"cannot roll back champion v{champion.version}: no version holds "
@@ -210,8 +206,8 @@ def rollback_champion(
             f"cannot roll back: `previous-champion` is v{previous.version}, the champion itself"
         )
     demoted, restored = champion.version, previous.version
-    registry.set_alias(CHAMPION, restored)
-    registry.delete_alias(PREVIOUS)
+    registry.set_alias(Alias.CHAMPION, restored)
+    registry.delete_alias(Alias.PREVIOUS_CHAMPION)
     params = {
         "from_version": str(demoted),
         "to_version": str(restored),
@@ -248,7 +244,7 @@ def record_challenger_rollback(
     at,by,run_id,gate.*}`; MLflow run `rollout-rollback-v{version}`. With `at` given, a version
     already carrying this exact record is a no-op (`already=True`)."""
     when, gates = _when(at), dict(metrics or {})
-    info = registry.resolve(str(version))
+    info = registry.resolve_version(version)
     if (
         at is not None
         and info.tags.get("stillhouse.rollout.outcome") == "rolled_back"

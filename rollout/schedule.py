@@ -1,6 +1,10 @@
 """The scheduling core of `stillhouse schedule`: a 5-field cron parser, a pure run-or-wait
-decision (`plan`), and a loop (`run_scheduler`) that runs one re-distillation job per cron slot,
-at most once per slot, with one scheduler per state dir. Its docstring states the semantics.
+decision (`plan`), and a loop (`run_scheduler`) that runs one re-distillation per cron slot, at
+most once per slot, with one scheduler per state dir.
+
+    stillhouse schedule     # run_scheduler(CronSchedule.parse(settings.schedule.cron), job, dir)
+
+`run_scheduler`'s docstring states the semantics (missed slots, crashes, the state file).
 """
 
 from __future__ import annotations
@@ -253,7 +257,9 @@ def plan(
     return Plan(True, latest, min(missed, MISSED_COUNT_LIMIT), schedule.next_after(now))
 
 
-class Outcome(StrEnum):
+class SlotOutcome(StrEnum):
+    """What became of the last slot the scheduler handled (recorded in its state file)."""
+
     BASELINE = "baseline"  # first start: the latest past slot, recorded so it is never run
     RUNNING = "running"  # written before the job starts; still there after a crash
     SUCCEEDED = "succeeded"
@@ -267,7 +273,7 @@ class ScheduleState:
 
     cron: str
     slot: datetime
-    outcome: Outcome
+    outcome: SlotOutcome
     started_at: datetime | None = None
     ended_at: datetime | None = None
     error: str | None = None
@@ -284,7 +290,7 @@ class ScheduleState:
         for key in ("slot", "started_at", "ended_at"):
             if key == "slot" or data.get(key) is not None:
                 data[key] = _utc(datetime.fromisoformat(data[key]))
-        return cls(**{**data, "outcome": Outcome(data["outcome"])})
+        return cls(**{**data, "outcome": SlotOutcome(data["outcome"])})
 
 
 def schedule_dir(state_dir: Path) -> Path:
@@ -391,16 +397,16 @@ def run_scheduler(
         state = load_state(path)
         if state is None:
             baseline = schedule.previous_at_or_before(clock())
-            state = ScheduleState(schedule.expr, baseline, Outcome.BASELINE)
+            state = ScheduleState(schedule.expr, baseline, SlotOutcome.BASELINE)
             write_state(path, state)
             log(f"first start ({path} created): earlier slots are not run retroactively")
-        elif state.outcome is Outcome.RUNNING:
+        elif state.outcome is SlotOutcome.RUNNING:
             started = _fmt(state.started_at) if state.started_at else "?"
             log(
                 f"the run for slot {_fmt(state.slot)} (started {started}, pid {state.pid}) "
                 "never finished: the scheduler died mid-job; not re-running it"
             )
-            state = replace(state, outcome=Outcome.INTERRUPTED)
+            state = replace(state, outcome=SlotOutcome.INTERRUPTED)
             write_state(path, state)
         if state.cron != schedule.expr:
             log(f"schedule changed from {state.cron!r} to {schedule.expr!r}")
@@ -434,24 +440,25 @@ def _run_once(
     log: Callable[[str], None],
 ) -> ScheduleState:
     started = clock()
-    state = ScheduleState(schedule.expr, slot, Outcome.RUNNING, started, pid=os.getpid())
+    state = ScheduleState(schedule.expr, slot, SlotOutcome.RUNNING, started, pid=os.getpid())
     write_state(path, state)  # claim the slot first: a crash from here on never re-runs it
     try:
         job(slot)
     except Exception as exc:
-        state = replace(state, outcome=Outcome.FAILED, ended_at=clock(), error=_describe(exc))
+        state = replace(state, outcome=SlotOutcome.FAILED, ended_at=clock(), error=_describe(exc))
         write_state(path, state)
         log(f"run for slot {_fmt(slot)} failed: {state.error}")
         if not isinstance(exc, StillhouseError):
             log(traceback.format_exc().rstrip())
         return state
     except BaseException as exc:
-        end = replace(state, outcome=Outcome.INTERRUPTED, ended_at=clock(), error=_describe(exc))
+        error = _describe(exc)
+        end = replace(state, outcome=SlotOutcome.INTERRUPTED, ended_at=clock(), error=error)
         write_state(path, end)
         log(f"run for slot {_fmt(slot)} interrupted ({end.error}); it will not be re-run")
         raise
     ended = clock()
-    state = replace(state, outcome=Outcome.SUCCEEDED, ended_at=ended)
+    state = replace(state, outcome=SlotOutcome.SUCCEEDED, ended_at=ended)
     write_state(path, state)
     log(f"run for slot {_fmt(slot)} succeeded in {ended - started}")
     return state

@@ -1,13 +1,14 @@
 """`stillhouse calibrate`: the fallback threshold of one student version, before it sees traffic.
 
-    stillhouse calibrate --version 7          # held-out prompts from the traffic log
+    stillhouse calibrate 7          # or no version: the challenger (cli/rollout.run_calibrate)
 
-The student answers every held-out prompt (greedy, with log-probabilities) and is scored exactly
-as the gateway scores it — the same signal over the first `hold_tokens` tokens — and each answer
-is labelled acceptable or not: it agrees with the teacher's answer ("teacher_match") or the judge
-grades it at least `min_judge_score` ("judge"). `calibration.ltt_threshold` picks the threshold;
-the threshold and its held-out numbers go onto the model version as tags (format and parser:
-`common/calibration_tags.py`), the run and the quality-vs-share curve into MLflow.
+The student answers every held-out prompt (`prompts.calibration_prompts`; greedy, with
+log-probabilities) and is scored as the gateway scores it (the same signal over the first
+`hold_tokens` tokens); each answer is labelled acceptable or not: it agrees with the teacher's
+answer ("teacher_match") or the judge grades it at least `min_judge_score` ("judge").
+`ltt.ltt_threshold` picks the threshold; the threshold and its held-out numbers go onto the
+model version as tags (format and parser: common/calibration_tags.py), the run and the
+quality-vs-share curve into MLflow.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import asyncio
 import dataclasses
 import json
 import math
-import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,7 +32,10 @@ from stillhouse.common.calibration_tags import CALIBRATION_TAG_PREFIX, Calibrati
 from stillhouse.common.chat import Messages
 from stillhouse.common.config import ConfidenceSettings, Settings
 from stillhouse.common.errors import StillhouseError, UsageError
+from stillhouse.common.formatting import percent
 from stillhouse.common.prompts import parse_triage_answer
+from stillhouse.common.registry import RegistryClient
+from stillhouse.common.tracking import RunTracker, flatten
 from stillhouse.eval.judge_templates import ticket_from_logged_prompt
 from stillhouse.rollout.calibration import ltt as calib
 from stillhouse.serving.gateway import responses
@@ -51,7 +54,7 @@ class CalibrationError(StillhouseError):
 
 def calibration_tags(
     result: calib.CalibrationResult,
-    report: calib.ApgrReport,
+    apgr: calib.Apgr,
     conf: ConfidenceSettings,
     calibrated_at: datetime,
     test_share: float | None = None,
@@ -73,11 +76,32 @@ def calibration_tags(
         student_share=float(r.student_share),
         risk_hat=float(r.risk_hat),
         risk_upper=float(r.risk_upper),
-        apgr=float(report.router),
+        apgr=float(apgr.router),
         calibrated_at=calibrated_at.astimezone(UTC).isoformat(timespec="seconds"),
         test_share=None if test_share is None else float(test_share),
         test_risk=None if test_risk is None else float(test_risk),
     ).to_tags()
+
+
+def uncertified_tags(settings: Settings, reason: str) -> dict[str, str]:
+    """The tags of a calibration that could label nothing: uncertified, with the reason (so
+    the controller rolls the version back instead of calibrating it again and again)."""
+    conf, cal = settings.gateway.confidence, settings.rollout.calibration
+    tags = CalibrationTags(
+        threshold=0.0,
+        certified=False,
+        signal=conf.signal,
+        hold_tokens=conf.hold_tokens,
+        quantile=conf.quantile,
+        top_k=conf.top_k,
+        epsilon=cal.epsilon,
+        delta=cal.delta,
+        risk=cal.risk,
+        n=0,
+        student_share=0.0,
+        calibrated_at=datetime.now(UTC).isoformat(),
+    ).to_tags()
+    return {**tags, CALIBRATION_TAG_PREFIX + "error": reason[:500]}
 
 
 # ---- labelling (pure) -----------------------------------------------------------------------
@@ -98,15 +122,16 @@ def answers_agree(student: str, teacher: str) -> bool:
 
 
 def gateway_score(tokens: Sequence[TokenLogprobs] | None, conf: ConfidenceSettings) -> float:
-    """The confidence the gateway would give this answer (`Gateway.low_confidence`): the signal
-    over the first `hold_tokens` tokens; no log-probabilities at all always falls back, −inf."""
+    """The confidence the gateway would give this answer (`serving.gateway.confidence`): the
+    signal over the first `hold_tokens` tokens; no log-probabilities at all always falls back,
+    −inf."""
     if tokens is None:
         return -math.inf
     return confidence(tokens[: conf.hold_tokens], conf.signal, conf.quantile)
 
 
 def judge_question(messages: Messages, demo_template: bool) -> str | None:
-    """What the judge is shown as the question (as `judge_job.question_of` does for a logged
+    """What the judge is shown as the question (as `eval.judging.question_of` does for a logged
     prompt): the ticket text for the demo template, else the last user message."""
     if demo_template:
         return ticket_from_logged_prompt(json.dumps(messages))
@@ -168,8 +193,12 @@ async def _ask(
     scores it; the teacher's answer is only the reference."""
     role, url, name = who
     conf = settings.gateway.confidence
-    body: dict[str, Any] = {"model": name, "messages": messages, "temperature": 0.0,
-                            "max_tokens": settings.rollout.calibration.max_tokens}  # fmt: skip
+    body: dict[str, Any] = {
+        "model": name,
+        "messages": messages,
+        "temperature": 0.0,
+        "max_tokens": settings.rollout.calibration.max_tokens,
+    }
     if role == "student":
         body.update(logprobs=True, top_logprobs=conf.top_k)
     async with sem:
@@ -267,7 +296,7 @@ class CalibrationOutcome:
     version: int
     result: calib.CalibrationResult
     curve: calib.RoutingCurve
-    apgr: calib.ApgrReport
+    apgr: calib.Apgr
     dropped: dict[str, int]
     tags: dict[str, str]
     run_id: str
@@ -291,48 +320,39 @@ def calibrate_version(
 ) -> CalibrationOutcome:
     """Calibrate `version` (served at `student_url`, an OpenAI base URL ending in /v1) on
     `prompts`, check the threshold on `test_prompts` if given, tag the version, log the run."""
-    from stillhouse.common.registry import RegistryClient
-    from stillhouse.common.tracking import RunTracker, flatten
-
     if not prompts:
         raise UsageError("no held-out prompts to calibrate on")
     cal, conf = settings.rollout.calibration, settings.gateway.confidence
     registry = RegistryClient.from_settings(settings)
-    registry.resolve(str(version))  # a missing version fails now, not after every call
+    registry.resolve_version(version)  # a missing version fails now, not after every call
     ends = Endpoints(student_url.rstrip("/"), student_name, teacher_url.rstrip("/"), teacher_name)
     tracker = RunTracker(registry, settings.mlflow.experiment)
     run_tags = {"stillhouse.job": "calibrate", "stillhouse.version": str(version)}
     with tracker.run(f"calibrate-v{version}", run_tags) as run:
-        run.log_params(flatten({
-            "version": version, "student": student_name, "teacher": teacher_name,
-            "prompts": len(prompts), "test_prompts": len(test_prompts or ()),
-            "calibration": cal.model_dump(), "confidence": conf.model_dump(),
-        }))  # fmt: skip
+        params = {
+            "version": version,
+            "student": student_name,
+            "teacher": teacher_name,
+            "prompts": len(prompts),
+            "test_prompts": len(test_prompts or ()),
+            "calibration": cal.model_dump(),
+            "confidence": conf.model_dump(),
+        }
+        run.log_params(flatten(params))
         with console.status(f"asking the student and labelling {len(prompts)} answers"):
             held = asyncio.run(label_prompts(settings, ends, prompts))
-        if not held.scores:
-            reasons = ", ".join(f"{k} ×{v}" for k, v in held.dropped.most_common(3))
-            raise CalibrationError(f"no answer could be labelled ({reasons or 'no prompts'})")
-        result = calib.ltt_threshold(
-            held.scores, held.unacceptable, epsilon=cal.epsilon, delta=cal.delta,
-            risk=cal.risk, max_candidates=cal.max_candidates, start_errors=cal.start_errors,
-        )  # fmt: skip
+        result = _threshold(held, settings)
         curve = calib.routing_curve(held.scores, 1.0 - np.asarray(held.unacceptable, float))
-        report = calib.apgr(curve)
+        apgr = calib.apgr(curve)
         outcome = CalibrationOutcome(
-            version, result, curve, report, dict(held.dropped), {}, run.run_id
+            version, result, curve, apgr, dict(held.dropped), {}, run.run_id
         )
         if test_prompts:
             with console.status(f"checking the threshold on {len(test_prompts)} fresh prompts"):
                 fresh = asyncio.run(label_prompts(settings, ends, test_prompts))
-            outcome.test_dropped = dict(fresh.dropped)
-            if fresh.scores:
-                outcome.test_n = len(fresh.scores)
-                outcome.test_share, outcome.test_risk, _ = calib.evaluate_threshold(
-                    fresh.scores, fresh.unacceptable, result.threshold, cal.risk
-                )
+            _check_on_fresh(outcome, fresh, cal.risk)
         outcome.tags = calibration_tags(
-            result, report, conf, datetime.now(UTC), outcome.test_share, outcome.test_risk
+            result, apgr, conf, datetime.now(UTC), outcome.test_share, outcome.test_risk
         )
         outcome.tags[CALIBRATION_TAG_PREFIX + "run_id"] = run.run_id
         run.log_metrics(_metrics(outcome))
@@ -342,18 +362,52 @@ def calibrate_version(
     return outcome
 
 
+def _threshold(held: Labelled, settings: Settings) -> calib.CalibrationResult:
+    """Learn-then-Test on the labelled held-out answers (CalibrationError if there are none)."""
+    if not held.scores:
+        reasons = ", ".join(f"{k} ×{v}" for k, v in held.dropped.most_common(3))
+        raise CalibrationError(f"no answer could be labelled ({reasons or 'no prompts'})")
+    cal = settings.rollout.calibration
+    return calib.ltt_threshold(
+        held.scores,
+        held.unacceptable,
+        epsilon=cal.epsilon,
+        delta=cal.delta,
+        risk=cal.risk,
+        max_candidates=cal.max_candidates,
+        start_errors=cal.start_errors,
+    )
+
+
+def _check_on_fresh(outcome: CalibrationOutcome, fresh: Labelled, risk: calib.Risk) -> None:
+    """What the chosen threshold does on a fresh labelled set, into `outcome`."""
+    outcome.test_dropped = dict(fresh.dropped)
+    if fresh.scores:
+        outcome.test_n = len(fresh.scores)
+        outcome.test_share, outcome.test_risk, _ = calib.evaluate_threshold(
+            fresh.scores, fresh.unacceptable, outcome.result.threshold, risk
+        )
+
+
 def _metrics(o: CalibrationOutcome) -> dict[str, float]:
     r = o.result
     out = {
-        "threshold": r.threshold, "certified": float(r.certified), "n": r.n,
-        "n_served": r.n_served, "student_share": r.student_share, "risk_hat": r.risk_hat,
-        "risk_upper": r.risk_upper, "p_value": r.p_value,
-        "candidates_tested": r.candidates_tested, "dropped": sum(o.dropped.values()),
-        "apgr.router": o.apgr.router, "apgr.oracle": o.apgr.oracle,
+        "threshold": r.threshold,
+        "certified": float(r.certified),
+        "n": r.n,
+        "n_served": r.n_served,
+        "student_share": r.student_share,
+        "risk_hat": r.risk_hat,
+        "risk_upper": r.risk_upper,
+        "p_value": r.p_value,
+        "candidates_tested": r.candidates_tested,
+        "dropped": sum(o.dropped.values()),
+        "apgr.router": o.apgr.router,
+        "apgr.oracle": o.apgr.oracle,
         "apgr.gain_over_random": o.apgr.gain_over_random,
         "quality.student_only": o.curve.student_only,
         "quality.teacher_only": o.curve.teacher_only,
-    }  # fmt: skip
+    }
     if o.test_share is not None and o.test_risk is not None and o.test_n is not None:
         out.update({"test.n": o.test_n, "test.share": o.test_share, "test.risk": o.test_risk})
     return {k: float(v) for k, v in out.items()}
@@ -370,61 +424,15 @@ def outcome_table(o: CalibrationOutcome) -> Table:
         ("threshold", f"{r.threshold:.4f} ({state})"),
         ("target", f"risk ≤ {r.epsilon:g} with prob. ≥ {1 - r.delta:g}"),
         ("held-out answers", f"{r.n} ({sum(o.dropped.values())} dropped)"),
-        ("student share", f"{r.student_share:.1%} ({r.n_served} served)"),
+        ("student share", f"{percent(r.student_share)} ({r.n_served} served)"),
         ("risk (upper bound)", f"{r.risk_hat:.3f} ({r.risk_upper:.3f})"),
         ("APGR router / oracle", f"{o.apgr.router:.3f} / {o.apgr.oracle:.3f}"),
-        ("gain over random", f"{o.apgr.gain_over_random:.1%} of the oracle's"),
+        ("gain over random", f"{percent(o.apgr.gain_over_random)} of the oracle's"),
     ]
     if o.test_share is not None and o.test_risk is not None:
-        rows.append(("fresh split", f"share {o.test_share:.1%}, risk {o.test_risk:.3f}"))
+        rows.append(("fresh split", f"share {percent(o.test_share)}, risk {o.test_risk:.3f}"))
     if o.apgr.note:
         rows.append(("note", o.apgr.note[:50]))
     for key, value in rows:
         table.add_row(key, value)
     return table
-
-
-# ---- held-out prompts from the traffic log --------------------------------------------------
-
-
-def chat_messages(record_prompt: str | None) -> Messages | None:
-    """The chat messages of a logged chat prompt (its JSON text), or None when unusable."""
-    try:
-        messages = json.loads(record_prompt or "")
-    except json.JSONDecodeError:
-        return None
-    ok = isinstance(messages, list) and all(isinstance(m, dict) for m in messages)
-    return messages if ok and any(m.get("role") == "user" for m in messages) else None
-
-
-def heldout_prompts_from_traffic(settings: Settings, n: int) -> list[Messages]:
-    """The newest `n` distinct chat prompts of answered requests in the traffic log, newest
-    first (fewer if the log has fewer). The window widens from an hour back until it has
-    enough or holds the whole log, so a long log is never read whole for a small sample."""
-    from stillhouse.common.traffic import TrafficLogReader
-
-    path = settings.traffic_log_path
-    if not path.is_file():
-        raise UsageError(f"no traffic log at {path}: serve traffic first, or pass prompts")
-    now, span = time.time(), 3600.0
-    with TrafficLogReader(path) as log:
-        total = log.count()
-        while True:
-            records = log.records(since=now - span)
-            seen: dict[str, Messages] = {}
-            for record in reversed(records):
-                if record.endpoint != "chat" or record.status != 200 or record.prompt in seen:
-                    continue
-                messages = chat_messages(record.prompt)
-                if messages is not None:
-                    seen[record.prompt] = messages  # type: ignore[index]
-                    if len(seen) == n:
-                        break
-            if len(seen) >= n or len(records) >= total:
-                break
-            span *= 4
-    if not seen:
-        raise UsageError(
-            f"no chat prompts in the traffic log {path} (is gateway.traffic_log.log_prompts on?)"
-        )
-    return list(seen.values())

@@ -6,7 +6,7 @@ answers labelled acceptable or not, the lowest threshold (the largest student sh
 of unacceptable student-served answers is ≤ ε with probability ≥ 1 − δ over the draw of the
 held-out set — Learn-then-Test (Angelopoulos, Bates, Candès, Jordan, Lei 2021) with exact
 binomial p-values and fixed-sequence testing, which needs no model of how confidence relates to
-quality. `routing_curve` and `apgr` report how good the confidence is as a router, the way
+quality. `routing_curve` and `apgr` measure how good the confidence is as a router, the way
 RouteLLM (Ong et al. 2024) does: quality against the share routed to the cheap model, and the
 average performance gap recovered (APGR).
 
@@ -82,7 +82,8 @@ def _check_risk(risk: str) -> None:
 
 
 def served_mask(scores: NDArray, threshold: float) -> NDArray:
-    """Which answers the gateway serves: score ≥ threshold, never −inf (`confidence.is_low`)."""
+    """Which answers the gateway serves: score ≥ threshold, never −inf (as
+    `serving.gateway.confidence.is_low` decides)."""
     return (scores >= threshold) & (scores != -np.inf)
 
 
@@ -265,12 +266,9 @@ class RoutingCurve:
 
     def rows(self) -> list[dict[str, float]]:
         """The curve as table rows (one per grid point), e.g. for an MLflow table."""
-        return [
-            {"share_on_student": float(x), "router": float(r), "random": float(q),
-             "oracle": float(o)}
-            for x, r, q, o in zip(self.share_on_student, self.router, self.random, self.oracle,
-                                  strict=True)
-        ]  # fmt: skip
+        points = zip(self.share_on_student, self.router, self.random, self.oracle, strict=True)
+        keys = ("share_on_student", "router", "random", "oracle")
+        return [dict(zip(keys, map(float, point), strict=True)) for point in points]
 
 
 def _tie_averaged(scores: NDArray, gains: NDArray) -> NDArray:
@@ -327,7 +325,7 @@ def routing_curve(
 
 
 @dataclass(frozen=True)
-class ApgrReport:
+class Apgr:
     """APGR of the router, random routing (0.5 by construction) and the oracle, and the
     router's share of the area between the random and oracle curves,
     (router − random)/(oracle − random). NaN with a `note` where undefined."""
@@ -345,7 +343,7 @@ def _pgr_area(quality: NDArray, share: NDArray, weak: float, strong: float) -> f
     return float(np.trapezoid(pgr, share))
 
 
-def apgr(curve: RoutingCurve, tol: float = 1e-12) -> ApgrReport:
+def apgr(curve: RoutingCurve, tol: float = 1e-12) -> Apgr:
     """RouteLLM's APGR: the area under PGR = (q_router − q_student_only)/(q_teacher_only −
     q_student_only) over the share of calls to the teacher, 0 → 1 (trapezoid rule on the
     curve's grid). Random routing scores 0.5. When student and teacher are equally good on
@@ -353,24 +351,26 @@ def apgr(curve: RoutingCurve, tol: float = 1e-12) -> ApgrReport:
     weak, strong = curve.student_only, curve.teacher_only
     if abs(strong - weak) <= tol:
         nan = math.nan
-        return ApgrReport(nan, nan, nan, nan, "student and teacher quality are equal: no gap")
+        return Apgr(nan, nan, nan, nan, "student and teacher quality are equal: no gap")
     x = curve.share_on_student
     router = _pgr_area(curve.router, x, weak, strong)
     random = _pgr_area(curve.random, x, weak, strong)
     oracle = _pgr_area(curve.oracle, x, weak, strong)
     if abs(oracle - random) <= tol:
         note = "the oracle is no better than random routing (every item gains the same)"
-        return ApgrReport(router, random, oracle, math.nan, note)
-    return ApgrReport(router, random, oracle, (router - random) / (oracle - random))
+        return Apgr(router, random, oracle, math.nan, note)
+    return Apgr(router, random, oracle, (router - random) / (oracle - random))
 
 
 def summarize_curve(curve: RoutingCurve, shares: Sequence[float]) -> list[dict[str, float]]:
     """The curve at a few student shares (interpolated), for a short printed table."""
     x = curve.share_on_student
     return [
-        {"share_on_student": float(s),
-         "router": float(np.interp(s, x, curve.router)),
-         "random": float(np.interp(s, x, curve.random)),
-         "oracle": float(np.interp(s, x, curve.oracle))}
+        {
+            "share_on_student": float(s),
+            "router": float(np.interp(s, x, curve.router)),
+            "random": float(np.interp(s, x, curve.random)),
+            "oracle": float(np.interp(s, x, curve.oracle)),
+        }
         for s in shares
-    ]  # fmt: skip
+    ]

@@ -1,19 +1,13 @@
 """The rollout controller's decision core: a pure state machine over plain data.
 
-The version holding the `challenger` alias is walked through
+    new_state, actions = decide(state, observation, settings.rollout.controller)
 
-    idle ─▶ calibrating ─▶ shadow ─▶ ramp 1/n ─▶ … ─▶ ramp n/n ─▶ promoted
-                 │            │          │                 │
-                 └────────────┴──────────┴─────────────────┴──▶ rolled_back
-
-`decide(state, observation, cfg)` returns the next state and the actions that get the world
-there. It does no I/O and reads no clock (the observation carries `now`), so every transition is
-one row of a table in the tests. `controller_loop.run_controller` observes, decides, persists
-(`controller_store`) and executes; the glue that observes the gateway and the registry and
-executes actions against them lives with the CLI.
-
-Shares are fractions of traffic: `SetShare` is the challenger's A/B share of served traffic,
-`SetMirror` the share of requests mirrored to it in shadow (answers no user sees).
+The challenger goes idle → calibrating → mirror → ramp 1/n … n/n → promoted, or to rolled_back
+from any active phase (the diagram and every rule: docs/rollout.md, The controller). `decide`
+does no I/O and reads no clock (the observation carries `now`), so each transition is one row
+of the table in tests/unit/test_controller.py. `loop.run_controller` observes, decides, persists
+(`store`) and executes; `runtime.ControllerRuntime` observes the gateway and the registry and
+executes the actions against them.
 """
 
 from __future__ import annotations
@@ -22,26 +16,27 @@ import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 from stillhouse.common.formatting import share_percent as pct
 from stillhouse.common.rollout_settings import ControllerSettings
+from stillhouse.rollout.gate_status import GATE_STATUSES, GateStatus
 
 STATE_SCHEMA = 1
-GATE_STATUSES = ("pass", "fail", "inconclusive")
-GateStatus = Literal["pass", "fail", "inconclusive"]
 
 
 class Phase(StrEnum):
     IDLE = "idle"  # no challenger under rollout
     CALIBRATING = "calibrating"  # waiting for the version's certified fallback threshold
-    SHADOW = "shadow"  # answering mirrored traffic that no user sees
+    MIRROR = "mirror"  # answering mirrored copies of requests that no user sees
     RAMP = "ramp"  # serving cfg.steps[step] of traffic
     PROMOTED = "promoted"  # terminal for `version`
     ROLLED_BACK = "rolled_back"  # terminal for `version`
 
 
-ACTIVE = frozenset({Phase.CALIBRATING, Phase.SHADOW, Phase.RAMP})
+ACTIVE = frozenset({Phase.CALIBRATING, Phase.MIRROR, Phase.RAMP})
+# Phase values persisted by earlier versions of the same state schema, and what they are now.
+LEGACY_PHASES = {"shadow": Phase.MIRROR}
 
 
 # -- what the controller sees ----------------------------------------------------------------
@@ -56,8 +51,9 @@ class Calibration:
 
 
 @dataclass(frozen=True)
-class GateResult:
-    """One evaluation of the gates over the current step's window, as plain data."""
+class GateLook:
+    """One look at the gates over the current step's window, as plain data: the combined
+    status, the flat gate numbers, and a one-line summary."""
 
     status: GateStatus
     metrics: Mapping[str, float] = field(default_factory=dict, hash=False)
@@ -75,8 +71,9 @@ class Observation:
     `challenger_version` is the version the alias points at now; None means no version holds
     it, never "could not look" (an observer that cannot reach the registry raises instead).
     `samples` counts the challenger's answers since `state.step_started_at`: mirrored ones in
-    shadow, served ones in ramp. `gates` is None when the gates were not evaluated this tick;
-    the observer evaluates them only when `gates_due(...)` says so, since judging is expensive.
+    the mirror phase, served ones in ramp. `gates` is None when the gates were not looked at
+    this tick; the observer looks only when `gates_due(...)` says so, since judging is
+    expensive.
     """
 
     now: float
@@ -84,7 +81,7 @@ class Observation:
     champion_version: int | None = None
     calibration: Calibration | None = None
     samples: int = 0
-    gates: GateResult | None = None
+    gates: GateLook | None = None
     # The gateway's (challenger share, mirror share) as it reports them now; None: not read.
     gateway_split: tuple[float, float] | None = None
 
@@ -102,7 +99,7 @@ class Calibrate:
 
 @dataclass(frozen=True)
 class SetMirror:
-    """Mirror this share of requests to the challenger in shadow (0: none). Idempotent."""
+    """Mirror this share of champion-arm requests to the challenger (0: none). Idempotent."""
 
     share: float
     kind: ClassVar[str] = "set_mirror"
@@ -149,20 +146,20 @@ class Note:
     kind: ClassVar[str] = "note"
 
 
-Action = Calibrate | SetMirror | SetShare | Promote | RollBack | Note
-_ACTIONS: dict[str, type[Action]] = {
+ControllerAction = Calibrate | SetMirror | SetShare | Promote | RollBack | Note
+_ACTIONS: dict[str, type[ControllerAction]] = {
     a.kind: a for a in (Calibrate, SetMirror, SetShare, Promote, RollBack, Note)
 }
 
 
-def action_to_dict(action: Action) -> dict[str, Any]:
+def action_to_dict(action: ControllerAction) -> dict[str, Any]:
     data = asdict(action)
     if "metrics" in data:
         data["metrics"] = {str(k): float(v) for k, v in data["metrics"].items()}
     return {"kind": action.kind, **data}
 
 
-def action_from_dict(data: Mapping[str, Any]) -> Action:
+def action_from_dict(data: Mapping[str, Any]) -> ControllerAction:
     fields = dict(data)
     kind = fields.pop("kind")
     if kind not in _ACTIONS:
@@ -203,13 +200,13 @@ class ControllerState:
         data = json.loads(text)
         if data.pop("schema", None) != STATE_SCHEMA:
             raise ValueError(f"controller state schema is not {STATE_SCHEMA}")
-        data["phase"] = Phase(data["phase"])
+        data["phase"] = LEGACY_PHASES.get(data["phase"]) or Phase(data["phase"])
         data["decided"] = frozenset(int(v) for v in data["decided"])
         return cls(**data)
 
 
 def step_label(state: ControllerState, cfg: ControllerSettings) -> str:
-    """Where the rollout stands, as recorded in notes and tags: "shadow", "ramp-2/4"."""
+    """Where the rollout stands, as recorded in notes and tags: "mirror", "ramp-2/4"."""
     if state.phase is Phase.RAMP:
         return f"ramp-{state.step + 1}/{len(cfg.steps)}"
     if state.phase is Phase.CALIBRATING:
@@ -223,21 +220,21 @@ def ramp_share(cfg: ControllerSettings, step: int) -> float:
 
 
 def min_samples(state: ControllerState, cfg: ControllerSettings) -> int:
-    return cfg.shadow_min_samples if state.phase is Phase.SHADOW else cfg.min_step_samples
+    return cfg.mirror_min_samples if state.phase is Phase.MIRROR else cfg.min_step_samples
 
 
 def gates_due(state: ControllerState, now: float, samples: int, cfg: ControllerSettings) -> bool:
     """Whether the current step has held long enough, with enough samples, to be judged."""
-    if state.phase not in (Phase.SHADOW, Phase.RAMP):
+    if state.phase not in (Phase.MIRROR, Phase.RAMP):
         return False
     return samples >= min_samples(state, cfg) and now - state.step_started_at >= cfg.min_step_s
 
 
-def actions_to_restore(state: ControllerState) -> list[Action]:
+def actions_to_restore(state: ControllerState) -> list[ControllerAction]:
     """What a (re)starting controller asserts before anything else: the share and mirror its
     state says are set. After a kill -9 between persisting a decision and executing it, this
     (with the journal's pending actions) brings the gateway back in line; both are idempotent.
-    Mirror first when serving (so shadow traffic stops before the share rises), share first
+    Mirror first when serving (so mirrored traffic stops before the share rises), share first
     otherwise (so served traffic stops before anything else)."""
     if state.share > 0:
         return [SetMirror(state.mirror), SetShare(state.share)]
@@ -253,7 +250,7 @@ def _with_summary(text: str, summary: str) -> str:
 
 def decide(
     state: ControllerState, obs: Observation, cfg: ControllerSettings
-) -> tuple[ControllerState, list[Action]]:
+) -> tuple[ControllerState, list[ControllerAction]]:
     """The next state and the actions to execute, in order. No transition, no actions.
 
     A gateway whose split differs from the state's (it restarted and fell back to its config)
@@ -276,9 +273,9 @@ def decide(
 
 def _transition(
     state: ControllerState, obs: Observation, cfg: ControllerSettings
-) -> tuple[ControllerState, list[Action]]:
+) -> tuple[ControllerState, list[ControllerAction]]:
     ch = obs.challenger_version
-    actions: list[Action] = []
+    actions: list[ControllerAction] = []
     if state.phase in ACTIVE and ch != state.version:
         if ch is None:
             return _stopped(state, cfg)
@@ -317,8 +314,8 @@ def _transition(
 
 
 def _start(
-    state: ControllerState, obs: Observation, actions: list[Action]
-) -> tuple[ControllerState, list[Action]]:
+    state: ControllerState, obs: Observation, actions: list[ControllerAction]
+) -> tuple[ControllerState, list[ControllerAction]]:
     v = obs.challenger_version
     assert v is not None
     new = replace(
@@ -338,7 +335,7 @@ def _start(
 
 def _after_calibration(
     state: ControllerState, obs: Observation, cfg: ControllerSettings
-) -> tuple[ControllerState, list[Action]]:
+) -> tuple[ControllerState, list[ControllerAction]]:
     cal = obs.calibration
     if cal is None:
         return state, []
@@ -349,21 +346,21 @@ def _after_calibration(
             metrics["calibration_threshold"] = cal.threshold
         reason = f"calibration certified no student share within ε (threshold {threshold})"
         return _roll_back(state, obs, cfg, reason, metrics)
-    mirror = cfg.shadow_mirror_share
+    mirror = cfg.mirror_share
     new = replace(
         state,
-        phase=Phase.SHADOW,
+        phase=Phase.MIRROR,
         step=0,
         step_started_at=obs.now,
         inconclusive_since=None,
         share=0.0,
         mirror=mirror,
-        last_action="shadow",
+        last_action="mirror",
         reason=f"calibration certified (threshold {threshold})",
     )
     note = Note(
-        f"v{state.version} calibration certified (threshold {threshold}); shadow: mirroring "
-        f"{pct(mirror)} of requests until {cfg.shadow_min_samples} samples and "
+        f"v{state.version} calibration certified (threshold {threshold}); mirror phase: "
+        f"{pct(mirror)} of requests mirrored until {cfg.mirror_min_samples} samples and "
         f"{cfg.min_step_s:g} s"
     )
     return new, [SetShare(0.0), SetMirror(mirror), note]
@@ -371,7 +368,7 @@ def _after_calibration(
 
 def _advance(
     state: ControllerState, obs: Observation, cfg: ControllerSettings
-) -> tuple[ControllerState, list[Action]]:
+) -> tuple[ControllerState, list[ControllerAction]]:
     assert obs.gates is not None and state.version is not None
     label = step_label(state, cfg)
     elapsed = obs.now - state.step_started_at
@@ -418,7 +415,7 @@ def _roll_back(
     cfg: ControllerSettings,
     reason: str,
     metrics: dict[str, float],
-) -> tuple[ControllerState, list[Action]]:
+) -> tuple[ControllerState, list[ControllerAction]]:
     assert state.version is not None
     label = step_label(state, cfg)
     new = replace(
@@ -446,7 +443,7 @@ def _roll_back(
 
 def _stopped(
     state: ControllerState, cfg: ControllerSettings
-) -> tuple[ControllerState, list[Action]]:
+) -> tuple[ControllerState, list[ControllerAction]]:
     label = step_label(state, cfg)
     reason = f"challenger alias removed from v{state.version} during {label}"
     new = ControllerState(

@@ -1,13 +1,12 @@
-"""One gate evaluation of a rollout step: judge, measure, decide. Used by the rollout controller
-at every tick; the deciding code is `stillhouse.rollout.gates` (pure), this is the I/O around it.
+"""One look at the gates of a rollout step: judge, measure, decide (the I/O around `rollout.gates`).
 
-    ev = evaluate_step(settings, step_started_at, judge_base_url=url, judge_model="teacher",
-                       phase="ramp")
-    ev.report.status   # "pass" | "fail" | "inconclusive"
+    check = evaluate_step(settings, step_started_at, judge_base_url=url, judge_model="teacher",
+                          phase="ramp")          # or "mirror"
+    check.gates.status   # "pass" | "fail" | "inconclusive"
 
 The window is [since_ts, now): everything the current step produced. Each call judges up to
 `rollout.controller.judge_sample` not-yet-judged requests per arm (the judge store skips what
-earlier ticks judged), so the judged sample grows tick by tick while the A/B report reads every
+earlier looks judged), so the judged sample grows look by look while the A/B results read every
 judgment of the window; the sequential not-worse gate is valid at every such look.
 """
 
@@ -17,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from stillhouse.common.config import Settings
+from stillhouse.common.roles import Role
 from stillhouse.common.traffic import MIRROR, TrafficRecord
 from stillhouse.eval.ab_summary import ab_summary_for_window
 from stillhouse.eval.abtest import wilson_interval
@@ -24,9 +24,9 @@ from stillhouse.eval.judging import JudgeEndpoints, judge_selection, select_for_
 from stillhouse.eval.student_drift import drift_for_window
 from stillhouse.eval.window import Window
 from stillhouse.rollout.gates import (
+    GateEvaluation,
     GateEvidence,
-    GateReport,
-    Phase,
+    GatePhase,
     evaluate_gates,
     evidence_from,
 )
@@ -34,11 +34,13 @@ from stillhouse.rollout.gates import (
 
 @dataclass(frozen=True)
 class StepEvaluation:
-    report: GateReport
+    """One look at a step's gates, with the evidence behind it and what the window held."""
+
+    gates: GateEvaluation
     evidence: GateEvidence
     window: str
     challenger_requests: int  # answered to users by the challenger arm (mirrors excluded)
-    mirrored: int  # challenger answers mirrored in shadow
+    mirrored: int  # challenger answers to mirrored requests
     judged: int  # judgments made by this call (single + pairwise + student)
 
 
@@ -55,7 +57,9 @@ def endpoints_for(settings: Settings, judge_base_url: str, judge_model: str) -> 
     judge is taken to be the teacher (as in the demo, where the teacher also judges)."""
     teacher = settings.gateway.engines.teacher
     if teacher is not None and teacher.base_url is not None:
-        return JudgeEndpoints(judge_base_url, teacher.base_url, teacher.served_name or "teacher")
+        return JudgeEndpoints(
+            judge_base_url, teacher.base_url, teacher.served_name or Role.TEACHER.value
+        )
     return JudgeEndpoints(judge_base_url, judge_base_url, judge_model)
 
 
@@ -63,9 +67,9 @@ def mirror_fallback(
     records: Sequence[TrafficRecord], alpha: float
 ) -> tuple[int, float, tuple[float, float]]:
     """Mirrored answers, and the share the challenger would have handed to the teacher (a
-    mirrored record's `fallback_reason` says what the gateway would have done; the A/B report's
+    mirrored record's `fallback_reason` says what the gateway would have done; the A/B results'
     challenger rate counts them too, but mixed with any challenger-arm users)."""
-    mirrored = [r for r in records if r.arm == "challenger" and r.served_by == MIRROR]
+    mirrored = [r for r in records if r.arm == Role.CHALLENGER and r.served_by == MIRROR]
     n, k = len(mirrored), sum(r.fallback_reason is not None for r in mirrored)
     return n, (k / n if n else float("nan")), wilson_interval(k, n, 1 - alpha)
 
@@ -76,7 +80,7 @@ def evaluate_step(
     *,
     judge_base_url: str,
     judge_model: str,
-    phase: Phase,
+    phase: GatePhase,
 ) -> StepEvaluation:
     settings = with_judge(settings, judge_base_url, judge_model)
     window = Window(since_ts, None)
@@ -88,13 +92,13 @@ def evaluate_step(
     drift = drift_for_window(settings, window)
     evidence = evidence_from(ab, drift)
     mirrored, rate, ci = mirror_fallback(records, settings.rollout.gates.alpha)
-    if phase == "shadow" and mirrored:
+    if phase == "mirror" and mirrored:
         challenger = replace(evidence.challenger, fallback_rate=rate, fallback_ci=ci)
         evidence = replace(evidence, challenger=challenger)
-    report = evaluate_gates(evidence, settings.rollout.gates, phase=phase)
-    served = sum(r.arm == "challenger" and r.served_by != MIRROR for r in records)
+    gates = evaluate_gates(evidence, settings.rollout.gates, phase=phase)
+    served = sum(r.arm == Role.CHALLENGER and r.served_by != MIRROR for r in records)
     return StepEvaluation(
-        report=report,
+        gates=gates,
         evidence=evidence,
         window=window.label,
         challenger_requests=served,

@@ -1,12 +1,12 @@
 """The rollout controller's loop: observe → decide → persist → execute, once per tick.
 
-    stillhouse controller        # the CLI wires `observe`/`execute` to the gateway and MLflow
+    stillhouse controller        # cli/rollout.py wires observe/execute to ControllerRuntime
 
 `run_controller` holds the single-instance lock for its whole life, resumes from the persisted
 state (a `kill -9` mid-ramp resumes at the same step, with the same step start time), first
 finishes whatever the previous process journaled but did not run, re-asserts the share and
-mirror its state says are set, and then ticks every `cfg.tick_s` seconds. See
-`controller_store` for why a crash at any point is safe.
+mirror its state says are set, and then ticks every `cfg.tick_s` seconds. Why a crash at any
+point is safe: `store` and docs/rollout.md (Crash safety).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from stillhouse.common.errors import StillhouseError
 from stillhouse.common.rollout_settings import ControllerSettings
 from stillhouse.rollout.controller.core import (
-    Action,
+    ControllerAction,
     ControllerState,
     Note,
     Observation,
@@ -37,7 +37,7 @@ def _stderr(msg: str) -> None:
 
 
 def describe(state: ControllerState, cfg: ControllerSettings) -> str:
-    """One line for logs and `stillhouse controller status`."""
+    """Where the controller stands, in one line for its log."""
     if state.version is None:
         return f"{state.phase} (no rollout under way)"
     started = datetime.fromtimestamp(state.step_started_at, UTC).strftime("%Y-%m-%d %H:%M:%S")
@@ -61,7 +61,7 @@ class _Failures:
         self.logged_at = 0.0
         self.repeats = 0
 
-    def report(self, doing: str, exc: Exception) -> None:
+    def failed(self, doing: str, exc: Exception) -> None:
         lines = str(exc).strip().splitlines()
         text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
         now = time.monotonic()
@@ -81,14 +81,16 @@ class _Failures:
         self.repeats = 0
 
 
-def _flush(store: ControllerStore, execute: Callable[[Action], None], failures: _Failures) -> bool:
+def _flush(
+    store: ControllerStore, execute: Callable[[ControllerAction], None], failures: _Failures
+) -> bool:
     """Run the journal's pending actions in order; stop at the first failure (a later action
     must not overtake an earlier one: an old share would win). True when none is left."""
     for row in store.pending():
         try:
             execute(row.to_action())
         except Exception as exc:
-            failures.report(f"{row.action} (decided at {row.ts:.0f})", exc)
+            failures.failed(f"{row.action} (decided at {row.ts:.0f})", exc)
             return False
         store.mark_done(row.id)
     return True
@@ -97,7 +99,7 @@ def _flush(store: ControllerStore, execute: Callable[[Action], None], failures: 
 def run_controller(
     store: ControllerStore,
     observe: Callable[[ControllerState], Observation],
-    execute: Callable[[Action], None],
+    execute: Callable[[ControllerAction], None],
     cfg: ControllerSettings,
     *,
     clock: Callable[[], float] = time.time,
@@ -147,7 +149,7 @@ def run_controller(
 def _tick(
     store: ControllerStore,
     observe: Callable[[ControllerState], Observation],
-    execute: Callable[[Action], None],
+    execute: Callable[[ControllerAction], None],
     cfg: ControllerSettings,
     state: ControllerState,
     failures: _Failures,
@@ -156,13 +158,13 @@ def _tick(
     try:
         obs = observe(state)
     except Exception as exc:
-        failures.report("observe", exc)
+        failures.failed("observe", exc)
         return state
     new, actions = decide(state, obs, cfg)
     if new == state and not actions:  # a quiet tick writes nothing
         failures.ok()
         return state
-    store.commit(new, actions, obs.now)  # before any side effect: see controller_store
+    store.commit(new, actions, obs.now)  # before any side effect: see `store`
     for action in actions:
         if isinstance(action, Note):
             log(action.line)

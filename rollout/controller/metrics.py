@@ -4,15 +4,10 @@
                               # (rollout.controller.metrics_host / metrics_port; port 0: off)
 
 Two collectors on one registry, both read at scrape time so nothing can go stale:
-- `RolloutCollector`: the phase, step and version under rollout from the controller's store,
-  promotions and rollbacks counted from its journal (so they survive restarts, as counters
-  must), and the last gate look this process made.
-- `JobFilesCollector`: the text files batch jobs write under `<state_dir>/metrics/`
-  (`stillhouse judge|ab|drift` and every re-distillation run). Batch jobs cannot be scraped
-  while they run, so the long-running controller serves their last results, like the node
-  exporter's textfile collector would. Families with the same name in several files are merged.
-
-Labels stay bounded: phase, gate, outcome; a version is a value, never a label.
+`RolloutCollector` (phase, step and version from the store; promotions and rollbacks counted
+from the journal, so they survive restarts; the last gate look) and `JobFilesCollector` (the
+`<state_dir>/metrics/*.prom` files of `stillhouse judge|ab|drift` and every re-distillation run,
+which cannot be scraped while they run). Labels stay bounded: phase, gate; a version is a value.
 """
 
 from __future__ import annotations
@@ -30,12 +25,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from stillhouse.common.errors import UsageError
 from stillhouse.common.rollout_settings import ControllerSettings
-from stillhouse.rollout.controller.core import ControllerState, GateResult, Observation, Phase
+from stillhouse.rollout.controller.core import ControllerState, GateLook, Observation, Phase
 from stillhouse.rollout.controller.store import ControllerStore
+from stillhouse.rollout.gate_status import GATE_NAMES
 
 log = logging.getLogger(__name__)
-
-GATES = ("not_worse", "win_or_tie", "divergence", "fallback", "latency", "srm")
 
 
 @dataclass(frozen=True)
@@ -52,7 +46,7 @@ def rollout_families(
     state: ControllerState,
     cfg: ControllerSettings,
     counts: DecisionCounts,
-    gates: GateResult | None,
+    gates: GateLook | None,
     last_tick_at: float | None,
 ) -> list[Metric]:
     """The rollout's metric families from plain data (pure; the collector does the reading)."""
@@ -108,7 +102,7 @@ def rollout_families(
             "The last gate look: 1 pass, 0 inconclusive, -1 fail.",
             labels=["gate"],
         )
-        for gate in GATES:
+        for gate in GATE_NAMES:
             value = gates.metrics.get(f"gate.{gate}.status")
             if value is not None:
                 status.add_metric([gate], value)
@@ -140,7 +134,7 @@ class RolloutCollector:
         self._load_last_gates = load_last_gates
         self._cfg = cfg
         self._lock = threading.Lock()
-        self._gates: GateResult | None = None
+        self._gates: GateLook | None = None
         self._last_tick_at: float | None = None
 
     def observed(self, obs: Observation) -> None:
@@ -154,7 +148,7 @@ class RolloutCollector:
             gates, tick = self._gates, self._last_tick_at
         if gates is None:  # no look by this process yet: the gates behind the last decision
             journaled = self._load_last_gates()
-            gates = GateResult("pass", journaled) if journaled else None
+            gates = GateLook("pass", journaled) if journaled else None
         state = self._load_state() or ControllerState()
         yield from rollout_families(state, self._cfg, self._load_counts(), gates, tick)
 
@@ -225,9 +219,11 @@ def controller_registry(
 ) -> tuple[RolloutCollector, CollectorRegistry]:
     """The controller's collectors on their own registry (no globals)."""
     collector = RolloutCollector(
-        store.load, lambda: counts_from_rows(store.executed_counts()), cfg,
+        store.load,
+        lambda: counts_from_rows(store.executed_counts()),
+        cfg,
         store.last_gate_metrics,
-    )  # fmt: skip
+    )
     registry = CollectorRegistry(auto_describe=True)
     registry.register(collector)
     registry.register(JobFilesCollector(metrics_dir))

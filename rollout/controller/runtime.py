@@ -1,14 +1,13 @@
 """The rollout controller's hands and eyes: what `observe` reads and what `execute` does.
 
-    stillhouse controller        # the loop (controller_loop.run_controller) with these two
+    stillhouse controller        # loop.run_controller with ControllerRuntime.observe / .execute
 
 `observe` reads the registry aliases and the challenger's calibration tags, counts the
-challenger's answers in the current step from the traffic log, and evaluates the gates
-(`gate_job.evaluate_step`: judge, divergence, A/B) when the step is due. `execute` changes
-traffic through the gateway's admin API (share, mirror), runs calibration against the engine the
-gateway started for the challenger, and records promotions and rollbacks in the registry and
-MLflow (`promotion`). Every failure is a `StillhouseError`; the loop logs it and tries again on
-the next tick, so a restarting gateway or registry never kills the controller.
+challenger's answers in the current step from the traffic log, and looks at the gates
+(`gate_check.evaluate_step`: judge, divergence, A/B) when the step is due. `execute` changes
+traffic through the gateway's admin API (share, mirror), calibrates against the engine the
+gateway started for the challenger, and records promotions and rollbacks (`rollout.promotion`).
+Every failure is a `StillhouseError`; the loop logs it and tries again on the next tick.
 """
 
 from __future__ import annotations
@@ -16,25 +15,31 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 
-from stillhouse.common.calibration_tags import CalibrationTags, read_calibration
+from stillhouse.common.calibration_tags import read_calibration
 from stillhouse.common.chat import Messages
 from stillhouse.common.config import Settings
 from stillhouse.common.errors import StillhouseError
+from stillhouse.common.formatting import percent
 from stillhouse.common.registry import RegistryClient, VersionInfo
+from stillhouse.common.roles import Alias, Role
 from stillhouse.common.tracking import RunTracker
 from stillhouse.common.traffic import MIRROR, TrafficLogError, TrafficLogReader
-from stillhouse.rollout.calibration.job import CalibrationError, calibrate_version
+from stillhouse.rollout.calibration.job import (
+    CalibrationError,
+    CalibrationOutcome,
+    calibrate_version,
+    uncertified_tags,
+)
+from stillhouse.rollout.calibration.prompts import calibration_prompts
 from stillhouse.rollout.controller.core import (
-    Action,
     Calibrate,
     Calibration,
+    ControllerAction,
     ControllerState,
-    GateResult,
+    GateLook,
     Note,
     Observation,
     Phase,
@@ -44,8 +49,13 @@ from stillhouse.rollout.controller.core import (
     SetShare,
     gates_due,
 )
-from stillhouse.rollout.gateway_admin import GatewayAdmin
-from stillhouse.rollout.promotion import controller_actor, promote, record_challenger_rollback
+from stillhouse.rollout.gateway_admin import GatewayAdmin, engine_entry
+from stillhouse.rollout.promotion import (
+    PromotionRecord,
+    controller_actor,
+    promote,
+    record_challenger_rollback,
+)
 
 # While a step stays inconclusive its gates are due on every tick; judging is the expensive
 # part, so a new look waits for this much more data (or `REEVALUATE_S`).
@@ -57,31 +67,6 @@ class ChallengerNotServing(StillhouseError):
     """The gateway has not (yet) started an engine for the challenger version."""
 
 
-def calibration_prompts(settings: Settings) -> tuple[list[Messages], list[Messages]]:
-    """Held-out prompts to calibrate on, and a fresh split to check the threshold on: the
-    configured prompt files (the first `holdout_size` of each), else the newest distinct
-    prompts of the traffic log, split alternately."""
-    cal = settings.rollout.calibration
-    n = cal.holdout_size
-    if cal.prompts_file is not None:
-        from stillhouse.rollout.distill.data import load_prompt_file
-
-        def chats(path: Path | None) -> list[Messages]:
-            return [] if path is None else [r.chat for r in load_prompt_file(path)[:n]]
-
-        return chats(cal.prompts_file), chats(cal.test_prompts_file)
-    from stillhouse.rollout.calibration.job import heldout_prompts_from_traffic
-
-    prompts = heldout_prompts_from_traffic(settings, 2 * n)
-    return prompts[0::2], prompts[1::2]
-
-
-def engine_of(engines: dict[str, Any], role: str) -> dict[str, Any] | None:
-    listed = engines.get("engines", engines)
-    entry = listed.get(role) if isinstance(listed, dict) else None
-    return entry if isinstance(entry, dict) else None
-
-
 @dataclass
 class ControllerRuntime:
     settings: Settings
@@ -90,6 +75,8 @@ class ControllerRuntime:
     log: Callable[[str], None]
     console: Console = field(default_factory=lambda: Console(quiet=True))
     clock: Callable[[], float] = time.time
+    # Where held-out prompts come from (the CLI may first fill in the demo's prompt files).
+    prompts: Callable[[Settings], tuple[list[Messages], list[Messages]]] = calibration_prompts
     _looked: tuple[int | None, float, int, float] | None = None  # version, step start, n, when
 
     @property
@@ -100,14 +87,14 @@ class ControllerRuntime:
 
     def observe(self, state: ControllerState) -> Observation:
         now = self.clock()
-        challenger = self.registry.get_alias("challenger")
-        champion = self.registry.get_alias("champion")
+        challenger = self.registry.get_alias(Alias.CHALLENGER)
+        champion = self.registry.get_alias(Alias.CHAMPION)
         calibration = None
         if state.phase == Phase.CALIBRATING and challenger is not None:
             calibration = self._calibration(challenger)
         samples = 0
         gates = None
-        if state.phase in (Phase.SHADOW, Phase.RAMP) and state.version is not None:
+        if state.phase in (Phase.MIRROR, Phase.RAMP) and state.version is not None:
             samples = self.count_samples(state)
             if gates_due(state, now, samples, self.settings.rollout.controller):
                 gates = self._gates(state, samples, now)
@@ -130,21 +117,22 @@ class ControllerRuntime:
         return None if found is None else Calibration(found.certified, found.threshold)
 
     def count_samples(self, state: ControllerState) -> int:
-        """The challenger's answers since the step began: mirrored ones in shadow (answers no
-        user saw), served ones in a ramp step."""
-        uri = f"models:/{self.settings.mlflow.registered_model}/{state.version}"
+        """The challenger's answers since the step began: mirrored ones in the mirror phase
+        (answers no user saw), served ones in a ramp step."""
+        assert state.version is not None
+        uri = self.registry.version_uri(state.version)
         try:
             with TrafficLogReader(self.settings.traffic_log_path) as reader:
-                records = reader.records(since=state.step_started_at, arm="challenger")
+                records = reader.records(since=state.step_started_at, arm=Role.CHALLENGER.value)
         except TrafficLogError:
             return 0  # no traffic logged yet
-        mirrored = state.phase == Phase.SHADOW
+        mirrored = state.phase == Phase.MIRROR
         return sum(
             r.status < 400 and (r.served_by == MIRROR) == mirrored and r.student_model == uri
             for r in records
         )
 
-    def _gates(self, state: ControllerState, samples: int, now: float) -> GateResult | None:
+    def _gates(self, state: ControllerState, samples: int, now: float) -> GateLook | None:
         key = (state.version, state.step_started_at)
         if self._looked is not None and self._looked[:2] == key:
             _, _, n, when = self._looked
@@ -153,7 +141,7 @@ class ControllerRuntime:
         from stillhouse.rollout.controller.gate_check import evaluate_step
 
         judge_url, judge_model = self._judge()
-        phase = "shadow" if state.phase == Phase.SHADOW else "ramp"
+        phase = "mirror" if state.phase == Phase.MIRROR else "ramp"
         evaluation = evaluate_step(
             self.settings,
             state.step_started_at,
@@ -162,22 +150,22 @@ class ControllerRuntime:
             phase=phase,
         )
         self._looked = (state.version, state.step_started_at, samples, now)
-        report = evaluation.report
-        self.log(f"gates ({phase}, {samples} answers): {report.summary_line()}")
-        return GateResult(report.status, report.as_metrics(), report.summary_line())
+        gates = evaluation.gates
+        self.log(f"gates ({phase}, {samples} answers): {gates.summary_line()}")
+        return GateLook(gates.status, gates.as_metrics(), gates.summary_line())
 
     def _judge(self) -> tuple[str, str]:
         judge = self.settings.evaluation.judge
         if judge.base_url is not None:
             return judge.base_url, judge.model
-        teacher = engine_of(self.admin.engines(), "teacher")
+        teacher = engine_entry(self.admin.engines(), Role.TEACHER)
         if teacher is None:
             raise StillhouseError("the gateway lists no teacher engine to judge with")
         return str(teacher["base_url"]), str(teacher["served_name"])
 
     # -- execute -------------------------------------------------------------------------------
 
-    def execute(self, action: Action) -> None:
+    def execute(self, action: ControllerAction) -> None:
         if isinstance(action, SetShare):
             self.admin.set_ab(share=action.share, actor="controller")
         elif isinstance(action, SetMirror):
@@ -185,88 +173,79 @@ class ControllerRuntime:
         elif isinstance(action, Calibrate):
             self.calibrate(action.version)
         elif isinstance(action, Promote):
-            record = promote(
-                self.registry, self.tracker, action.version,
-                actor=controller_actor(action.step), reason=action.reason,
-                metrics=dict(action.metrics), at=action.at,
-            )  # fmt: skip
-            self.log(record.summary_line())
+            self.log(self._record(promote, action).summary_line())
             self.admin.refresh()  # the gateway swaps the champion now, not at its next poll
         elif isinstance(action, RollBack):
-            record = record_challenger_rollback(
-                self.registry, self.tracker, action.version,
-                actor=controller_actor(action.step), reason=action.reason,
-                metrics=dict(action.metrics), at=action.at,
-            )  # fmt: skip
-            self.log(record.summary_line())
+            self.log(self._record(record_challenger_rollback, action).summary_line())
         elif isinstance(action, Note):
             self.log(action.line)
 
+    def _record(
+        self, record: Callable[..., PromotionRecord], action: Promote | RollBack
+    ) -> PromotionRecord:
+        """Record a promotion or a challenger rollback in the registry and MLflow, as decided."""
+        return record(
+            self.registry,
+            self.tracker,
+            action.version,
+            actor=controller_actor(action.step),
+            reason=action.reason,
+            metrics=dict(action.metrics),
+            at=action.at,
+        )
+
     def calibrate(self, version: int) -> None:
         """Calibrate `version` on the engine the gateway serves it with (it must be up)."""
-        info = self.registry.resolve(f"models:/{self.settings.mlflow.registered_model}/{version}")
+        info = self.registry.resolve_version(version)
         found, _ = read_calibration(info.tags, self.settings.gateway.confidence)
         if found is not None:
             self.log(f"version {version} is already calibrated (threshold {found.threshold:.4f})")
             return
         engines = self.admin.engines()
-        challenger, teacher = engine_of(engines, "challenger"), engine_of(engines, "teacher")
+        challenger = engine_entry(engines, Role.CHALLENGER)
+        teacher = engine_entry(engines, Role.TEACHER)
         if challenger is None or challenger.get("model") != info.uri or teacher is None:
             self.admin.refresh()
             raise ChallengerNotServing(
                 f"waiting for the gateway to serve version {version} as the challenger"
             )
-        prompts, test_prompts = calibration_prompts(self.settings)
+        prompts, test_prompts = self.prompts(self.settings)
         self.log(f"calibrating version {version} on {len(prompts)} held-out prompts")
         try:
             outcome = calibrate_version(
-                self.settings, version,
+                self.settings,
+                version,
                 student_url=str(challenger["base_url"]),
                 student_name=str(challenger["served_name"]),
                 teacher_url=str(teacher["base_url"]),
                 teacher_name=str(teacher["served_name"]),
-                prompts=prompts, test_prompts=test_prompts, console=self.console,
-            )  # fmt: skip
+                prompts=prompts,
+                test_prompts=test_prompts,
+                console=self.console,
+            )
         except CalibrationError as exc:
             # Retrying cannot help (nothing could be labelled): record it as uncertified so
             # the controller rolls the version back instead of blocking on it forever.
             self.registry.set_version_tags(version, uncertified_tags(self.settings, str(exc)))
             self.log(f"calibration of version {version} failed: {exc}")
             return
-        result = outcome.result
-        fresh = ""
-        if outcome.test_share is not None and outcome.test_risk is not None:
-            fresh = (f"; on {outcome.test_n} fresh prompts: share {outcome.test_share:.0%}, "
-                     f"unacceptable {outcome.test_risk:.3f}")  # fmt: skip
-        self.log(
-            f"version {version} calibrated on {result.n} prompts: threshold "
-            f"{result.threshold:.4f}, certified {str(result.certified).lower()}, student share "
-            f"{result.student_share:.0%}, unacceptable {result.risk_hat:.3f} (≤ "
-            f"{result.risk_upper:.3f} at 1−δ; ε {result.epsilon:g}), APGR "
-            f"{outcome.apgr.router:.3f}{fresh}"
-        )
+        self.log(calibrated_line(outcome))
         self.admin.refresh()  # the gateway picks the new threshold up now
 
 
-def uncertified_tags(settings: Settings, reason: str) -> dict[str, str]:
-    """The tags of a calibration that could label nothing: uncertified, with the reason."""
-    from datetime import UTC, datetime
-
-    from stillhouse.common.calibration_tags import CALIBRATION_TAG_PREFIX
-
-    conf, cal = settings.gateway.confidence, settings.rollout.calibration
-    tags = CalibrationTags(
-        threshold=0.0,
-        certified=False,
-        signal=conf.signal,
-        hold_tokens=conf.hold_tokens,
-        quantile=conf.quantile,
-        top_k=conf.top_k,
-        epsilon=cal.epsilon,
-        delta=cal.delta,
-        risk=cal.risk,
-        n=0,
-        student_share=0.0,
-        calibrated_at=datetime.now(UTC).isoformat(),
-    ).to_tags()
-    return {**tags, CALIBRATION_TAG_PREFIX + "error": reason[:500]}
+def calibrated_line(outcome: CalibrationOutcome) -> str:
+    """The log line of a finished calibration: the threshold and the numbers behind it."""
+    result = outcome.result
+    fresh = ""
+    if outcome.test_share is not None and outcome.test_risk is not None:
+        fresh = (
+            f"; on {outcome.test_n} fresh prompts: share {percent(outcome.test_share, 0)}, "
+            f"unacceptable {outcome.test_risk:.3f}"
+        )
+    return (
+        f"version {outcome.version} calibrated on {result.n} prompts: threshold "
+        f"{result.threshold:.4f}, certified {str(result.certified).lower()}, student share "
+        f"{percent(result.student_share, 0)}, unacceptable {result.risk_hat:.3f} (≤ "
+        f"{result.risk_upper:.3f} at 1−δ; ε {result.epsilon:g}), APGR "
+        f"{outcome.apgr.router:.3f}{fresh}"
+    )

@@ -1,16 +1,14 @@
 """The rollout controller's durable state: `<controller_dir>/controller.db` (SQLite, WAL) and the
 single-instance lock `<controller_dir>/lock`.
 
-Crash consistency is write-ahead: a decision's new state and one journal row per action are
-committed in one transaction *before* any action runs, each executable row marked pending; a
-row is marked done once its action ran. So a `kill -9` anywhere leaves either the old state and
-no rows, or the new state with its actions pending. A restarted controller re-executes the
-pending rows in order (every action is idempotent: shares and mirrors are absolute values,
-promotion checks the alias and a completion tag, a challenger rollback record its decision
-time), then re-asserts the share and mirror of its state (`controller.actions_to_restore`),
-which also repairs a gateway that restarted with its default share. Notes are journaled done.
-The `decisions` table doubles as the audit log: ts, version, phase, step, action, reason,
-metrics.
+    store = ControllerStore.open(settings.controller_dir)
+    store.commit(new_state, actions, now)     # one transaction, before any action runs
+    store.pending(); store.mark_done(row_id); store.decisions(version)
+
+Write-ahead: a `kill -9` anywhere leaves either the old state and no journal rows, or the new
+state with its actions pending, which a restarted controller runs again in order (every action
+is idempotent). The `decisions` table doubles as the audit log. The full argument:
+docs/rollout.md (Crash safety).
 """
 
 from __future__ import annotations
@@ -26,7 +24,7 @@ from typing import Any
 from stillhouse.common.errors import StillhouseError
 from stillhouse.common.instance_lock import instance_lock
 from stillhouse.rollout.controller.core import (
-    Action,
+    ControllerAction,
     ControllerState,
     Note,
     Promote,
@@ -85,11 +83,11 @@ class DecisionRow:
     payload: dict[str, Any] = field(hash=False)
     done: bool
 
-    def to_action(self) -> Action:
+    def to_action(self) -> ControllerAction:
         return action_from_dict(self.payload)
 
 
-def _row_reason(action: Action, default: str) -> str:
+def _row_reason(action: ControllerAction, default: str) -> str:
     if isinstance(action, Promote | RollBack):
         return action.reason
     if isinstance(action, Note):
@@ -97,7 +95,7 @@ def _row_reason(action: Action, default: str) -> str:
     return default
 
 
-def _row_metrics(action: Action) -> dict[str, float]:
+def _row_metrics(action: ControllerAction) -> dict[str, float]:
     if isinstance(action, Promote | RollBack):
         return {str(k): float(v) for k, v in action.metrics.items()}
     if isinstance(action, SetShare):
@@ -114,7 +112,7 @@ class ControllerStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
-            # WAL: a reader (`stillhouse controller status`) never blocks the controller.
+            # WAL: a reader (the metrics endpoint, the demo) never blocks the controller.
             db.execute("PRAGMA journal_mode=WAL")
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version not in (0, _SCHEMA_VERSION):
@@ -162,7 +160,11 @@ class ControllerStore:
             ) from None
 
     def commit(
-        self, state: ControllerState, actions: Sequence[Action], ts: float, reason: str = ""
+        self,
+        state: ControllerState,
+        actions: Sequence[ControllerAction],
+        ts: float,
+        reason: str = "",
     ) -> None:
         """Write `state` and journal `actions` in one transaction, every action but notes
         pending. `reason` labels the share/mirror rows (default: the state's reason)."""

@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import math
-import sqlite3
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,10 +21,8 @@ from rich.console import Console
 from stillhouse.common.calibration_tags import CALIBRATION_TAG_PREFIX as P
 from stillhouse.common.calibration_tags import read_calibration
 from stillhouse.common.config import ConfidenceSettings, Settings
-from stillhouse.common.errors import UsageError
 from stillhouse.common.prompts import triage_answer, triage_user_message
 from stillhouse.common.registry import RegistryClient, RegistryError
-from stillhouse.common.traffic import INSERT_SQL, TrafficRecord, create_schema, to_row
 from stillhouse.rollout.calibration import job
 from stillhouse.rollout.calibration.ltt import evaluate_threshold, ltt_threshold
 from stillhouse.serving.gateway.confidence import TokenLogprobs
@@ -75,17 +70,33 @@ class Engine:
         if body.get("logprobs") and i != NO_LOGPROBS:
             lps = [logprob_of(i)] * HOLD + [TAIL_LOGPROB] * 4
             k = body.get("top_logprobs") or 0
-            logprobs = {"content": [
-                {"token": f"t{j}", "logprob": lp, "bytes": [],
-                 "top_logprobs": [{"token": f"u{m}", "logprob": lp - m, "bytes": []}
-                                  for m in range(k)]}
-                for j, lp in enumerate(lps)
-            ]}  # fmt: skip
-        choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "logprobs": logprobs, "finish_reason": "stop"}  # fmt: skip
+            logprobs = {
+                "content": [
+                    {
+                        "token": f"t{j}",
+                        "logprob": lp,
+                        "bytes": [],
+                        "top_logprobs": [
+                            {"token": f"u{m}", "logprob": lp - m, "bytes": []} for m in range(k)
+                        ],
+                    }
+                    for j, lp in enumerate(lps)
+                ]
+            }
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": logprobs,
+            "finish_reason": "stop",
+        }
         usage = {"prompt_tokens": 3, "completion_tokens": 12}
-        return {"id": "c", "object": "chat.completion", "model": self.served_name,
-                "choices": [choice], "usage": usage}  # fmt: skip
+        return {
+            "id": "c",
+            "object": "chat.completion",
+            "model": self.served_name,
+            "choices": [choice],
+            "usage": usage,
+        }
 
     def app(self) -> web.Application:
         async def chat(request: web.Request) -> web.Response:
@@ -140,21 +151,35 @@ def world(tmp_path_factory):
                 run_id = mlflow.create_run(experiment).info.run_id
                 registry.register_version(run_id, model, {"n": str(n)}, alias=None)
             yield World(
-                state, student, teacher, loop.serve(student.app()) + "/v1",
-                loop.serve(teacher.app()) + "/v1", serve_judge(loop, FakeJudge()), registry,
-            )  # fmt: skip
+                state,
+                student,
+                teacher,
+                loop.serve(student.app()) + "/v1",
+                loop.serve(teacher.app()) + "/v1",
+                serve_judge(loop, FakeJudge()),
+                registry,
+            )
     finally:
         loop.close()
 
 
 def make_settings(state: Any, judge_url: str | None, **calibration: Any) -> Settings:
-    return Settings.model_validate({
-        "state_dir": str(state),
-        "gateway": {"confidence": {"hold_tokens": HOLD, "top_k": 3}},
-        "evaluation": {"judge": {"base_url": judge_url}},
-        "rollout": {"calibration": {"epsilon": 0.1, "delta": 0.1, "max_tokens": 32,
-                                    "concurrency": 4, **calibration}},
-    })  # fmt: skip
+    return Settings.model_validate(
+        {
+            "state_dir": str(state),
+            "gateway": {"confidence": {"hold_tokens": HOLD, "top_k": 3}},
+            "evaluation": {"judge": {"base_url": judge_url}},
+            "rollout": {
+                "calibration": {
+                    "epsilon": 0.1,
+                    "delta": 0.1,
+                    "max_tokens": 32,
+                    "concurrency": 4,
+                    **calibration,
+                }
+            },
+        }
+    )
 
 
 def expected_labels(start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -166,11 +191,15 @@ def expected_labels(start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def run(w: World, settings: Settings, version: int, test: bool, **kw: Any) -> Any:
-    args = dict(student_url=w.student_url, student_name="student-v1",
-                teacher_url=w.teacher_url, teacher_name="teacher",
-                prompts=[messages(f"ticket {i}") for i in range(N_CAL)],
-                test_prompts=[messages(f"fresh {i}") for i in range(40, 80)] if test else None,
-                console=Console(file=io.StringIO(), width=200, record=True))  # fmt: skip
+    args = dict(
+        student_url=w.student_url,
+        student_name="student-v1",
+        teacher_url=w.teacher_url,
+        teacher_name="teacher",
+        prompts=[messages(f"ticket {i}") for i in range(N_CAL)],
+        test_prompts=[messages(f"fresh {i}") for i in range(40, 80)] if test else None,
+        console=Console(file=io.StringIO(), width=200, record=True),
+    )
     args.update(kw)
     return job.calibrate_version(settings, version, **args)
 
@@ -226,9 +255,23 @@ def test_the_fresh_split_reports_share_and_risk_at_the_chosen_threshold(matched)
 def test_the_version_is_tagged_and_the_gateway_can_read_it_back(matched, world):
     settings, outcome = matched
     tags = world.registry.resolve("1").tags
-    for key in ("threshold", "certified", "epsilon", "delta", "risk", "signal", "hold_tokens",
-                "n", "student_share", "risk_hat", "risk_upper", "apgr", "calibrated_at",
-                "test_share", "test_risk"):  # fmt: skip
+    for key in (
+        "threshold",
+        "certified",
+        "epsilon",
+        "delta",
+        "risk",
+        "signal",
+        "hold_tokens",
+        "n",
+        "student_share",
+        "risk_hat",
+        "risk_upper",
+        "apgr",
+        "calibrated_at",
+        "test_share",
+        "test_risk",
+    ):
         assert P + key in tags
     assert tags[P + "certified"] == "true"
     cal, reason = read_calibration(tags, settings.gateway.confidence)
@@ -289,8 +332,14 @@ def test_a_missing_version_fails_before_any_engine_is_asked(world):
 def test_a_student_that_answers_nothing_is_one_clear_error_and_tags_nothing(world):
     settings = make_settings(world.state, None)
     with pytest.raises(job.CalibrationError) as err:
-        run(world, settings, 3, test=False, student_name="no-such-model",
-            prompts=[messages("ticket 1"), messages("ticket 2")])  # fmt: skip
+        run(
+            world,
+            settings,
+            3,
+            test=False,
+            student_name="no-such-model",
+            prompts=[messages("ticket 1"), messages("ticket 2")],
+        )
     assert "no answer could be labelled" in str(err.value) and "404" in str(err.value)
     assert "\n" not in str(err.value)
     assert not any(k.startswith(P) for k in world.registry.resolve("3").tags)
@@ -332,50 +381,3 @@ def test_judge_question_is_the_ticket_for_the_demo_template_else_the_last_user_m
 
 
 # ---- held-out prompts from the traffic log ----------------------------------------------------
-
-
-def _record(i: int, ts: float, prompt: str | None, **kw: Any) -> TrafficRecord:
-    fields = dict(request_id=f"r{i}", ts=ts, endpoint="chat", arm="champion",
-                  served_by="champion", status=200, latency_s=0.1, prompt=prompt)  # fmt: skip
-    fields.update(kw)
-    return TrafficRecord(**fields)  # type: ignore[arg-type]
-
-
-def test_heldout_prompts_are_the_newest_distinct_chat_prompts(tmp_path):
-    settings = Settings.model_validate({"state_dir": str(tmp_path)})
-    now = time.time()
-    p = [json.dumps(messages(f"ticket {i}")) for i in range(6)]
-    items = [
-        _record(0, now - 5 * 3600, p[0]),  # five hours back: found only by widening
-        _record(1, now - 60, p[1]),
-        _record(2, now - 50, p[2]),
-        _record(3, now - 40, p[1]),  # a repeat of p1, newer
-        _record(4, now - 30, p[3], endpoint="completions"),
-        _record(5, now - 20, None),  # prompts not logged
-        _record(6, now - 10, p[4], status=500),
-        _record(7, now - 5, json.dumps("just a string")),
-    ]  # fmt: skip
-    conn = sqlite3.connect(settings.traffic_log_path)
-    create_schema(conn)
-    with conn:
-        for item in items:
-            conn.execute(INSERT_SQL[type(item)], to_row(item))
-    conn.close()
-    assert job.heldout_prompts_from_traffic(settings, 2) == [messages("ticket 1"),
-                                                            messages("ticket 2")]  # fmt: skip
-    everything = job.heldout_prompts_from_traffic(settings, 10)
-    assert everything == [messages("ticket 1"), messages("ticket 2"), messages("ticket 0")]
-
-
-def test_heldout_prompts_without_a_log_or_without_prompts_is_a_usage_error(tmp_path):
-    settings = Settings.model_validate({"state_dir": str(tmp_path)})
-    with pytest.raises(UsageError, match="no traffic log"):
-        job.heldout_prompts_from_traffic(settings, 5)
-    conn = sqlite3.connect(settings.traffic_log_path)
-    create_schema(conn)
-    with conn:
-        item = _record(0, time.time(), None)
-        conn.execute(INSERT_SQL[type(item)], to_row(item))
-    conn.close()
-    with pytest.raises(UsageError, match="log_prompts"):
-        job.heldout_prompts_from_traffic(settings, 5)

@@ -309,11 +309,11 @@ def test_hand_worked_curve_and_apgr():
     np.testing.assert_allclose(curve.router, [1, 1, 0.75, 0.75, 0.5])
     np.testing.assert_allclose(curve.oracle, [1, 1, 1, 0.75, 0.5])
     np.testing.assert_allclose(curve.random, [1, 0.875, 0.75, 0.625, 0.5])
-    report = apgr(curve)
+    measured = apgr(curve)
     # PGR router [1, 1, .5, .5, 0] -> 0.625; oracle [1, 1, 1, .5, 0] -> 0.75 (trapezoids).
-    assert (report.router, report.random, report.oracle) == pytest.approx((0.625, 0.5, 0.75))
-    assert report.gain_over_random == pytest.approx(0.5)
-    assert report.note is None
+    assert (measured.router, measured.random, measured.oracle) == pytest.approx((0.625, 0.5, 0.75))
+    assert measured.gain_over_random == pytest.approx(0.5)
+    assert measured.note is None
 
 
 def _world(n: int, seed: int, link: float) -> tuple[np.ndarray, np.ndarray]:
@@ -326,9 +326,9 @@ def _world(n: int, seed: int, link: float) -> tuple[np.ndarray, np.ndarray]:
 def test_random_routing_scores_half_and_the_oracle_bounds_every_router():
     scores, quality = _world(2000, 0, 2.0)
     curve = routing_curve(scores, quality)
-    report = apgr(curve)
-    assert report.random == pytest.approx(0.5, abs=1e-12)
-    assert report.oracle >= report.router > 0.55
+    measured = apgr(curve)
+    assert measured.random == pytest.approx(0.5, abs=1e-12)
+    assert measured.oracle >= measured.router > 0.55
     assert np.all(curve.oracle >= curve.router - 1e-12)
     assert np.all(curve.oracle >= curve.random - 1e-12)
     backwards = apgr(routing_curve(-scores, quality))
@@ -338,15 +338,15 @@ def test_random_routing_scores_half_and_the_oracle_bounds_every_router():
 def test_scores_unrelated_to_quality_give_apgr_near_one_half():
     rng = np.random.default_rng(7)
     quality = (rng.random(20_000) < 0.7).astype(float)
-    report = apgr(routing_curve(rng.normal(size=20_000), quality))
-    assert report.router == pytest.approx(0.5, abs=0.02)
-    assert abs(report.gain_over_random) < 0.05
+    measured = apgr(routing_curve(rng.normal(size=20_000), quality))
+    assert measured.router == pytest.approx(0.5, abs=0.02)
+    assert abs(measured.gain_over_random) < 0.05
 
 
 def test_tied_scores_route_like_random():
     _, quality = _world(500, 1, 2.0)
-    report = apgr(routing_curve(np.zeros(500), quality))
-    assert report.router == pytest.approx(0.5, abs=1e-9)
+    measured = apgr(routing_curve(np.zeros(500), quality))
+    assert measured.router == pytest.approx(0.5, abs=1e-9)
 
 
 def test_a_perfect_router_is_the_oracle():
@@ -354,9 +354,9 @@ def test_a_perfect_router_is_the_oracle():
     perfect = quality + 0.01 * scores  # every acceptable answer above every unacceptable one
     curve = routing_curve(perfect, quality)
     np.testing.assert_allclose(curve.router, curve.oracle)
-    report = apgr(curve)
-    assert report.router == pytest.approx(report.oracle)
-    assert report.gain_over_random == pytest.approx(1.0)
+    measured = apgr(curve)
+    assert measured.router == pytest.approx(measured.oracle)
+    assert measured.gain_over_random == pytest.approx(1.0)
 
 
 def test_the_oracle_first_takes_items_where_the_student_is_at_least_as_good_as_the_teacher():
@@ -368,17 +368,17 @@ def test_the_oracle_first_takes_items_where_the_student_is_at_least_as_good_as_t
 def test_equal_student_and_teacher_quality_gives_nan_with_a_note_and_no_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        report = apgr(routing_curve(np.linspace(-1, 0, 50), np.ones(50)))
-    assert math.isnan(report.router) and math.isnan(report.oracle)
-    assert math.isnan(report.gain_over_random)
-    assert report.note is not None and "equal" in report.note
+        measured = apgr(routing_curve(np.linspace(-1, 0, 50), np.ones(50)))
+    assert math.isnan(measured.router) and math.isnan(measured.oracle)
+    assert math.isnan(measured.gain_over_random)
+    assert measured.note is not None and "equal" in measured.note
 
 
 def test_an_oracle_no_better_than_random_leaves_the_normalised_gain_undefined():
     # Every item loses the same to the teacher: all orderings are one straight line.
-    report = apgr(routing_curve(np.linspace(-1, 0, 20), np.full(20, 0.5)))
-    assert report.router == pytest.approx(0.5) and report.oracle == pytest.approx(0.5)
-    assert math.isnan(report.gain_over_random) and report.note is not None
+    measured = apgr(routing_curve(np.linspace(-1, 0, 20), np.full(20, 0.5)))
+    assert measured.router == pytest.approx(0.5) and measured.oracle == pytest.approx(0.5)
+    assert math.isnan(measured.gain_over_random) and measured.note is not None
 
 
 def test_curve_rows_hold_every_grid_point():

@@ -14,8 +14,12 @@ from stillhouse.common.calibration_tags import (
 from stillhouse.common.config import ConfidenceSettings
 
 P = CALIBRATION_TAG_PREFIX
-FIT = {P + "threshold": "-0.42", P + "certified": "true", P + "signal": "mean_logprob",
-       P + "hold_tokens": "8"}  # fmt: skip
+FIT = {
+    P + "threshold": "-0.42",
+    P + "certified": "true",
+    P + "signal": "mean_logprob",
+    P + "hold_tokens": "8",
+}
 
 
 @pytest.mark.parametrize(
@@ -86,11 +90,23 @@ def test_written_tags_read_back_as_the_same_calibration():
 
 
 def _tags(**overrides: str) -> dict[str, str]:
-    base = {"threshold": "-0.3125", "certified": "true", "epsilon": "0.1", "delta": "0.1",
-            "risk": "served", "signal": "mean_logprob", "hold_tokens": "8", "quantile": "0.1",
-            "top_k": "5", "n": "400", "student_share": "0.6", "risk_hat": "0.05",
-            "risk_upper": "0.09", "apgr": "0.7",
-            "calibrated_at": "2026-01-01T00:00:00+00:00"}  # fmt: skip
+    base = {
+        "threshold": "-0.3125",
+        "certified": "true",
+        "epsilon": "0.1",
+        "delta": "0.1",
+        "risk": "served",
+        "signal": "mean_logprob",
+        "hold_tokens": "8",
+        "quantile": "0.1",
+        "top_k": "5",
+        "n": "400",
+        "student_share": "0.6",
+        "risk_hat": "0.05",
+        "risk_upper": "0.09",
+        "apgr": "0.7",
+        "calibrated_at": "2026-01-01T00:00:00+00:00",
+    }
     base.update(overrides)
     return {"other": "x", **{P + k: v for k, v in base.items()}}
 

@@ -4,20 +4,23 @@ written whole or not at all, the journal, pending actions) and the single-instan
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
+from stillhouse.common.config import load_settings
 from stillhouse.common.errors import StillhouseError
 from stillhouse.common.rollout_settings import ControllerSettings
 from stillhouse.rollout.controller.core import (
-    Action,
     Calibrate,
     Calibration,
+    ControllerAction,
     ControllerState,
-    GateResult,
+    GateLook,
     Note,
     Observation,
     Phase,
@@ -40,8 +43,8 @@ from stillhouse.rollout.controller.store import (
 
 CFG = ControllerSettings(
     steps=(0.01, 0.05, 0.25, 0.5),
-    shadow_mirror_share=1.0,
-    shadow_min_samples=100,
+    mirror_share=1.0,
+    mirror_min_samples=100,
     min_step_samples=200,
     min_step_s=600.0,
     max_inconclusive_s=3600.0,
@@ -49,14 +52,14 @@ CFG = ControllerSettings(
 T0 = 1_000_000.0
 DUE = T0 + 700.0  # past min_step_s
 GATE_NUMBERS = {"win_or_tie": 0.62, "noninferiority_lower": -0.21}
-PASS = GateResult("pass", {"win_or_tie": 0.91}, "win-or-tie 0.91 ≥ 0.80")
-FAIL = GateResult("fail", GATE_NUMBERS, "win-or-tie 0.62 < 0.80")
-INCONCLUSIVE = GateResult("inconclusive", {"win_or_tie": 0.8}, "interval spans the margin")
+PASS = GateLook("pass", {"win_or_tie": 0.91}, "win-or-tie 0.91 ≥ 0.80")
+FAIL = GateLook("fail", GATE_NUMBERS, "win-or-tie 0.62 < 0.80")
+INCONCLUSIVE = GateLook("inconclusive", {"win_or_tie": 0.8}, "interval spans the margin")
 CERTIFIED = Calibration(True, 0.42)
 
 IDLE = ControllerState()
 CAL = ControllerState(Phase.CALIBRATING, 7, step_started_at=T0)
-SHADOW = ControllerState(Phase.SHADOW, 7, step_started_at=T0, mirror=1.0)
+MIRROR = ControllerState(Phase.MIRROR, 7, step_started_at=T0, mirror=1.0)
 RAMP1 = ControllerState(Phase.RAMP, 7, 0, T0, share=0.01)
 RAMP2 = ControllerState(Phase.RAMP, 7, 1, T0, share=0.05)
 RAMP2_HELD = replace(RAMP2, inconclusive_since=T0 + 700.0)
@@ -72,91 +75,201 @@ def obs(
     *,
     cal: Calibration | None = None,
     samples: int = 500,
-    gates: GateResult | None = None,
+    gates: GateLook | None = None,
 ) -> Observation:
     return Observation(now, ch, 3, cal, samples, gates)
 
 
-def shape(actions: list[Action]) -> list[tuple]:
-    """Actions without notes, as comparable tuples (reasons are checked separately)."""
-    out: list[tuple] = []
+def shape(actions: list[ControllerAction]) -> list[str]:
+    """Actions without notes, as short comparable strings (reasons are checked separately)."""
+    out: list[str] = []
     for a in actions:
-        if isinstance(a, SetShare | SetMirror):
-            out.append((a.kind, a.share))
+        if isinstance(a, SetShare):
+            out.append(f"share {a.share:g}")
+        elif isinstance(a, SetMirror):
+            out.append(f"mirror {a.share:g}")
         elif isinstance(a, Calibrate):
-            out.append((a.kind, a.version))
+            out.append(f"calibrate v{a.version}")
         elif isinstance(a, Promote | RollBack):
-            out.append((a.kind, a.version, a.step))
+            out.append(f"{a.kind} v{a.version} at {a.step}")
     return out
 
 
-OFF = [("set_share", 0.0), ("set_mirror", 0.0)]
+OFF = ["share 0", "mirror 0"]
 
-# (id, state, observation, phase, version, step, shares (share, mirror), actions, reason part)
+
+def row(
+    case: str,
+    state: ControllerState,
+    observation: Observation,
+    expected: tuple[Phase, int | None, int, float, float],
+    actions: list[str],
+    reason: str = "",
+) -> Any:
+    """One transition: from `state`, seeing `observation`, the controller ends in `expected`
+    (phase, version, step, share, mirror), doing `actions`, its reason containing `reason`."""
+    return pytest.param(state, observation, expected, actions, reason, id=case)
+
+
 TRANSITIONS = [
-    ("idle-no-challenger", IDLE, obs(ch=None), Phase.IDLE, None, 0, (0, 0), [], ""),
-    ("idle-new-challenger", IDLE, obs(), Phase.CALIBRATING, 7, 0, (0, 0), [("calibrate", 7)],
-     "new challenger v7"),
-    ("decided-not-retried", ROLLED, obs(), Phase.ROLLED_BACK, 7, 1, (0, 0), [], ""),
-    ("promoted-alias-gone", PROMOTED, obs(ch=None), Phase.PROMOTED, 7, 3, (0, 0), [], ""),
-    ("after-rollback-new-version", ROLLED, obs(ch=8), Phase.CALIBRATING, 8, 0, (0, 0),
-     [("calibrate", 8)], "new challenger v8"),
-    ("calibration-pending", CAL, obs(), Phase.CALIBRATING, 7, 0, (0, 0), [], ""),
-    ("calibration-certified", CAL, obs(cal=CERTIFIED), Phase.SHADOW, 7, 0, (0, 1.0),
-     [("set_share", 0.0), ("set_mirror", 1.0)], "threshold 0.42"),
-    ("calibration-not-certified", CAL, obs(cal=Calibration(False)), Phase.ROLLED_BACK, 7, 0,
-     (0, 0), [*OFF, ("rollback", 7, "calibration")], "certified no student share within ε"),
-    ("shadow-too-few-samples", SHADOW, obs(samples=99, gates=PASS), Phase.SHADOW, 7, 0, (0, 1),
-     [], ""),
-    ("shadow-too-soon", SHADOW, obs(T0 + 599, gates=PASS), Phase.SHADOW, 7, 0, (0, 1), [], ""),
-    ("shadow-due-not-evaluated", SHADOW, obs(), Phase.SHADOW, 7, 0, (0, 1), [], ""),
-    ("shadow-pass", SHADOW, obs(samples=100, gates=PASS), Phase.RAMP, 7, 0, (0.01, 0),
-     [("set_mirror", 0.0), ("set_share", 0.01)], "shadow passed after 100 samples"),
-    ("shadow-fail", SHADOW, obs(gates=FAIL), Phase.ROLLED_BACK, 7, 0, (0, 0),
-     [*OFF, ("rollback", 7, "shadow")], "gates failed at shadow after 500 samples"),
-    ("ramp-too-few-samples", RAMP1, obs(samples=199, gates=FAIL), Phase.RAMP, 7, 0, (0.01, 0),
-     [], ""),
-    ("ramp1-pass", RAMP1, obs(gates=PASS), Phase.RAMP, 7, 1, (0.05, 0),
-     [("set_mirror", 0.0), ("set_share", 0.05)], "ramp-1/4 passed"),
-    ("ramp1-fail", RAMP1, obs(gates=FAIL), Phase.ROLLED_BACK, 7, 0, (0, 0),
-     [*OFF, ("rollback", 7, "ramp-1/4")], "gates failed at ramp-1/4 after 500 samples"),
-    ("ramp-inconclusive-first", RAMP2, obs(gates=INCONCLUSIVE), Phase.RAMP, 7, 1, (0.05, 0),
-     [], ""),
-    ("ramp-inconclusive-holding", RAMP2_HELD, obs(T0 + 4299, gates=INCONCLUSIVE), Phase.RAMP,
-     7, 1, (0.05, 0), [], ""),
-    ("ramp-inconclusive-too-long", RAMP2_HELD, obs(T0 + 4300, gates=INCONCLUSIVE),
-     Phase.ROLLED_BACK, 7, 1, (0, 0), [*OFF, ("rollback", 7, "ramp-2/4")],
-     "inconclusive at ramp-2/4 for 3600 s"),
-    ("held-then-pass", RAMP2_HELD, obs(gates=PASS), Phase.RAMP, 7, 2, (0.25, 0),
-     [("set_mirror", 0.0), ("set_share", 0.25)], "ramp-2/4 passed"),
-    ("last-step-pass", RAMP4, obs(gates=PASS), Phase.PROMOTED, 7, 3, (0, 0),
-     [*OFF, ("promote", 7, "ramp-4/4")], "ramp-4/4 passed"),
-    ("step-beyond-shortened-steps", RAMP_BEYOND, obs(gates=PASS), Phase.PROMOTED, 7, 5, (0, 0),
-     [*OFF, ("promote", 7, "ramp-6/4")], "passed"),
-    ("superseded-mid-ramp", RAMP2, obs(ch=8), Phase.CALIBRATING, 8, 0, (0, 0),
-     [*OFF, ("rollback", 7, "ramp-2/4"), ("calibrate", 8)], "new challenger v8"),
-    ("alias-removed-mid-ramp", RAMP2, obs(ch=None), Phase.IDLE, None, 0, (0, 0), OFF,
-     "alias removed from v7 during ramp-2/4"),
-    ("alias-removed-calibrating", CAL, obs(ch=None), Phase.IDLE, None, 0, (0, 0), OFF,
-     "during calibration"),
-]  # fmt: skip
+    row("idle-no-challenger", IDLE, obs(ch=None), (Phase.IDLE, None, 0, 0, 0), []),
+    row(
+        "idle-new-challenger",
+        IDLE,
+        obs(),
+        (Phase.CALIBRATING, 7, 0, 0, 0),
+        ["calibrate v7"],
+        "new challenger v7",
+    ),
+    row("decided-not-retried", ROLLED, obs(), (Phase.ROLLED_BACK, 7, 1, 0, 0), []),
+    row("promoted-alias-gone", PROMOTED, obs(ch=None), (Phase.PROMOTED, 7, 3, 0, 0), []),
+    row(
+        "after-rollback-new-version",
+        ROLLED,
+        obs(ch=8),
+        (Phase.CALIBRATING, 8, 0, 0, 0),
+        ["calibrate v8"],
+        "new challenger v8",
+    ),
+    row("calibration-pending", CAL, obs(), (Phase.CALIBRATING, 7, 0, 0, 0), []),
+    row(
+        "calibration-certified",
+        CAL,
+        obs(cal=CERTIFIED),
+        (Phase.MIRROR, 7, 0, 0, 1.0),
+        ["share 0", "mirror 1"],
+        "threshold 0.42",
+    ),
+    row(
+        "calibration-not-certified",
+        CAL,
+        obs(cal=Calibration(False)),
+        (Phase.ROLLED_BACK, 7, 0, 0, 0),
+        [*OFF, "rollback v7 at calibration"],
+        "certified no student share within ε",
+    ),
+    row(
+        "mirror-too-few-samples",
+        MIRROR,
+        obs(samples=99, gates=PASS),
+        (Phase.MIRROR, 7, 0, 0, 1),
+        [],
+    ),
+    row("mirror-too-soon", MIRROR, obs(T0 + 599, gates=PASS), (Phase.MIRROR, 7, 0, 0, 1), []),
+    row("mirror-due-not-evaluated", MIRROR, obs(), (Phase.MIRROR, 7, 0, 0, 1), []),
+    row(
+        "mirror-pass",
+        MIRROR,
+        obs(samples=100, gates=PASS),
+        (Phase.RAMP, 7, 0, 0.01, 0),
+        ["mirror 0", "share 0.01"],
+        "mirror passed after 100 samples",
+    ),
+    row(
+        "mirror-fail",
+        MIRROR,
+        obs(gates=FAIL),
+        (Phase.ROLLED_BACK, 7, 0, 0, 0),
+        [*OFF, "rollback v7 at mirror"],
+        "gates failed at mirror after 500 samples",
+    ),
+    row(
+        "ramp-too-few-samples", RAMP1, obs(samples=199, gates=FAIL), (Phase.RAMP, 7, 0, 0.01, 0), []
+    ),
+    row(
+        "ramp1-pass",
+        RAMP1,
+        obs(gates=PASS),
+        (Phase.RAMP, 7, 1, 0.05, 0),
+        ["mirror 0", "share 0.05"],
+        "ramp-1/4 passed",
+    ),
+    row(
+        "ramp1-fail",
+        RAMP1,
+        obs(gates=FAIL),
+        (Phase.ROLLED_BACK, 7, 0, 0, 0),
+        [*OFF, "rollback v7 at ramp-1/4"],
+        "gates failed at ramp-1/4 after 500 samples",
+    ),
+    row("ramp-inconclusive-first", RAMP2, obs(gates=INCONCLUSIVE), (Phase.RAMP, 7, 1, 0.05, 0), []),
+    row(
+        "ramp-inconclusive-holding",
+        RAMP2_HELD,
+        obs(T0 + 4299, gates=INCONCLUSIVE),
+        (Phase.RAMP, 7, 1, 0.05, 0),
+        [],
+    ),
+    row(
+        "ramp-inconclusive-too-long",
+        RAMP2_HELD,
+        obs(T0 + 4300, gates=INCONCLUSIVE),
+        (Phase.ROLLED_BACK, 7, 1, 0, 0),
+        [*OFF, "rollback v7 at ramp-2/4"],
+        "inconclusive at ramp-2/4 for 3600 s",
+    ),
+    row(
+        "held-then-pass",
+        RAMP2_HELD,
+        obs(gates=PASS),
+        (Phase.RAMP, 7, 2, 0.25, 0),
+        ["mirror 0", "share 0.25"],
+        "ramp-2/4 passed",
+    ),
+    row(
+        "last-step-pass",
+        RAMP4,
+        obs(gates=PASS),
+        (Phase.PROMOTED, 7, 3, 0, 0),
+        [*OFF, "promote v7 at ramp-4/4"],
+        "ramp-4/4 passed",
+    ),
+    row(
+        "step-beyond-shortened-steps",
+        RAMP_BEYOND,
+        obs(gates=PASS),
+        (Phase.PROMOTED, 7, 5, 0, 0),
+        [*OFF, "promote v7 at ramp-6/4"],
+        "passed",
+    ),
+    row(
+        "superseded-mid-ramp",
+        RAMP2,
+        obs(ch=8),
+        (Phase.CALIBRATING, 8, 0, 0, 0),
+        [*OFF, "rollback v7 at ramp-2/4", "calibrate v8"],
+        "new challenger v8",
+    ),
+    row(
+        "alias-removed-mid-ramp",
+        RAMP2,
+        obs(ch=None),
+        (Phase.IDLE, None, 0, 0, 0),
+        OFF,
+        "alias removed from v7 during ramp-2/4",
+    ),
+    row(
+        "alias-removed-calibrating",
+        CAL,
+        obs(ch=None),
+        (Phase.IDLE, None, 0, 0, 0),
+        OFF,
+        "during calibration",
+    ),
+]
 
 
-@pytest.mark.parametrize(
-    ("state", "observation", "phase", "version", "step", "shares", "expected", "reason"),
-    [pytest.param(*row[1:], id=row[0]) for row in TRANSITIONS],
-)
+@pytest.mark.parametrize(("state", "observation", "expected", "actions", "reason"), TRANSITIONS)
 def test_decide_moves_through_each_transition_with_the_right_actions(
-    state, observation, phase, version, step, shares, expected, reason
+    state, observation, expected, actions, reason
 ):
-    new, actions = decide(state, observation, CFG)
-    assert (new.phase, new.version, new.step) == (phase, version, step)
-    assert (new.share, new.mirror) == shares
-    assert shape(actions) == expected
+    new, done = decide(state, observation, CFG)
+    assert (new.phase, new.version, new.step, new.share, new.mirror) == expected
+    assert shape(done) == actions
     assert reason in new.reason
-    notes = [a for a in actions if isinstance(a, Note)]
+    notes = [a for a in done if isinstance(a, Note)]
     if new == state:  # a quiet tick says and does nothing
-        assert actions == []
+        assert done == []
     else:
         assert notes, "every transition explains itself"
     if new.phase is not state.phase:
@@ -164,7 +277,7 @@ def test_decide_moves_through_each_transition_with_the_right_actions(
 
 
 def test_a_step_starts_its_clock_when_entered_and_keeps_it_while_held():
-    new, _ = decide(SHADOW, obs(gates=PASS), CFG)
+    new, _ = decide(MIRROR, obs(gates=PASS), CFG)
     assert new.step_started_at == DUE
     held, actions = decide(RAMP2, obs(gates=INCONCLUSIVE), CFG)
     assert (held.step_started_at, held.inconclusive_since) == (T0, DUE)
@@ -202,22 +315,22 @@ def test_a_superseded_challenger_is_recorded_as_rolled_back_and_never_retried():
 
 def test_gate_results_must_be_pass_fail_or_inconclusive():
     with pytest.raises(ValueError, match="gate status"):
-        GateResult("passed")  # type: ignore[arg-type]
+        GateLook("passed")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
     ("state", "now", "samples", "due"),
     [
         (CAL, DUE, 10_000, False),
-        (SHADOW, T0 + 600, 100, True),
-        (SHADOW, T0 + 599.9, 100, False),
-        (SHADOW, DUE, 99, False),
+        (MIRROR, T0 + 600, 100, True),
+        (MIRROR, T0 + 599.9, 100, False),
+        (MIRROR, DUE, 99, False),
         (RAMP1, DUE, 199, False),
         (RAMP1, DUE, 200, True),
         (ROLLED, DUE, 10_000, False),
     ],
 )
-def test_gates_are_due_only_in_shadow_or_ramp_with_enough_samples_and_time(
+def test_gates_are_due_only_in_mirror_or_ramp_with_enough_samples_and_time(
     state, now, samples, due
 ):
     assert gates_due(state, now, samples, CFG) is due
@@ -228,7 +341,7 @@ def test_gates_are_due_only_in_shadow_or_ramp_with_enough_samples_and_time(
     [
         (IDLE, [SetShare(0.0), SetMirror(0.0)]),
         (CAL, [SetShare(0.0), SetMirror(0.0)]),
-        (SHADOW, [SetShare(0.0), SetMirror(1.0)]),
+        (MIRROR, [SetShare(0.0), SetMirror(1.0)]),
         (RAMP2, [SetMirror(0.0), SetShare(0.05)]),
         (ROLLED, [SetShare(0.0), SetMirror(0.0)]),
     ],
@@ -243,7 +356,7 @@ def test_a_restart_reasserts_the_share_and_mirror_the_state_says_are_set(state, 
         (RAMP2, (0.05, 0.0), []),  # the gateway runs what the state says: nothing to do
         (RAMP2, None, []),  # not read this tick
         (RAMP2, (0.1, 0.0), [SetShare(0.05)]),  # restarted with its configured share
-        (SHADOW, (0.0, 0.0), [SetMirror(1.0)]),
+        (MIRROR, (0.0, 0.0), [SetMirror(1.0)]),
         (IDLE, (0.1, 0.3), [SetShare(0.0), SetMirror(0.0)]),
     ],
 )
@@ -266,7 +379,7 @@ def test_a_tick_that_sets_the_share_itself_is_not_doubled_by_the_reassertion():
 def test_state_and_actions_round_trip_through_json():
     state = replace(RAMP2_HELD, decided=frozenset({3, 5}), reason="ramp-1/4 passed ✓")
     assert ControllerState.from_json(state.to_json()) == state
-    actions: list[Action] = [
+    actions: list[ControllerAction] = [
         Calibrate(7),
         SetMirror(1.0),
         SetShare(0.05),
@@ -277,6 +390,63 @@ def test_state_and_actions_round_trip_through_json():
     assert [action_from_dict(action_to_dict(a)) for a in actions] == actions
     with pytest.raises(ValueError, match="schema"):
         ControllerState.from_json('{"phase": "idle"}')
+
+
+# A state as the controller wrote it while the mirror phase was still called "shadow".
+OLD_MIRROR_STATE = json.dumps(
+    {
+        "schema": 1,
+        "phase": "shadow",
+        "version": 7,
+        "step": 0,
+        "step_started_at": T0,
+        "inconclusive_since": None,
+        "share": 0.0,
+        "mirror": 1.0,
+        "last_action": "shadow",
+        "reason": "calibration certified (threshold 0.42)",
+        "decided": [3],
+    }
+)
+
+
+def test_a_state_persisted_before_the_mirror_rename_loads_in_the_mirror_phase():
+    state = ControllerState.from_json(OLD_MIRROR_STATE)
+    assert state.phase is Phase.MIRROR
+    assert state == replace(MIRROR, last_action="shadow", reason=state.reason, decided={3})
+    assert json.loads(state.to_json())["phase"] == "mirror"
+    # ... and the controller carries on from it as from any mirror phase.
+    new, actions = decide(state, obs(samples=100, gates=PASS), CFG)
+    assert (new.phase, new.share) == (Phase.RAMP, 0.01)
+    assert shape(actions) == ["mirror 0", "share 0.01"]
+
+
+def test_the_store_loads_a_state_persisted_before_the_mirror_rename(tmp_path):
+    store = ControllerStore.open(tmp_path)
+    store.commit(MIRROR, [], T0)
+    with sqlite3.connect(store.path) as db:
+        db.execute("UPDATE state SET json = ?", (OLD_MIRROR_STATE,))
+    loaded = store.load()
+    assert loaded is not None and loaded.phase is Phase.MIRROR
+
+
+def test_the_mirror_settings_still_accept_their_names_from_before_the_rename():
+    old = ControllerSettings.model_validate({"shadow_mirror_share": 0.5, "shadow_min_samples": 7})
+    new = ControllerSettings(mirror_share=0.5, mirror_min_samples=7)
+    assert old == new
+    assert (new.mirror_share, new.mirror_min_samples) == (0.5, 7)
+    assert "shadow_min_samples" not in new.model_dump()
+
+
+def test_a_config_file_with_the_old_mirror_keys_still_loads(tmp_path):
+    config = tmp_path / "stillhouse.yaml"
+    config.write_text(
+        "rollout:\n  controller:\n    shadow_mirror_share: 0.25\n    shadow_min_samples: 9\n"
+    )
+    env = {"STILLHOUSE_ROLLOUT__CONTROLLER__SHADOW_MIN_SAMPLES": "11"}
+    cfg = load_settings(config, {}).rollout.controller
+    assert (cfg.mirror_share, cfg.mirror_min_samples) == (0.25, 9)
+    assert load_settings(None, env).rollout.controller.mirror_min_samples == 11
 
 
 # -- the store -------------------------------------------------------------------------------

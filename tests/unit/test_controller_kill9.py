@@ -1,7 +1,7 @@
 """The controller loop over a scripted world: in process (a degraded challenger is rolled back at
 the first ramp step; failures are retried in order; a restart finishes what was journaled), and
 in a subprocess killed with SIGKILL: it resumes at the same step, with the same step start, and
-re-asserts its share without ever going back to shadow or an earlier step."""
+re-asserts its share without ever going back to the mirror phase or an earlier step."""
 
 from __future__ import annotations
 
@@ -22,10 +22,10 @@ import pytest
 from stillhouse.common.errors import StillhouseError
 from stillhouse.common.rollout_settings import ControllerSettings
 from stillhouse.rollout.controller.core import (
-    Action,
     Calibration,
+    ControllerAction,
     ControllerState,
-    GateResult,
+    GateLook,
     Observation,
     Phase,
     Promote,
@@ -43,7 +43,7 @@ from stillhouse.rollout.controller.store import (
 )
 
 CFG = ControllerSettings(
-    shadow_min_samples=50, min_step_samples=50, min_step_s=120.0, max_inconclusive_s=600.0
+    mirror_min_samples=50, min_step_samples=50, min_step_s=120.0, max_inconclusive_s=600.0
 )  # tick_s: the default 60 s, on a fake clock
 NUMBERS = {"win_or_tie": 0.41, "noninferiority_lower": -0.35}
 
@@ -55,8 +55,8 @@ class World:
         self.t = 1_000_000.0
         self.gates = gates
         self.challenger = challenger
-        self.executed: list[Action] = []
-        self.fail_on: Callable[[Action], bool] = lambda a: False
+        self.executed: list[ControllerAction] = []
+        self.fail_on: Callable[[ControllerAction], bool] = lambda a: False
 
     def clock(self) -> float:
         return self.t
@@ -69,10 +69,10 @@ class World:
         gates = None
         if gates_due(state, self.t, samples, CFG):
             status = self.gates.get(step_label(state, CFG), "inconclusive")
-            gates = GateResult(status, NUMBERS, f"scripted {status}")  # type: ignore[arg-type]
+            gates = GateLook(status, NUMBERS, f"scripted {status}")  # type: ignore[arg-type]
         return Observation(self.t, self.challenger, 3, Calibration(True, 0.4), samples, gates)
 
-    def execute(self, action: Action) -> None:
+    def execute(self, action: ControllerAction) -> None:
         if self.fail_on(action):
             raise StillhouseError(f"gateway unreachable while doing {action.kind}")
         self.executed.append(action)
@@ -96,7 +96,7 @@ def run(world: World, store: ControllerStore, ticks: int, logs: list[str] | None
 
 
 def test_a_degraded_challenger_is_rolled_back_at_the_first_step_and_never_serves_more(tmp_path):
-    world = World({"shadow": "pass", "ramp-1/4": "fail"})
+    world = World({"mirror": "pass", "ramp-1/4": "fail"})
     store = ControllerStore.open(tmp_path)
     logs: list[str] = []
     state = run(world, store, 12, logs)
@@ -112,10 +112,10 @@ def test_a_degraded_challenger_is_rolled_back_at_the_first_step_and_never_serves
 
 
 def test_a_healthy_challenger_walks_every_step_in_order_and_is_promoted_once(tmp_path):
-    world = World(dict.fromkeys(["shadow", "ramp-1/4", "ramp-2/4", "ramp-3/4", "ramp-4/4"], "pass"))
+    world = World(dict.fromkeys(["mirror", "ramp-1/4", "ramp-2/4", "ramp-3/4", "ramp-4/4"], "pass"))
     state = run(world, ControllerStore.open(tmp_path), 20)
     assert state.phase is Phase.PROMOTED
-    assert world.shares() == [0.0, 0.0, 0.01, 0.05, 0.25, 0.5, 0.0]  # restore, shadow, steps, end
+    assert world.shares() == [0.0, 0.0, 0.01, 0.05, 0.25, 0.5, 0.0]  # restore, mirror, steps, end
     [promote] = [a for a in world.executed if isinstance(a, Promote)]
     assert promote.step == "ramp-4/4"
 
@@ -123,9 +123,10 @@ def test_a_healthy_challenger_walks_every_step_in_order_and_is_promoted_once(tmp
 def test_observe_failures_are_logged_on_one_line_and_retried_next_tick(tmp_path):
     world = World({})
     failures = [
-        StillhouseError("gateway down"), StillhouseError("gateway down"),
+        StillhouseError("gateway down"),
+        StillhouseError("gateway down"),
         RuntimeError("bug\nsecond line"),
-    ]  # fmt: skip
+    ]
     inner = world.observe
 
     def observe(state: ControllerState) -> Observation:
@@ -144,10 +145,10 @@ def test_observe_failures_are_logged_on_one_line_and_retried_next_tick(tmp_path)
 
 
 def test_a_failed_action_stays_pending_and_blocks_new_decisions_until_it_runs(tmp_path):
-    world = World(dict.fromkeys(["shadow", "ramp-1/4"], "pass"))
+    world = World(dict.fromkeys(["mirror", "ramp-1/4"], "pass"))
     attempts: list[int] = []
 
-    def fail_four_times(a: Action) -> bool:
+    def fail_four_times(a: ControllerAction) -> bool:
         if a == SetShare(0.01):
             attempts.append(1)
             return len(attempts) <= 4
@@ -156,7 +157,7 @@ def test_a_failed_action_stays_pending_and_blocks_new_decisions_until_it_runs(tm
     world.fail_on = fail_four_times
     store = ControllerStore.open(tmp_path)
     run(world, store, 7, [])
-    # Ticks 1-3: calibrate, shadow, hold; 4-7: ramp-1's SetShare(0.01) fails, and although
+    # Ticks 1-3: calibrate, mirror, hold; 4-7: ramp-1's SetShare(0.01) fails, and although
     # ramp-1's gates are due from tick 6 (they would pass), nothing new is decided meanwhile.
     assert len(attempts) == 4
     assert store.load().step == 0
@@ -204,12 +205,12 @@ CONTROLLER = textwrap.dedent(
     from pathlib import Path
     from stillhouse.common.rollout_settings import ControllerSettings
     from stillhouse.rollout.controller.core import (
-        Calibration, GateResult, Observation, action_to_dict, gates_due, step_label)
+        Calibration, GateLook, Observation, action_to_dict, gates_due, step_label)
     from stillhouse.rollout.controller.loop import run_controller
     from stillhouse.rollout.controller.store import ControllerStore
 
     work = Path(sys.argv[1])
-    cfg = ControllerSettings(min_step_s=0, shadow_min_samples=1, min_step_samples=1, tick_s=0.2)
+    cfg = ControllerSettings(min_step_s=0, mirror_min_samples=1, min_step_samples=1, tick_s=0.2)
 
     def world():
         return json.loads((work / "world.json").read_text())
@@ -219,7 +220,7 @@ CONTROLLER = textwrap.dedent(
         gates = None
         if gates_due(state, now, w["samples"], cfg):
             status = w["gates"].get(step_label(state, cfg), "inconclusive")
-            gates = GateResult(status, {"win_or_tie": 0.9}, status)
+            gates = GateLook(status, {"win_or_tie": 0.9}, status)
         cal = Calibration(True, 0.4)
         return Observation(now, w["challenger"], 3, cal, w["samples"], gates)
 
@@ -280,7 +281,7 @@ def executed(work: Path, pid: int) -> list[dict[str, Any]]:
 
 def test_a_kill_9_mid_ramp_resumes_at_the_same_step_and_share(tmp_path):
     store = ControllerStore.open(tmp_path / "controller")
-    write_world(tmp_path, gates={"shadow": "pass", "ramp-1/4": "pass"})  # holds at ramp-2/4
+    write_world(tmp_path, gates={"mirror": "pass", "ramp-1/4": "pass"})  # holds at ramp-2/4
     first = start(tmp_path, "first")
     second: subprocess.Popen | None = None
     try:
@@ -323,7 +324,7 @@ def test_a_kill_9_mid_ramp_resumes_at_the_same_step_and_share(tmp_path):
 def test_a_kill_9_between_deciding_and_executing_runs_the_decision_on_restart(tmp_path):
     store = ControllerStore.open(tmp_path / "controller")
     die_on = {"kind": "set_share", "share": 0.05}
-    write_world(tmp_path, gates={"shadow": "pass", "ramp-1/4": "pass"}, die_on=die_on)
+    write_world(tmp_path, gates={"mirror": "pass", "ramp-1/4": "pass"}, die_on=die_on)
     first = start(tmp_path, "first")
     second: subprocess.Popen | None = None
     try:

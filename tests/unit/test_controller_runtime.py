@@ -15,6 +15,7 @@ import pytest
 from stillhouse.common.config import Settings
 from stillhouse.common.registry import RegistryClient
 from stillhouse.common.traffic import INSERT_SQL, MIRROR, TrafficRecord, create_schema, to_row
+from stillhouse.rollout.calibration.job import uncertified_tags
 from stillhouse.rollout.controller.core import (
     Calibrate,
     ControllerState,
@@ -25,11 +26,8 @@ from stillhouse.rollout.controller.core import (
     SetMirror,
     SetShare,
 )
-from stillhouse.rollout.controller.runtime import (
-    ChallengerNotServing,
-    ControllerRuntime,
-    uncertified_tags,
-)
+from stillhouse.rollout.controller.runtime import ChallengerNotServing, ControllerRuntime
+from stillhouse.rollout.gateway_admin import engine_entry
 
 T0 = 1_800_000_000.0
 
@@ -83,10 +81,14 @@ def registry_settings(tmp_path_factory) -> Iterator[Settings]:
 
 
 def runtime(settings: Settings, admin: RecordingAdmin, lines: list[str]) -> ControllerRuntime:
+    registry = RegistryClient.from_settings(settings)
     return ControllerRuntime(
-        settings, admin, RegistryClient.from_settings(settings), lines.append,  # type: ignore[arg-type]
+        settings,
+        admin,  # type: ignore[arg-type]
+        registry,
+        lines.append,
         clock=lambda: T0 + 100,
-    )  # fmt: skip
+    )
 
 
 def write_log(path: Path, records: list[TrafficRecord]) -> None:
@@ -100,9 +102,15 @@ def write_log(path: Path, records: list[TrafficRecord]) -> None:
 
 def rec(i: int, served_by: str, model: str, ts: float, status: int = 200) -> TrafficRecord:
     return TrafficRecord(
-        request_id=f"r{i}", ts=ts, endpoint="chat", arm="challenger", served_by=served_by,
-        status=status, latency_s=0.1, student_model=model,
-    )  # fmt: skip
+        request_id=f"r{i}",
+        ts=ts,
+        endpoint="chat",
+        arm="challenger",
+        served_by=served_by,
+        status=status,
+        latency_s=0.1,
+        student_model=model,
+    )
 
 
 def test_share_and_mirror_go_to_the_gateway_admin_api(registry_settings):
@@ -171,20 +179,25 @@ def test_a_calibrated_version_is_observed_and_not_calibrated_again(registry_sett
     assert admin.calls == [] and "already calibrated" in lines[-1]
 
 
-def test_samples_count_mirrored_answers_in_shadow_and_served_ones_in_a_ramp(registry_settings):
+def test_samples_count_mirrored_answers_in_the_mirror_phase_and_served_ones_in_a_ramp(
+    registry_settings,
+):
     name = registry_settings.mlflow.registered_model
     model = f"models:/{name}/3"
-    write_log(registry_settings.traffic_log_path, [
-        rec(1, MIRROR, model, T0 + 1), rec(2, MIRROR, model, T0 + 2),
+    records = [
+        rec(1, MIRROR, model, T0 + 1),
+        rec(2, MIRROR, model, T0 + 2),
         rec(3, MIRROR, model, T0 + 3, status=502),  # failed: not an answer
-        rec(4, "challenger", model, T0 + 4), rec(5, "teacher", model, T0 + 5),
+        rec(4, "challenger", model, T0 + 4),
+        rec(5, "teacher", model, T0 + 5),
         rec(6, MIRROR, f"models:/{name}/2", T0 + 6),  # another version
         rec(7, MIRROR, model, T0 - 50),  # before the step began
-    ])  # fmt: skip
+    ]
+    write_log(registry_settings.traffic_log_path, records)
     rt = runtime(registry_settings, RecordingAdmin(), [])
-    shadow = ControllerState(phase=Phase.SHADOW, version=3, step_started_at=T0)
+    mirror = ControllerState(phase=Phase.MIRROR, version=3, step_started_at=T0)
     ramp = ControllerState(phase=Phase.RAMP, version=3, step_started_at=T0)
-    assert rt.count_samples(shadow) == 2
+    assert rt.count_samples(mirror) == 2
     assert rt.count_samples(ramp) == 2  # served by the challenger, or by the teacher for it
 
 
@@ -197,3 +210,12 @@ def test_observe_reads_the_gateways_split_so_a_restarted_gateway_is_set_again(
     )
     obs = runtime.observe(ControllerState())
     assert obs.gateway_split == (0.1, 0.0)
+
+
+def test_an_engine_entry_is_read_from_the_admin_answer_or_the_role_map_itself():
+    teacher = {"base_url": "http://t/v1", "served_name": "teacher"}
+    assert engine_entry({"engines": {"teacher": teacher}}, "teacher") == teacher
+    assert engine_entry({"teacher": teacher}, "teacher") == teacher
+    assert engine_entry({"engines": {"teacher": teacher}}, "challenger") is None
+    assert engine_entry({"engines": {"challenger": None}}, "challenger") is None
+    assert engine_entry({"engines": []}, "teacher") is None

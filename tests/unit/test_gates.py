@@ -1,4 +1,4 @@
-"""The promotion gates, table-style over hand-built evidence, and once over a real A/B report."""
+"""The promotion gates, table-style over hand-built evidence, and once over real A/B results."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from stillhouse.common.config import Settings
 from stillhouse.common.eval_settings import DriftSettings
 from stillhouse.common.rollout_settings import GateSettings
 from stillhouse.common.traffic import AbChange, TrafficRecord
-from stillhouse.eval import student_drift as drift_job
+from stillhouse.eval import student_drift
 from stillhouse.eval.ab_summary import build_ab_summary
 from stillhouse.eval.drift_sim import SimStudent, simulate_records
 from stillhouse.eval.store import StoredJudgment
+from stillhouse.rollout.gate_status import GATE_NAMES, combined_status
 from stillhouse.rollout.gates import (
     ArmEvidence,
     GateEvidence,
@@ -32,22 +33,43 @@ from stillhouse.rollout.gates import (
 CFG = GateSettings()  # min_samples 40, alpha 0.05, margins 0.1 / 0.05 / 0.05, bar 0.8, ×1.5
 
 CHAMPION = ArmEvidence(
-    requests=1000, fallback_rate=0.10, latency_p99=1.0, pairwise_n=200, win_or_tie_rate=0.90,
-    pairwise_score=-0.05, divergence_n=200, divergence_k3=0.06, divergence_ci=(0.05, 0.07),
-)  # fmt: skip
+    requests=1000,
+    fallback_rate=0.10,
+    latency_p99=1.0,
+    pairwise_n=200,
+    win_or_tie_rate=0.90,
+    pairwise_score=-0.05,
+    divergence_n=200,
+    divergence_k3=0.06,
+    divergence_ci=(0.05, 0.07),
+)
 CHALLENGER = ArmEvidence(
-    requests=300, fallback_rate=0.11, latency_p99=1.1, pairwise_n=200, win_or_tie_rate=0.92,
-    pairwise_score=0.0, divergence_n=200, divergence_k3=0.07, divergence_ci=(0.06, 0.08),
-)  # fmt: skip
+    requests=300,
+    fallback_rate=0.11,
+    latency_p99=1.1,
+    pairwise_n=200,
+    win_or_tie_rate=0.92,
+    pairwise_score=0.0,
+    divergence_n=200,
+    divergence_k3=0.07,
+    divergence_ci=(0.06, 0.08),
+)
 GOOD = GateEvidence(
-    champion=CHAMPION, challenger=CHALLENGER, pairwise_diff=0.05, pairwise_diff_se=0.03,
-    pairwise_interval=(-0.05, 0.15), pairwise_tau=0.2, srm_p_value=0.5, srm_ok=True,
+    champion=CHAMPION,
+    challenger=CHALLENGER,
+    pairwise_diff=0.05,
+    pairwise_diff_se=0.03,
+    pairwise_interval=(-0.05, 0.15),
+    pairwise_tau=0.2,
+    srm_p_value=0.5,
+    srm_ok=True,
     srm_units=1300,
-)  # fmt: skip
+)
 
 
-def ev(champion: dict[str, Any] | None = None, challenger: dict[str, Any] | None = None,
-       **top: Any) -> GateEvidence:  # fmt: skip
+def ev(
+    champion: dict[str, Any] | None = None, challenger: dict[str, Any] | None = None, **top: Any
+) -> GateEvidence:
     """GOOD with some numbers changed."""
     return dataclasses.replace(
         GOOD,
@@ -58,12 +80,16 @@ def ev(champion: dict[str, Any] | None = None, challenger: dict[str, Any] | None
 
 
 def test_the_reference_evidence_passes_every_gate():
-    report = evaluate_gates(GOOD, CFG, phase="ramp")
-    assert [(r.name, r.status) for r in report.results] == [
-        ("not_worse", "pass"), ("win_or_tie", "pass"), ("divergence", "pass"),
-        ("fallback", "pass"), ("latency", "pass"), ("srm", "pass"),
-    ]  # fmt: skip
-    assert report.status == "pass"
+    gates = evaluate_gates(GOOD, CFG, phase="ramp")
+    assert [(r.name, r.status) for r in gates.results] == [
+        ("not_worse", "pass"),
+        ("win_or_tie", "pass"),
+        ("divergence", "pass"),
+        ("fallback", "pass"),
+        ("latency", "pass"),
+        ("srm", "pass"),
+    ]
+    assert gates.status == "pass"
 
 
 NOT_WORSE = [
@@ -72,15 +98,20 @@ NOT_WORSE = [
     ("better", ev(pairwise_diff=0.2), "pass"),
     ("too_few_challenger_judgments", ev(challenger={"pairwise_n": 12}), "inconclusive"),
     ("too_few_champion_judgments", ev(champion={"pairwise_n": 10}), "inconclusive"),
-    ("both_arms_constant", ev(pairwise_diff=0.0, pairwise_diff_se=0.0, pairwise_tau=None),
-     "pass"),
-    ("no_champion_and_challenger_close_to_teacher",
-     ev(champion={"pairwise_n": 0}, challenger={"pairwise_score": 0.05, "win_or_tie_rate": 0.95}),
-     "pass"),
-    ("no_champion_and_challenger_far_below_teacher",
-     ev(champion={"pairwise_n": 0}, challenger={"pairwise_score": -0.5, "win_or_tie_rate": 0.5}),
-     "fail"),
-]  # fmt: skip
+    ("both_arms_constant", ev(pairwise_diff=0.0, pairwise_diff_se=0.0, pairwise_tau=None), "pass"),
+    (
+        "no_champion_and_challenger_close_to_teacher",
+        ev(
+            champion={"pairwise_n": 0}, challenger={"pairwise_score": 0.05, "win_or_tie_rate": 0.95}
+        ),
+        "pass",
+    ),
+    (
+        "no_champion_and_challenger_far_below_teacher",
+        ev(champion={"pairwise_n": 0}, challenger={"pairwise_score": -0.5, "win_or_tie_rate": 0.5}),
+        "fail",
+    ),
+]
 
 
 @pytest.mark.parametrize(("case", "evidence", "want"), NOT_WORSE, ids=[c[0] for c in NOT_WORSE])
@@ -105,13 +136,19 @@ def test_not_worse_recomputes_its_interval_at_the_gates_alpha():
 
 WIN_OR_TIE = [
     ("well_above_the_bar", ev(), "pass"),
-    ("a_good_challenger_on_40_judgments", ev(challenger={"pairwise_n": 40,
-                                                         "win_or_tie_rate": 0.95}), "pass"),
+    (
+        "a_good_challenger_on_40_judgments",
+        ev(challenger={"pairwise_n": 40, "win_or_tie_rate": 0.95}),
+        "pass",
+    ),
     ("surely_below_the_bar", ev(challenger={"win_or_tie_rate": 0.6}), "fail"),
-    ("below_but_the_interval_reaches_the_bar",
-     ev(challenger={"pairwise_n": 50, "win_or_tie_rate": 0.76}), "inconclusive"),
+    (
+        "below_but_the_interval_reaches_the_bar",
+        ev(challenger={"pairwise_n": 50, "win_or_tie_rate": 0.76}),
+        "inconclusive",
+    ),
     ("too_few", ev(challenger={"pairwise_n": 12, "win_or_tie_rate": 0.1}), "inconclusive"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("case", "evidence", "want"), WIN_OR_TIE, ids=[c[0] for c in WIN_OR_TIE])
@@ -129,20 +166,36 @@ def test_win_or_tie_detail_shows_rate_interval_n_and_bar():
 
 DIVERGENCE = [
     ("within_the_margin", ev(), "pass"),
-    ("surely_beyond_the_margin",
-     ev(challenger={"divergence_k3": 0.25, "divergence_ci": (0.21, 0.29)}), "fail"),
-    ("beyond_on_the_point_but_intervals_overlap",
-     ev(challenger={"divergence_k3": 0.13, "divergence_ci": (0.09, 0.17)}), "inconclusive"),
-    ("no_challenger_shadow_records",
-     ev(challenger={"divergence_n": 0, "divergence_k3": None, "divergence_ci": None}),
-     "inconclusive"),
+    (
+        "surely_beyond_the_margin",
+        ev(challenger={"divergence_k3": 0.25, "divergence_ci": (0.21, 0.29)}),
+        "fail",
+    ),
+    (
+        "beyond_on_the_point_but_intervals_overlap",
+        ev(challenger={"divergence_k3": 0.13, "divergence_ci": (0.09, 0.17)}),
+        "inconclusive",
+    ),
+    (
+        "no_challenger_shadow_records",
+        ev(challenger={"divergence_n": 0, "divergence_k3": None, "divergence_ci": None}),
+        "inconclusive",
+    ),
     ("too_few_champion_records", ev(champion={"divergence_n": 10}), "inconclusive"),
-    ("no_champion_records_and_close_to_the_teacher",
-     ev(champion={"divergence_n": 0, "divergence_k3": None},
-        challenger={"divergence_k3": 0.03, "divergence_ci": (0.02, 0.04)}), "pass"),
-    ("no_champion_records_and_surely_far_from_the_teacher",
-     ev(champion={"divergence_n": 0, "divergence_k3": None}), "fail"),
-]  # fmt: skip
+    (
+        "no_champion_records_and_close_to_the_teacher",
+        ev(
+            champion={"divergence_n": 0, "divergence_k3": None},
+            challenger={"divergence_k3": 0.03, "divergence_ci": (0.02, 0.04)},
+        ),
+        "pass",
+    ),
+    (
+        "no_champion_records_and_surely_far_from_the_teacher",
+        ev(champion={"divergence_n": 0, "divergence_k3": None}),
+        "fail",
+    ),
+]
 
 
 @pytest.mark.parametrize(("case", "evidence", "want"), DIVERGENCE, ids=[c[0] for c in DIVERGENCE])
@@ -159,16 +212,23 @@ def test_divergence_without_champion_records_compares_with_the_teacher():
 FALLBACK = [
     ("within_the_margin", ev(), "pass"),
     ("surely_beyond_the_margin", ev(challenger={"fallback_rate": 0.4}), "fail"),
-    ("beyond_on_the_point_on_few_requests",
-     ev(challenger={"fallback_rate": 0.17, "requests": 60}), "inconclusive"),
+    (
+        "beyond_on_the_point_on_few_requests",
+        ev(challenger={"fallback_rate": 0.17, "requests": 60}),
+        "inconclusive",
+    ),
     ("too_few_requests", ev(challenger={"requests": 12, "fallback_rate": 0.9}), "inconclusive"),
-    ("no_champion_requests_and_rarely_falls_back",
-     ev(champion={"requests": 0, "fallback_rate": None}, challenger={"fallback_rate": 0.03}),
-     "pass"),
-    ("no_champion_requests_and_often_falls_back",
-     ev(champion={"requests": 0, "fallback_rate": None}, challenger={"fallback_rate": 0.3}),
-     "fail"),
-]  # fmt: skip
+    (
+        "no_champion_requests_and_rarely_falls_back",
+        ev(champion={"requests": 0, "fallback_rate": None}, challenger={"fallback_rate": 0.03}),
+        "pass",
+    ),
+    (
+        "no_champion_requests_and_often_falls_back",
+        ev(champion={"requests": 0, "fallback_rate": None}, challenger={"fallback_rate": 0.3}),
+        "fail",
+    ),
+]
 
 
 @pytest.mark.parametrize(("case", "evidence", "want"), FALLBACK, ids=[c[0] for c in FALLBACK])
@@ -180,17 +240,26 @@ def test_fallback_rate_allows_the_margin_over_the_champion(case, evidence, want)
 LATENCY = [
     ("within_the_ratio", ev(), "ramp", "pass"),
     ("over_the_ratio", ev(challenger={"latency_p99": 2.0}), "ramp", "fail"),
-    ("over_the_ratio_on_too_few_requests_for_a_p99",
-     ev(challenger={"latency_p99": 2.0, "requests": 60}), "ramp", "inconclusive"),
+    (
+        "over_the_ratio_on_too_few_requests_for_a_p99",
+        ev(challenger={"latency_p99": 2.0, "requests": 60}),
+        "ramp",
+        "inconclusive",
+    ),
     ("too_few_requests", ev(challenger={"requests": 12}), "ramp", "inconclusive"),
-    ("no_champion_requests", ev(champion={"requests": 0, "latency_p99": None}), "ramp",
-     "inconclusive"),
-    ("shadow_does_not_apply", ev(challenger={"latency_p99": 9.0}), "shadow", "pass"),
-]  # fmt: skip
+    (
+        "no_champion_requests",
+        ev(champion={"requests": 0, "latency_p99": None}),
+        "ramp",
+        "inconclusive",
+    ),
+    ("mirror_phase_does_not_apply", ev(challenger={"latency_p99": 9.0}), "mirror", "pass"),
+]
 
 
-@pytest.mark.parametrize(("case", "evidence", "phase", "want"), LATENCY,
-                         ids=[c[0] for c in LATENCY])  # fmt: skip
+@pytest.mark.parametrize(
+    ("case", "evidence", "phase", "want"), LATENCY, ids=[c[0] for c in LATENCY]
+)
 def test_latency_compares_p99_with_the_champion_times_the_ratio(case, evidence, phase, want):
     result = gate_latency(evidence, CFG, phase)
     assert result.status == want, result.detail
@@ -202,8 +271,8 @@ SRM = [
     ("mismatch_on_few_units", ev(srm_p_value=0.0, srm_ok=False, srm_units=5), "ramp", "fail"),
     ("ok_on_too_few_units", ev(srm_units=20), "ramp", "inconclusive"),
     ("no_check", ev(srm_p_value=None, srm_ok=None, srm_units=0), "ramp", "inconclusive"),
-    ("shadow_does_not_apply", ev(srm_p_value=0.0, srm_ok=False), "shadow", "pass"),
-]  # fmt: skip
+    ("mirror_phase_does_not_apply", ev(srm_p_value=0.0, srm_ok=False), "mirror", "pass"),
+]
 
 
 @pytest.mark.parametrize(("case", "evidence", "phase", "want"), SRM, ids=[c[0] for c in SRM])
@@ -212,19 +281,23 @@ def test_srm_fails_on_its_alarm_and_passes_when_the_split_is_right(case, evidenc
     assert result.status == want, result.detail
 
 
-def test_shadow_gates_say_they_do_not_apply():
-    report = evaluate_gates(ev(srm_ok=False, challenger={"latency_p99": 9.0}), CFG, phase="shadow")
+def test_mirror_phase_gates_say_they_do_not_apply():
+    gates = evaluate_gates(ev(srm_ok=False, challenger={"latency_p99": 9.0}), CFG, phase="mirror")
     for name in ("latency", "srm"):
-        assert "not applicable in shadow" in report.result(name).detail
-    assert report.status == "pass"
+        assert "not applicable in the mirror phase" in gates.result(name).detail
+    assert gates.status == "pass"
+    assert gates.summary_line().startswith("gates (mirror): pass")
 
 
 OVERALL = [
     ("all_pass", ev(), "pass"),
     ("one_inconclusive", ev(pairwise_diff=-0.1), "inconclusive"),
-    ("one_fail_beats_one_inconclusive",
-     ev(pairwise_diff=-0.1, challenger={"fallback_rate": 0.4}), "fail"),
-]  # fmt: skip
+    (
+        "one_fail_beats_one_inconclusive",
+        ev(pairwise_diff=-0.1, challenger={"fallback_rate": 0.4}),
+        "fail",
+    ),
+]
 
 
 @pytest.mark.parametrize(("case", "evidence", "want"), OVERALL, ids=[c[0] for c in OVERALL])
@@ -233,36 +306,44 @@ def test_overall_status_is_fail_then_inconclusive_then_pass(case, evidence, want
 
 
 def test_min_samples_setting_moves_every_gate_to_inconclusive():
-    report = evaluate_gates(GOOD, CFG.model_copy(update={"min_samples": 5000}), phase="ramp")
-    assert {r.status for r in report.results} == {"inconclusive"}
+    gates = evaluate_gates(GOOD, CFG.model_copy(update={"min_samples": 5000}), phase="ramp")
+    assert {r.status for r in gates.results} == {"inconclusive"}
 
 
 def test_summary_line_leads_with_the_failures():
-    report = evaluate_gates(
+    gates = evaluate_gates(
         ev(pairwise_diff=-0.1, challenger={"fallback_rate": 0.4}), CFG, phase="ramp"
     )
-    line = report.summary_line()
+    line = gates.summary_line()
     assert line.startswith("gates (ramp): fail — 4 pass, 1 inconclusive, 1 fail; fallback:")
     assert line.index("fallback:") < line.index("not_worse:")
 
 
 def test_metrics_are_flat_finite_numbers_and_rows_one_per_gate():
-    report = evaluate_gates(ev(challenger={"pairwise_n": 12}), CFG, phase="ramp")
-    metrics = report.as_metrics()
+    gates = evaluate_gates(ev(challenger={"pairwise_n": 12}), CFG, phase="ramp")
+    metrics = gates.as_metrics()
     assert metrics["gate.status"] == 0.0 and metrics["gate.fallback.status"] == 1.0
     assert metrics["gate.not_worse.n"] == 12.0 and "gate.not_worse.observed" not in metrics
     assert metrics["gate.latency.observed"] == pytest.approx(1.1)
     assert all(isinstance(v, float) and math.isfinite(v) for v in metrics.values())
-    rows = report.as_rows()
-    assert [r["gate"] for r in rows] == [r.name for r in report.results]
+    rows = gates.as_rows()
+    assert [r["gate"] for r in rows] == [r.name for r in gates.results]
+
+
+def test_every_look_names_the_gates_in_the_order_the_controllers_metrics_export():
+    for phase in ("mirror", "ramp"):
+        gates = evaluate_gates(GOOD, CFG, phase=phase)
+        assert tuple(r.name for r in gates.results) == GATE_NAMES
+    assert combined_status([]) == "pass"
 
 
 def test_an_unknown_phase_is_refused():
-    with pytest.raises(ValueError, match="phase"):
-        evaluate_gates(GOOD, CFG, phase="canary")  # type: ignore[arg-type]
+    for phase in ("canary", "shadow"):  # "shadow": the mirror phase's name before the rename
+        with pytest.raises(ValueError, match="phase"):
+            evaluate_gates(GOOD, CFG, phase=phase)  # type: ignore[arg-type]
 
 
-# ---- over a real A/B report ----------------------------------------------------------------
+# ---- over real A/B results ----------------------------------------------------------------
 
 ARM_PROFILES = {
     # (win, tie, loss) against the teacher in twentieths, fallback every k-th request, latency
@@ -279,7 +360,7 @@ def outcome(j: int, profile: tuple[int, int, int]) -> str:
     return "win" if k < win else "tie" if k < win + tie else "loss"
 
 
-def ab_world(challenger: str, tmp_path) -> tuple[Any, list[drift_job.StudentDrift]]:
+def ab_world(challenger: str, tmp_path) -> tuple[Any, list[student_drift.StudentDrift]]:
     """400 users split 50/50 (the recorded share), one request each, every one judged pairwise;
     per-arm shadow divergence from the drift simulator."""
     records, judgments = [], []
@@ -287,48 +368,68 @@ def ab_world(challenger: str, tmp_path) -> tuple[Any, list[drift_job.StudentDrif
         arm = "challenger" if i % 2 else "champion"
         wtl, every, slow, _ = ARM_PROFILES[challenger if arm == "challenger" else "champion"]
         fallback = (i // 2) % every == 0
-        records.append(TrafficRecord(
-            request_id=f"r{i}", ts=1000.0 + i, endpoint="chat", arm=arm,
-            served_by="teacher" if fallback else arm, status=200,
-            latency_s=slow * (0.1 + 0.001 * (i % 97)), student_model=f"m-{arm}", user_hash=f"u{i}",
-        ))  # fmt: skip
-        judgments.append(StoredJudgment(
-            f"r{i}", "pairwise", arm, arm, f"m-{arm}", "judge", "v1", 1000.0 + i, "ok",
-            outcome=outcome(i // 2, wtl),
-        ))  # fmt: skip
+        records.append(
+            TrafficRecord(
+                request_id=f"r{i}",
+                ts=1000.0 + i,
+                endpoint="chat",
+                arm=arm,
+                served_by="teacher" if fallback else arm,
+                status=200,
+                latency_s=slow * (0.1 + 0.001 * (i % 97)),
+                student_model=f"m-{arm}",
+                user_hash=f"u{i}",
+            )
+        )
+        judgments.append(
+            StoredJudgment(
+                f"r{i}",
+                "pairwise",
+                arm,
+                arm,
+                f"m-{arm}",
+                "judge",
+                "v1",
+                1000.0 + i,
+                "ok",
+                outcome=outcome(i // 2, wtl),
+            )
+        )
     changes = [AbChange(999.0, 0.5, "s", 0.0, "s", "test")]
-    report = build_ab_summary(records, judgments, changes, Settings(state_dir=tmp_path), "test")
+    ab = build_ab_summary(records, judgments, changes, Settings(state_dir=tmp_path), "test")
     drift = []
     for arm, seed in (("champion", 1), ("challenger", 2)):
         noise = ARM_PROFILES[challenger if arm == "challenger" else "champion"][3]
         sim = SimStudent().worse(noise)
-        items = drift_job.divergences(simulate_records(200, sim, seed=seed))
-        drift.append(drift_job.student_drift(f"m-{arm}", arm, items, None, "x", DriftSettings()))
-    return report, drift
+        items = student_drift.divergences(simulate_records(200, sim, seed=seed))
+        drift.append(
+            student_drift.student_drift(f"m-{arm}", arm, items, None, "x", DriftSettings())
+        )
+    return ab, drift
 
 
-def test_a_real_ab_report_passes_a_good_challenger(tmp_path):
-    report, drift = ab_world("good", tmp_path)
-    evidence = evidence_from(report, drift)
+def test_real_ab_results_pass_a_good_challenger(tmp_path):
+    ab, drift = ab_world("good", tmp_path)
+    evidence = evidence_from(ab, drift)
     assert evidence.challenger.requests == 200 and evidence.challenger.pairwise_n == 200
     assert evidence.srm_ok is True and evidence.pairwise_interval is not None
     gates = evaluate_gates(evidence, CFG, phase="ramp")
     assert gates.status == "pass", gates.summary_line()
 
 
-def test_a_real_ab_report_fails_a_clearly_worse_challenger(tmp_path):
-    report, drift = ab_world("bad", tmp_path)
-    gates = evaluate_gates(evidence_from(report, drift), CFG, phase="ramp")
+def test_real_ab_results_fail_a_clearly_worse_challenger(tmp_path):
+    ab, drift = ab_world("bad", tmp_path)
+    gates = evaluate_gates(evidence_from(ab, drift), CFG, phase="ramp")
     assert gates.status == "fail"
     failed = {r.name for r in gates.results if r.status == "fail"}
     assert failed == {"not_worse", "win_or_tie", "divergence", "fallback", "latency"}
 
 
 def test_evidence_takes_the_drift_entry_of_each_arm(tmp_path):
-    report, drift = ab_world("good", tmp_path)
+    ab, drift = ab_world("good", tmp_path)
     other = dataclasses.replace(drift[0], arm="unknown", student_model="old")
-    evidence = evidence_from(report, [other, *reversed(drift)])
+    evidence = evidence_from(ab, [other, *reversed(drift)])
     by_arm = {d.arm: d.divergence for d in drift}
     assert evidence.champion.divergence_k3 == by_arm["champion"].k3_mean
     assert evidence.challenger.divergence_k3 == by_arm["challenger"].k3_mean
-    assert evidence_from(report, []).challenger.divergence_n == 0
+    assert evidence_from(ab, []).challenger.divergence_n == 0

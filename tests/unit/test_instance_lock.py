@@ -15,9 +15,12 @@ class Locked(Exception):
 
 def test_a_second_holder_is_refused_at_once_naming_the_first(tmp_path):
     path = tmp_path / "lock"
-    with instance_lock(path, Locked), pytest.raises(Locked, match=r"pid \d+"):
-        with instance_lock(path, Locked):
-            pass
+    with (
+        instance_lock(path, Locked),
+        pytest.raises(Locked, match=r"pid \d+"),
+        instance_lock(path, Locked),
+    ):
+        pass
 
 
 def test_a_waiting_holder_is_told_who_and_gets_the_lock_once_it_is_free(tmp_path):

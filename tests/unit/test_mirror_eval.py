@@ -1,4 +1,4 @@
-"""Evaluation over mirrored challenger answers (the shadow phase, served_by "mirror"): the
+"""Evaluation over mirrored challenger answers (the mirror phase, served_by "mirror"): the
 sample-ratio check ignores them, fallback rates count the ones that would have fallen back,
 the cost leaves them out and the judge samples them as the challenger's."""
 
@@ -18,35 +18,54 @@ T0 = 1_700_000_000.0
 
 def record(i: int, arm: str, served_by: str, **kw) -> TrafficRecord:
     base = dict(
-        request_id=f"r{i}", ts=T0 + i, endpoint="chat", arm=arm, served_by=served_by,
-        status=200, latency_s=0.1, prompt_tokens=30, completion_tokens=20, user_hash=f"u{i}",
-        prompt='[{"role": "user", "content": "hi"}]', answer=f"answer {i}",
-    )  # fmt: skip
+        request_id=f"r{i}",
+        ts=T0 + i,
+        endpoint="chat",
+        arm=arm,
+        served_by=served_by,
+        status=200,
+        latency_s=0.1,
+        prompt_tokens=30,
+        completion_tokens=20,
+        user_hash=f"u{i}",
+        prompt='[{"role": "user", "content": "hi"}]',
+        answer=f"answer {i}",
+    )
     base.update(kw)
     return TrafficRecord(**base)
 
 
-def shadow_world(n: int = 100) -> list[TrafficRecord]:
+def mirror_world(n: int = 100) -> list[TrafficRecord]:
     """Every user on the champion (share 0); each request mirrored to the challenger, which
     would have fallen back on every 4th; the champion fell back on every 10th."""
     records = []
     for i in range(n):
         champion_fb = i % 10 == 0
-        records.append(record(
-            i, "champion", "teacher" if champion_fb else "champion",
-            fallback_reason="low_confidence" if champion_fb else None,
-            student_completion_tokens=8 if champion_fb else None,
-        ))  # fmt: skip
-        records.append(record(
-            i, "challenger", MIRROR, request_id=f"r{i}:mirror", ts=T0 + i + 0.5,
-            fallback_reason="low_confidence" if i % 4 == 0 else None,
-            answer=f"challenger {i}",
-        ))  # fmt: skip
+        records.append(
+            record(
+                i,
+                "champion",
+                "teacher" if champion_fb else "champion",
+                fallback_reason="low_confidence" if champion_fb else None,
+                student_completion_tokens=8 if champion_fb else None,
+            )
+        )
+        records.append(
+            record(
+                i,
+                "challenger",
+                MIRROR,
+                request_id=f"r{i}:mirror",
+                ts=T0 + i + 0.5,
+                fallback_reason="low_confidence" if i % 4 == 0 else None,
+                answer=f"challenger {i}",
+            )
+        )
     return records
 
 
 def test_the_sample_ratio_check_ignores_mirrored_answers():
-    records = shadow_world()
+    records = mirror_world()
     changes = [AbChange(T0 - 1, 0.0, "s", 0.0, "s", "gateway-start")]
     units, share = srm_units(records, changes, 0.1)
     assert units == {"champion": 100, "challenger": 0} and share == 0.0
@@ -56,7 +75,7 @@ def test_the_sample_ratio_check_ignores_mirrored_answers():
 
 
 def test_fallback_rates_count_mirrored_answers_that_would_have_fallen_back():
-    records = shadow_world()
+    records = mirror_world()
     report = build_ab_summary(records, [], [], Settings(), "test")
     assert report.arms["challenger"].n == 100
     assert report.arms["challenger"].fallback_rate == pytest.approx(0.25)
@@ -75,8 +94,9 @@ def test_fallback_rules_for_ordinary_records_are_unchanged():
 
 
 def test_a_failed_mirror_counts_as_a_would_be_fallback_not_an_error():
-    failed = record(1, "challenger", MIRROR, status=502, fallback_reason="upstream_5xx",
-                    answer=None)  # fmt: skip
+    failed = record(
+        1, "challenger", MIRROR, status=502, fallback_reason="upstream_5xx", answer=None
+    )
     rejected = record(2, "challenger", MIRROR, status=400, answer=None)  # the challenger's 4xx
     report = build_ab_summary([failed, rejected], [], [], Settings(), "test")
     challenger = report.arms["challenger"]
@@ -84,7 +104,7 @@ def test_a_failed_mirror_counts_as_a_would_be_fallback_not_an_error():
 
 
 def test_the_cost_leaves_mirrored_answers_out_and_says_so():
-    records = shadow_world()
+    records = mirror_world()
     report = build_ab_summary(records, [], [], Settings(), "test")
     assert "challenger" not in report.cost.arms
     assert report.cost.arms["champion"].n_requests == 100
@@ -93,7 +113,7 @@ def test_the_cost_leaves_mirrored_answers_out_and_says_so():
 
 
 def test_the_judge_samples_mirrored_answers_as_the_challengers():
-    records = shadow_world(20)
+    records = mirror_world(20)
     sample = select_sample(records, per_arm=50, skip=set())
     assert len(sample["challenger"]) == 20
     assert all(r.served_by == MIRROR and r.arm == "challenger" for r in sample["challenger"])
@@ -117,13 +137,22 @@ def test_a_mirrored_answer_that_would_fall_back_is_judged_as_the_teachers(tmp_pa
     from stillhouse.eval.judging import judge_sample, would_fall_back
 
     prompt = _json.dumps([{"role": "user", "content": triage_user_message("charged twice")}])
-    unsure = record(1, "challenger", MIRROR, request_id="r1:mirror", prompt=prompt,
-                    fallback_reason="low_confidence", answer="category: UNSURE")  # fmt: skip
-    sure = record(2, "challenger", MIRROR, request_id="r2:mirror", prompt=prompt,
-                  answer="category: SURE")  # fmt: skip
+    unsure = record(
+        1,
+        "challenger",
+        MIRROR,
+        request_id="r1:mirror",
+        prompt=prompt,
+        fallback_reason="low_confidence",
+        answer="category: UNSURE",
+    )
+    sure = record(
+        2, "challenger", MIRROR, request_id="r2:mirror", prompt=prompt, answer="category: SURE"
+    )
     assert would_fall_back(unsure) and not would_fall_back(sure)
-    assert not would_fall_back(record(3, "challenger", MIRROR, status=502,
-                                      fallback_reason="timeout"))  # fmt: skip
+    assert not would_fall_back(
+        record(3, "challenger", MIRROR, status=502, fallback_reason="timeout")
+    )
     loop = LoopThread()
     fake = FakeJudge()
     try:

@@ -17,6 +17,7 @@ import yaml
 from dashboard_queries import (
     ALERT_RULES,
     CATALOGUE,
+    DASHBOARD,
     RECORDING_RULES,
     RULE_TESTS_DIR,
     load_rules,
@@ -24,12 +25,16 @@ from dashboard_queries import (
     recorded_names,
 )
 
+from stillhouse.rollout.controller.core import Phase
+
 RULE_FILES = [RECORDING_RULES, ALERT_RULES]
 TEST_FILES = sorted(RULE_TESTS_DIR.glob("*.yml"))
 SEVERITIES = {"critical", "warning"}
 COMPONENTS = {"gateway", "engines", "drift", "ab", "evaluation", "rollout", "redistill"}
 # level:metric:operations, https://prometheus.io/docs/practices/rules/
 RECORD_NAME = re.compile(r"^[a-z][a-z0-9_]*:[a-z][a-z0-9_]*:[a-z][a-z0-9_]*$")
+# A phase matcher on the controller's phase gauge: phase="ramp" or phase=~"mirror|ramp".
+PHASE_MATCHER = re.compile(r'stillhouse_rollout_phase\{[^}]*\bphase\s*=~?\s*\\?"([^"\\]*)')
 
 
 def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
@@ -138,3 +143,17 @@ def test_rules_read_only_catalogued_or_recorded_series(path: Path) -> None:
     for rule in load_rules(path):
         unknown = metric_names(rule["expr"]) - known
         assert not unknown, (rule.get("alert") or rule.get("record"), unknown)
+
+
+def test_every_phase_the_rules_and_the_dashboard_match_is_a_controller_phase() -> None:
+    """The controller exports its Phase values as `phase` labels; a matcher on any other value
+    (the mirror phase's old name "shadow", say) would never match, and its alert never fire."""
+    texts = [path.read_text(encoding="utf-8") for path in [*RULE_FILES, *TEST_FILES, DASHBOARD]]
+    matched = {
+        value
+        for text in texts
+        for found in PHASE_MATCHER.findall(text)
+        for value in found.split("|")
+    }
+    assert {"mirror", "ramp"} <= matched
+    assert matched <= {p.value for p in Phase}

@@ -15,7 +15,7 @@ from stillhouse.common.errors import UsageError
 from stillhouse.common.rollout_settings import ControllerSettings
 from stillhouse.rollout.controller.core import (
     ControllerState,
-    GateResult,
+    GateLook,
     Observation,
     Phase,
     Promote,
@@ -50,6 +50,8 @@ def test_phase_is_one_hot_and_the_step_counts_from_one_in_ramp():
     got = _samples(rollout_families(state, CFG, DecisionCounts(), None, None))
     phases = {dict(k[1])["phase"]: v for k, v in got.items() if k[0] == "stillhouse_rollout_phase"}
     assert phases == {p.value: float(p is Phase.RAMP) for p in Phase}
+    # The label values the dashboards and alerts match on (the mirror phase is no "shadow").
+    assert set(phases) == {"idle", "calibrating", "mirror", "ramp", "promoted", "rolled_back"}
     assert got[("stillhouse_rollout_step", ())] == 2.0
     assert got[("stillhouse_rollout_steps", ())] == 3.0
     assert got[("stillhouse_rollout_challenger_version", ())] == 7.0
@@ -67,11 +69,14 @@ def test_outside_the_ramp_the_step_is_zero_and_absent_times_are_not_faked():
 
 
 def test_gate_status_comes_from_the_last_look_per_gate():
-    gates = GateResult(
-        "fail",
-        {"gate.status": -1.0, "gate.not_worse.status": 1.0, "gate.srm.status": -1.0,
-         "gate.latency.status": 0.0, "gate.latency.n": 12.0},
-    )  # fmt: skip
+    numbers = {
+        "gate.status": -1.0,
+        "gate.not_worse.status": 1.0,
+        "gate.srm.status": -1.0,
+        "gate.latency.status": 0.0,
+        "gate.latency.n": 12.0,
+    }
+    gates = GateLook("fail", numbers)
     got = _samples(rollout_families(ControllerState(), CFG, DecisionCounts(), gates, 5.0))
     status = {
         dict(k[1])["gate"]: v for k, v in got.items() if k[0] == "stillhouse_rollout_gate_status"
@@ -95,8 +100,8 @@ def test_the_controllers_registry_counts_executed_decisions_from_its_journal(tmp
     registry.register(collector)
     state = ControllerState(phase=Phase.PROMOTED, version=4, decided=frozenset({3, 4}))
     gates = {"gate.status": 1.0, "gate.srm.status": 1.0, "gate.latency.status": 0.0}
-    store.commit(state, [RollBack(3, "worse", at=10.0), SetShare(0.0),
-                         Promote(4, "ok", gates, at=20.0)], ts=100.0)  # fmt: skip
+    decided = [RollBack(3, "worse", at=10.0), SetShare(0.0), Promote(4, "ok", gates, at=20.0)]
+    store.commit(state, decided, ts=100.0)
     got = _scrape(registry)
     assert got[("stillhouse_rollout_promotions_total", ())] == 0.0  # journaled, not yet run
     for row in store.pending():
@@ -189,15 +194,19 @@ def test_a_second_controller_is_refused_by_the_lock_before_it_binds_the_metrics_
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         config = tmp_path / "stillhouse.yaml"
-        config.write_text(yaml.safe_dump({
-            "state_dir": str(state),
-            "rollout": {"controller": {"metrics_port": taken.getsockname()[1]}},
-        }))  # fmt: skip
+        port = taken.getsockname()[1]
+        config.write_text(
+            yaml.safe_dump(
+                {"state_dir": str(state), "rollout": {"controller": {"metrics_port": port}}}
+            )
+        )
         done = subprocess.run(
             [sys.executable, "-m", "stillhouse", "--config", str(config), "controller"],
-            capture_output=True, text=True, timeout=120,
+            capture_output=True,
+            text=True,
+            timeout=120,
             env={**os.environ, "STILLHOUSE_ADMIN_KEY": "sk-admin"},
-        )  # fmt: skip
+        )
     assert done.returncode != 0
     assert f"another rollout controller (pid {os.getpid()}) holds" in done.stderr, done.stderr
     assert "metrics_port" not in done.stderr and "Traceback" not in done.stderr

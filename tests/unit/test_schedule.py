@@ -18,11 +18,11 @@ from stillhouse.common.errors import StillhouseError
 from stillhouse.rollout.schedule import (
     MISSED_COUNT_LIMIT,
     CronSchedule,
-    Outcome,
     Plan,
     ScheduleLockedError,
     ScheduleState,
     ScheduleStateError,
+    SlotOutcome,
     load_state,
     plan,
     run_scheduler,
@@ -118,7 +118,7 @@ def test_loop_runs_each_weekly_slot_exactly_once_on_time(tmp_path):
     assert max(clock.sleeps) <= 3600
     state = load_state(state_file(tmp_path))
     assert state is not None
-    assert (state.slot, state.outcome) == (sundays[-1], Outcome.SUCCEEDED)
+    assert (state.slot, state.outcome) == (sundays[-1], SlotOutcome.SUCCEEDED)
     assert state.ended_at - state.started_at == timedelta(minutes=40)
 
 
@@ -167,7 +167,7 @@ def test_a_failing_job_is_recorded_as_failed_and_the_next_slot_still_runs(tmp_pa
     run(clock, job, tmp_path, logs, max_runs=1)
     state = load_state(state_file(tmp_path))
     assert state is not None
-    assert (state.slot, state.outcome) == (SUN, Outcome.FAILED)
+    assert (state.slot, state.outcome) == (SUN, SlotOutcome.FAILED)
     assert state.error == "RuntimeError: teacher unreachable"
     assert any("failed: RuntimeError: teacher unreachable" in line for line in logs)
     assert run(clock, job, tmp_path, logs, max_runs=1) == 1  # not retried; next slot runs
@@ -183,7 +183,7 @@ def test_the_slot_is_recorded_as_running_before_the_job_starts(tmp_path):
 
     run(clock, job, tmp_path, [], max_runs=1)
     assert seen[0] is not None
-    assert (seen[0].slot, seen[0].outcome, seen[0].pid) == (SUN, Outcome.RUNNING, os.getpid())
+    assert (seen[0].slot, seen[0].outcome, seen[0].pid) == (SUN, SlotOutcome.RUNNING, os.getpid())
 
 
 def test_ctrl_c_mid_job_is_recorded_as_interrupted_and_releases_the_lock(tmp_path):
@@ -196,7 +196,7 @@ def test_ctrl_c_mid_job_is_recorded_as_interrupted_and_releases_the_lock(tmp_pat
         run(clock, job, tmp_path, [], max_runs=1)
     state = load_state(state_file(tmp_path))
     assert state is not None
-    assert (state.slot, state.outcome) == (SUN, Outcome.INTERRUPTED)
+    assert (state.slot, state.outcome) == (SUN, SlotOutcome.INTERRUPTED)
     ran: list[datetime] = []
     run(clock, ran.append, tmp_path, [], max_runs=1)  # the lock is free again
     assert ran == [SUN + WEEK]
@@ -222,7 +222,7 @@ CRASHING_SCHEDULER = textwrap.dedent(
 
 def test_a_restart_after_the_scheduler_died_mid_job_does_not_rerun_that_slot(tmp_path):
     state_path = state_file(tmp_path)
-    write_state(state_path, ScheduleState("0 2 * * 0", SUN - WEEK, Outcome.SUCCEEDED))
+    write_state(state_path, ScheduleState("0 2 * * 0", SUN - WEEK, SlotOutcome.SUCCEEDED))
     child = subprocess.Popen(
         [sys.executable, "-c", CRASHING_SCHEDULER, str(tmp_path)], stdout=subprocess.PIPE, text=True
     )
@@ -234,7 +234,7 @@ def test_a_restart_after_the_scheduler_died_mid_job_does_not_rerun_that_slot(tmp
         child.wait(timeout=10)
     state = load_state(state_path)
     assert state is not None
-    assert (state.slot, state.outcome, state.pid) == (SUN, Outcome.RUNNING, child.pid)
+    assert (state.slot, state.outcome, state.pid) == (SUN, SlotOutcome.RUNNING, child.pid)
 
     clock = FakeClock(SUN + timedelta(hours=1))
     ran: list[datetime] = []
@@ -249,7 +249,7 @@ def test_a_restart_after_the_scheduler_died_mid_job_does_not_rerun_that_slot(tmp
 
 def test_state_round_trips_through_an_atomic_write(tmp_path):
     path = tmp_path / "schedule" / "state.json"
-    state = ScheduleState("0 2 * * 0", SUN, Outcome.FAILED, SUN, SUN + WEEK, "X: y", 42)
+    state = ScheduleState("0 2 * * 0", SUN, SlotOutcome.FAILED, SUN, SUN + WEEK, "X: y", 42)
     write_state(path, state)
     assert load_state(path) == state
     assert [p.name for p in path.parent.iterdir()] == ["state.json"]  # no temp file left
