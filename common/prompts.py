@@ -1,21 +1,12 @@
-"""The demo world's two task formats, shared by training (rollout) and evaluation (eval).
+"""The demo world's task formats, shared by training (rollout, demo) and evaluation (eval).
 
-Task (a), triage: the user message asks to triage a ticket; the assistant answers
+    triage:   a ticket → category: billing / priority: high / reply: ...  (`triage_answer`)
+    judge:    a ticket and an answer → {"score": 1-5, "reason": ...}       (`judge_verdict`)
+    pairwise: a ticket and answers a, b → {"reason": ..., "winner": "a" | "b" | "tie"}
 
-    category: billing
-    priority: high
-    reply: we have opened a billing review for you. a specialist will ...
-
-Task (b), judge: the user message holds a ticket and a candidate answer; the assistant answers
-with a JSON verdict `{"score": 1-5, "reason": "..."}` (see `judge_verdict` for the rubric).
-
-Task (c), pairwise judge: the user message holds a ticket and two answers, `a` and `b`; the
-assistant answers `{"reason": "a scores 5 (...); b scores 2 (...)", "winner": "a" | "b" |
-"tie"}`, reasoning first (see `pairwise_verdict`).
-
-Both are rendered through the tokenizer's chat template, so a chat request to vLLM sees exactly
-the text the model was trained on. For raw completions the prompt ends with `category:` and the
-answer starts with ` billing` (a trailing space would be a token the model never saw).
+All go through the tokenizer's chat template, so vLLM sees exactly the trained text. A raw
+completions prompt ends with `category:` and the answer starts with ` billing` (a trailing space
+would be a token the model never saw).
 """
 
 from __future__ import annotations

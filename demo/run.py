@@ -1,21 +1,12 @@
 """`make demo`: one compressed weekly cycle on the demo world, from nothing to a promotion, a
-rollback, and a report.
+rollback, and a report (`stillhouse demo run`).
 
-    stillhouse demo run
-
-1. Build the demo world (corpus, tokenizer, teacher; cached) and score the teacher on vLLM.
-2. Distill the students and register them: last week's (champion), this week's (challenger)
-   and a degraded one (shuffled answers). Cached in the registry: a second run trains nothing.
-3. Serve: the teacher on vLLM, and the gateway (`stillhouse serve` as a child process) with the
-   students given as registry aliases, so it starts them itself and hot-swaps on a move.
-   Calibrate the champion's fallback threshold.
-4. The rollout: steady ticket traffic while the controller walks this week's student through
-   calibrate → mirror → ramp → promote (the champion hot-swaps under load), then the degraded
-   student as next week's challenger, which it must roll back.
-5. Evaluation: check the judge on labelled pairs.
-6. Write the HTML report (and everything is in MLflow).
-
-Every engine and the gateway are stopped at the end, whatever happens.
+1. the demo world (cached) and the teacher scored on vLLM; 2. three students distilled and
+registered (last week's champion, this week's challenger, a degraded one; cached in the
+registry); 3. the teacher on vLLM and the gateway as a child process following the student
+aliases, the champion calibrated; 4. the rollout under ticket traffic: this week's student
+promoted (hot swap under load), the degraded one rolled back; 5. the judge checked on labelled
+pairs; 6. the HTML report. Every engine and the gateway are stopped at the end, whatever happens.
 """
 
 from __future__ import annotations
