@@ -11,8 +11,7 @@ now and where its registry reference points; `plan` turns that into one `SwapAct
     hold    the champion's alias is gone: keep serving what it serves (never left without one)
     wait    starting this version failed a moment ago: retry once the back-off has passed
 
-Roles that follow a fixed version, or an engine running elsewhere (`base_url`), are never
-swapped (`swappable=False`): only their thresholds follow the registry's tags.
+Roles that are not `swappable` (a fixed version, a `base_url`) only ever get noop or retag.
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ from prometheus_client import (
 )
 
 from stillhouse.common.config import Settings
+from stillhouse.common.roles import Role
 from stillhouse.serving.gateway.assignment import USER_HEADER, user_key
 from stillhouse.serving.gateway.auth import KEYS, authorize_admin, authorize_client, load_keys
 from stillhouse.serving.gateway.errors import (
@@ -226,7 +227,7 @@ async def readyz(request: web.Request) -> web.Response:
         str(role): {"up": ok, "circuit": snapshot[role].breaker.current_state()}
         for role, ok in zip(roles, checks, strict=True)
     }
-    ready = engines["teacher"]["up"] or engines["champion"]["up"]
+    ready = engines[Role.TEACHER]["up"] or engines[Role.CHAMPION]["up"]
     return json_response({"ready": ready, "engines": engines}, 200 if ready else 503)
 
 

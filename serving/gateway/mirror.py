@@ -75,7 +75,7 @@ class Mirror:
         self.clock = clock
         self.timeout_s = settings.fallback.attempt_timeout_s  # one call, no retries
         self.pool: WorkerPool[MirrorItem] = WorkerPool(
-            "mirror",
+            MIRROR,
             settings.shadow.mirror_queue_size,
             settings.shadow.mirror_concurrency,
             self._handle,
