@@ -310,9 +310,9 @@ def build_app(
 ) -> web.Application:
     """The composition root: the gateway's parts (`parts.build_gateway`) behind its routes.
     `endpoints` needs `teacher` and `champion`; `challenger` is optional."""
-    keys = load_keys(settings, environ)
     disable_created_metrics()  # `*_created` series double the scrape for nothing a panel uses
-    gw = build_gateway(settings, endpoints, metrics_registry)
+    gw = build_gateway(settings, endpoints, metrics_registry)  # checks the endpoints first
+    keys = load_keys(settings, environ)
     app = web.Application(
         client_max_size=settings.gateway.max_body_bytes, middlewares=[error_middleware]
     )

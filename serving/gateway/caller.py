@@ -49,6 +49,9 @@ class EngineStream:
 
 
 class EngineCaller:
+    """Calls engines on behalf of users' requests (the transports in request_path.py and
+    streaming.py); the mirror calls them without it."""
+
     def __init__(
         self,
         settings: FallbackSettings,

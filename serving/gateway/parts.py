@@ -47,6 +47,8 @@ class EngineEndpoint:
 
 @dataclass(frozen=True)
 class Gateway:
+    """The gateway's parts; the routes, `/admin/engines` and the model watcher use them."""
+
     settings: Settings
     metrics: GatewayMetrics
     writer: TrafficLogWriter

@@ -76,6 +76,8 @@ def traffic_record(
 
 
 class Recorder:
+    """Writes what requests did to the traffic log and the metrics; offers shadow items."""
+
     def __init__(
         self,
         settings: GatewaySettings,

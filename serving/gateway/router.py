@@ -41,6 +41,8 @@ class AbState:
 
 
 class Router:
+    """The routing state of one gateway process, changed by the admin API and the watcher."""
+
     def __init__(
         self,
         engines: dict[Role, Engine],

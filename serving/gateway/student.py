@@ -44,6 +44,8 @@ def student_body(
 
 
 class StudentStep:
+    """What every transport does before and after its call to a student."""
+
     def __init__(self, top_k: int, recorder: Recorder) -> None:
         self.top_k = top_k
         self.recorder = recorder

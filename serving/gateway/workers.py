@@ -22,6 +22,8 @@ Item = TypeVar("Item")
 
 
 class WorkerPool(Generic[Item]):
+    """`concurrency` tasks taking items from a queue of at most `size`."""
+
     def __init__(
         self,
         name: str,
