@@ -1,14 +1,12 @@
 """`stillhouse serve`: the configured engines and the gateway in front of them, until Ctrl-C.
 
-    stillhouse serve                      # the demo teacher and champion student
-    stillhouse --config stillhouse.yaml serve
+    stillhouse --config stillhouse.yaml serve     # gateway.engines: teacher, champion, challenger
 
-Each role (teacher, champion, optional challenger) is a model directory or a registry
-reference such as `models:/stillhouse-student@champion` (downloaded once into the state dir's
-cache, then started as a vLLM server here), or the `base_url` of an engine already running.
-A role given as a registry alias is hot-swapped when the alias moves (`serving/watcher.py`;
-`GET /admin/engines` shows where each role stands). Ctrl-C or SIGTERM stops the gateway first
-(in-flight requests finish), then every engine.
+Each role is a model directory, a registry reference such as
+`models:/stillhouse-student@champion` (downloaded once into the state dir's cache, then started
+as a vLLM server here), or the `base_url` of an engine already running. A role given as a
+registry alias is hot-swapped when the alias moves (`serving/engines/watcher.py`). Ctrl-C or
+SIGTERM stops the gateway first (in-flight requests finish), then every engine.
 """
 
 from __future__ import annotations
@@ -32,6 +30,7 @@ from stillhouse.common.calibration_tags import calibration_only
 from stillhouse.common.config import EngineRef, Settings
 from stillhouse.common.errors import StillhouseError, UsageError
 from stillhouse.common.registry import RegistryError, parse_ref
+from stillhouse.common.roles import ROLES, STUDENT_ROLES, Role
 from stillhouse.serving.engines.admin import install_watcher
 from stillhouse.serving.engines.pool import (
     EnginePool,
@@ -47,20 +46,16 @@ from stillhouse.serving.engines.watcher import (
     RegistryView,
     WatchedRole,
 )
-from stillhouse.serving.gateway.app import (
-    ENGINE_ROLES,
-    GATEWAY,
-    EngineEndpoint,
-    build_app,
-    load_keys,
-)
+from stillhouse.serving.gateway.app import GATEWAY, build_app
+from stillhouse.serving.gateway.auth import load_keys
+from stillhouse.serving.gateway.parts import EngineEndpoint
 
 log = logging.getLogger("stillhouse.serve")
 
 
 @dataclass(frozen=True)
 class ResolvedEngine:
-    role: str
+    role: str  # a `Role` (a config key: the gateway rejects any other)
     ref: str  # what the traffic log records: a registry version URI or a path
     served_name: str
     model_dir: Path | None = None  # start it here
@@ -85,7 +80,7 @@ def resolve_engine(
 ) -> ResolvedEngine | None:
     """A role's engine as something to start (a local directory) or to call (a URL). None for
     a challenger whose alias is unset: the watcher adds it once the alias appears."""
-    name = ref.served_name or role
+    name = ref.served_name or str(role)
     if ref.base_url is not None:
         label = ref.model_uri or ref.base_url
         tags: dict[str, str] | None = None
@@ -96,24 +91,33 @@ def resolve_engine(
                 info = registry.lookup(ref.model_uri)
                 tags = dict(info.tags) if info is not None else None
             except StillhouseError as exc:  # its threshold can wait for the registry
-                log.warning("cannot read %s's tags (the configured threshold applies): %s",
-                            ref.model_uri, exc)  # fmt: skip
-        return ResolvedEngine(role, label, name, base_url=ref.base_url.rstrip("/"), tags=tags,
-                              tags_ref=tags_ref)  # fmt: skip
+                log.warning(
+                    "cannot read %s's tags (the configured threshold applies): %s",
+                    ref.model_uri,
+                    exc,
+                )
+        base_url = ref.base_url.rstrip("/")
+        return ResolvedEngine(role, label, name, base_url=base_url, tags=tags, tags_ref=tags_ref)
     assert ref.model is not None
     if ref.model.startswith("models:/"):
         parsed = parse_ref(ref.model, settings.mlflow.registered_model)
         info = registry.lookup(ref.model)
         if info is None:
-            if role == "challenger":
+            if role == Role.CHALLENGER:
                 return None
             raise RegistryError(f"no version of {parsed.name} has alias '{parsed.alias}'")
         model_dir = registry.download(info.uri)
         watch = ref.model if parsed.alias is not None else None
         return ResolvedEngine(
-            role, info.uri, name, model_dir, extra_args=ref.extra_args, watch=watch,
-            tags=dict(info.tags), tags_ref=None if watch else info.uri,
-        )  # fmt: skip
+            role,
+            info.uri,
+            name,
+            model_dir,
+            extra_args=ref.extra_args,
+            watch=watch,
+            tags=dict(info.tags),
+            tags_ref=None if watch else info.uri,
+        )
     path = Path(ref.model).expanduser()
     validate_model_dir(path)
     return ResolvedEngine(role, str(path.resolve()), name, path, extra_args=ref.extra_args)
@@ -124,17 +128,17 @@ def resolve_engines(
 ) -> dict[str, ResolvedEngine]:
     """The engines to run now. A challenger that follows an alias is left out while the alias
     is unset or names the champion's version (`serve` still follows it)."""
-    missing = [role for role in ("teacher", "champion") if role not in refs]
+    missing = [role for role in (Role.TEACHER, Role.CHAMPION) if role not in refs]
     if missing:
         raise UsageError(f"no {missing[0]} engine configured (gateway.engines.{missing[0]})")
     view = registry if registry is not None else MlflowRegistryView(settings)
-    order = [r for r in ENGINE_ROLES if r in refs] + [r for r in refs if r not in ENGINE_ROLES]
+    order = [r for r in ROLES if r in refs] + [r for r in refs if r not in ROLES]
     resolved: dict[str, ResolvedEngine] = {}
     for role in order:
         engine = resolve_engine(role, refs[role], settings, view)
         if engine is None:
             continue
-        if role == "challenger" and engine.watch and engine.ref == resolved["champion"].ref:
+        if role == Role.CHALLENGER and engine.watch and engine.ref == resolved[Role.CHAMPION].ref:
             continue
         resolved[role] = engine
     return resolved
@@ -145,7 +149,7 @@ def watched_roles(
 ) -> list[WatchedRole]:
     """The student roles as the model watcher sees them: what each follows and serves."""
     roles: list[WatchedRole] = []
-    for role in ("champion", "challenger"):
+    for role in STUDENT_ROLES:
         engine = engines.get(role)
         if engine is not None:
             local = engine.model_dir is not None
@@ -163,8 +167,8 @@ def watched_roles(
             )
         elif role in refs and follows_alias(refs[role]):
             ref = refs[role]
-            roles.append(WatchedRole(role, ref.model, True, ref.served_name or role,
-                                     ref.extra_args))  # fmt: skip
+            name = ref.served_name or str(role)
+            roles.append(WatchedRole(role, ref.model, True, name, ref.extra_args))
     return roles
 
 
@@ -277,7 +281,9 @@ def serve(
         for role in roles:
             if role.serving is None:
                 console.print(f"{role.role:<10} follows {role.follow}: none yet")
-        watcher = ModelWatcher(app[GATEWAY], pool, MlflowRegistryView(settings), roles, settings)
+        gateway = app[GATEWAY]
+        registry = MlflowRegistryView(settings)
+        watcher = ModelWatcher(gateway.router, gateway.metrics, pool, registry, roles, settings)
         install_watcher(app, watcher)
         gw = settings.gateway
 

@@ -39,7 +39,7 @@ from stillhouse.common.tracking import RunTracker, flatten
 from stillhouse.eval.judge_templates import ticket_from_logged_prompt
 from stillhouse.rollout.calibration import ltt as calib
 from stillhouse.serving.gateway import responses
-from stillhouse.serving.gateway.confidence import TokenLogprobs, confidence
+from stillhouse.serving.gateway.policy import FallbackPolicy
 
 _TIMEOUT_S = 120.0
 _ATTEMPTS = 3  # per call, on connection errors, timeouts, 429 and 5xx
@@ -119,15 +119,6 @@ def answers_agree(student: str, teacher: str) -> bool:
     if a is not None and b is not None:
         return (a.category, a.priority) == (b.category, b.priority)
     return normalise_answer(student) == normalise_answer(teacher)
-
-
-def gateway_score(tokens: Sequence[TokenLogprobs] | None, conf: ConfidenceSettings) -> float:
-    """The confidence the gateway would give this answer (`serving.gateway.confidence`): the
-    signal over the first `hold_tokens` tokens; no log-probabilities at all always falls back,
-    −inf."""
-    if tokens is None:
-        return -math.inf
-    return confidence(tokens[: conf.hold_tokens], conf.signal, conf.quantile)
 
 
 def judge_question(messages: Messages, demo_template: bool) -> str | None:
@@ -210,7 +201,7 @@ async def _ask(
             return _Answer(None, error=f"{role} {e}")
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             return _Answer(None, error=f"{role} answer unreadable ({type(e).__name__})")
-    return _Answer(text, gateway_score(tokens, conf))
+    return _Answer(text, FallbackPolicy(conf).score(tokens))  # scored as the gateway scores
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@
                                    moving an alias); {"wait": true} answers once that poll and
                                    any swap it started are done (minutes when a server starts)
 
-The watcher itself is `serving/watcher.py`; `install_watcher` ties it to the app's lifetime.
+The watcher itself is `serving/engines/watcher.py`; `install_watcher` ties it to the app's
+lifetime.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from typing import Any
 
 from aiohttp import web
 
+from stillhouse.common.roles import ROLES, Role
 from stillhouse.serving.engines.watcher import ModelWatcher
-from stillhouse.serving.gateway.app import ENGINE_ROLES, authorize_admin, json_response
+from stillhouse.serving.gateway.app import json_response
+from stillhouse.serving.gateway.auth import authorize_admin
 from stillhouse.serving.gateway.errors import InvalidRequest
 from stillhouse.serving.gateway.requests import decode_json
 
@@ -43,17 +46,15 @@ def install_watcher(app: web.Application, watcher: ModelWatcher) -> None:
 
 
 def engines_state(watcher: ModelWatcher) -> dict[str, Any]:
-    gw = watcher.gateway
     now = watcher.clock()
     engines: dict[str, Any] = {}
-    for role in ENGINE_ROLES:
-        engine = gw.engines.get(role)
+    for role in ROLES:
+        engine = watcher.router.engines.get(role)
         state = watcher.roles.get(role)
         if engine is None and state is None:
             continue
         item: dict[str, Any] = {"active": engine is not None}
         if engine is not None:
-            threshold = engine.threshold
             item.update(
                 base_url=engine.base_url,
                 served_name=engine.served_name,
@@ -61,10 +62,9 @@ def engines_state(watcher: ModelWatcher) -> dict[str, Any]:
                 in_flight=engine.in_flight,
                 circuit=engine.breaker.current_state(),
             )
-            if role != "teacher":
+            if role != Role.TEACHER:
                 item.update(
-                    threshold=gw.settings.confidence.threshold if threshold is None else threshold,
-                    threshold_source=engine.threshold_source,
+                    threshold=engine.policy.threshold, threshold_source=engine.threshold_source
                 )
         if state is not None:
             entry = watcher.pool.get(state.pool_key) if state.pool_key is not None else None
@@ -80,7 +80,7 @@ def engines_state(watcher: ModelWatcher) -> dict[str, Any]:
                 last_error=state.last_error,
                 retry_in_s=round(max(0.0, state.retry[1] - now), 1) if state.retry else None,
             )
-        engines[role] = item
+        engines[str(role)] = item  # orjson takes only plain-str keys
     return {
         "watch_interval_s": watcher.interval_s,
         "last_poll": watcher.last_poll,

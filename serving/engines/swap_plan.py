@@ -1,7 +1,7 @@
 """What a registry answer asks of the served engines: pure decisions over plain data.
 
 For each student role (champion first, then challenger) the watcher knows what the role serves
-now and where its registry reference points; `plan` turns that into one action:
+now and where its registry reference points; `plan` turns that into one `SwapAction`:
 
     noop    nothing changed
     retag   same version, new calibration tags: update the threshold in place
@@ -11,8 +11,7 @@ now and where its registry reference points; `plan` turns that into one action:
     hold    the champion's alias is gone: keep serving what it serves (never left without one)
     wait    starting this version failed a moment ago: retry once the back-off has passed
 
-Roles that follow a fixed version, or an engine running elsewhere (`base_url`), are never
-swapped (`swappable=False`): only their thresholds follow the registry's tags.
+Roles that are not `swappable` (a fixed version, a `base_url`) only ever get noop or retag.
 """
 
 from __future__ import annotations
@@ -21,8 +20,10 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-ActionKind = Literal["noop", "retag", "start", "reuse", "remove", "hold", "wait"]
-ROLE_ORDER = ("champion", "challenger")
+from stillhouse.common.roles import STUDENT_ROLES, Role
+
+SwapKind = Literal["noop", "retag", "start", "reuse", "remove", "hold", "wait"]
+ROLE_ORDER = STUDENT_ROLES  # champion first
 RETRY_BASE_S = 30.0
 RETRY_MAX_S = 600.0
 
@@ -31,7 +32,7 @@ RETRY_MAX_S = 600.0
 class RoleView:
     """One watched role: what it serves and what the registry says now."""
 
-    role: str
+    role: Role
     serving: str | None  # the version served now; None: the role is not routed to
     wanted: str | None  # where its reference points now; None: the alias is unset
     applied_tags: Mapping[str, str] = field(default_factory=dict)  # its threshold's source
@@ -42,9 +43,11 @@ class RoleView:
 
 
 @dataclass(frozen=True)
-class Action:
-    role: str
-    kind: ActionKind
+class SwapAction:
+    """What to do about one role's engine (the kinds are in the module docstring)."""
+
+    role: Role
+    kind: SwapKind
     target: str | None = None  # the version to serve (start, reuse, retag)
     reason: str = ""
 
@@ -56,15 +59,15 @@ def retry_delay(failures: int) -> float:
 
 def plan(
     views: Sequence[RoleView], running: Collection[tuple[str, tuple[str, ...]]], now: float
-) -> list[Action]:
+) -> list[SwapAction]:
     """One action per role, champion first. `running`: the (version, extra args) of servers
     running now; `now` on the clock of `RoleView.retry`."""
     ordered = sorted(views, key=lambda v: ROLE_ORDER.index(v.role) if v.role in ROLE_ORDER else 9)
-    actions: list[Action] = []
+    actions: list[SwapAction] = []
     champion: str | None = None  # the version the champion will serve after this plan
     for view in ordered:
         action = _plan_role(view, running, now, champion)
-        if view.role == "champion":
+        if view.role == Role.CHAMPION:
             champion = action.target if action.kind in ("start", "reuse") else view.serving
         actions.append(action)
     return actions
@@ -75,31 +78,31 @@ def _plan_role(
     running: Collection[tuple[str, tuple[str, ...]]],
     now: float,
     champion: str | None,
-) -> Action:
+) -> SwapAction:
     role, wanted = view.role, view.wanted
     if not view.swappable:  # only the threshold follows the registry
         if wanted is None:
-            return Action(role, "noop", view.serving, "its registry reference does not resolve")
+            return SwapAction(role, "noop", view.serving, "its registry reference does not resolve")
         if dict(view.wanted_tags) != dict(view.applied_tags):
-            return Action(role, "retag", wanted, "calibration tags changed")
-        return Action(role, "noop", wanted)
-    if wanted is not None and role == "challenger" and wanted == champion:
+            return SwapAction(role, "retag", wanted, "calibration tags changed")
+        return SwapAction(role, "noop", wanted)
+    if wanted is not None and role == Role.CHALLENGER and wanted == champion:
         wanted, why = None, "the challenger alias names the champion's version"
     else:
         why = "the alias is unset"
     if wanted is None:
-        if role == "champion":
-            return Action(role, "hold", view.serving, f"{why}; keeps serving {view.serving}")
+        if role == Role.CHAMPION:
+            return SwapAction(role, "hold", view.serving, f"{why}; keeps serving {view.serving}")
         if view.serving is None:
-            return Action(role, "noop", None, why)
-        return Action(role, "remove", None, why)
+            return SwapAction(role, "noop", None, why)
+        return SwapAction(role, "remove", None, why)
     if wanted == view.serving:
         if dict(view.wanted_tags) != dict(view.applied_tags):
-            return Action(role, "retag", wanted, "calibration tags changed")
-        return Action(role, "noop", wanted)
+            return SwapAction(role, "retag", wanted, "calibration tags changed")
+        return SwapAction(role, "noop", wanted)
     if view.retry is not None and view.retry[0] == wanted and now < view.retry[1]:
         left = view.retry[1] - now
-        return Action(role, "wait", wanted, f"its start failed; next try in {left:.0f} s")
+        return SwapAction(role, "wait", wanted, f"its start failed; next try in {left:.0f} s")
     if (wanted, tuple(view.extra_args)) in running:
-        return Action(role, "reuse", wanted, "a running server serves it already")
-    return Action(role, "start", wanted, f"the alias moved from {view.serving} to {wanted}")
+        return SwapAction(role, "reuse", wanted, "a running server serves it already")
+    return SwapAction(role, "start", wanted, f"the alias moved from {view.serving} to {wanted}")

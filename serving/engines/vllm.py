@@ -53,17 +53,19 @@ def build_engine_command(
     spec: EngineSpec, settings: EngineSettings, port: int, python: str = sys.executable
 ) -> list[str]:
     """The server's argv: our typed settings first, passthrough arguments last (they win)."""
-    cmd = [
-        python, "-m", VLLM_SERVER_MODULE,
-        "--model", str(spec.model_path),
-        "--served-model-name", spec.served_model_name,
-        "--host", settings.host,
-        "--port", str(port),
-        "--max-model-len", str(settings.max_model_len),
-        "--max-logprobs", str(settings.max_logprobs),
-        "--dtype", settings.dtype,
-        "--uvicorn-log-level", "warning",
-    ]  # fmt: skip
+    flags = {
+        "--model": str(spec.model_path),
+        "--served-model-name": spec.served_model_name,
+        "--host": settings.host,
+        "--port": str(port),
+        "--max-model-len": str(settings.max_model_len),
+        "--max-logprobs": str(settings.max_logprobs),
+        "--dtype": settings.dtype,
+        "--uvicorn-log-level": "warning",
+    }
+    cmd = [python, "-m", VLLM_SERVER_MODULE]
+    for flag, value in flags.items():
+        cmd += [flag, value]
     if settings.enforce_eager:
         cmd.append("--enforce-eager")
     cmd.extend(settings.extra_args)

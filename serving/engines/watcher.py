@@ -1,19 +1,12 @@
-"""Hot swap: the `stillhouse serve` process follows the registry's aliases.
+"""Hot swap: `stillhouse serve` follows the registry aliases its student roles were given.
 
-Every `gateway.watch_interval_s` (and on `POST /admin/engines/refresh`) the watcher asks the
-registry where each student role's alias points (`models:/stillhouse-student@champion`, ...;
-the MLflow calls run in a worker thread) and acts on `swap_plan.plan`'s answer:
+    watcher = ModelWatcher(gateway.router, gateway.metrics, pool, registry, roles, settings)
+    await watcher.start()              # polls every `gateway.watch_interval_s`
+    await watcher.refresh(wait=True)   # what `POST /admin/engines/refresh` calls
 
-    alias moved      download the version, start a vLLM server for it (or reuse a running one),
-                     wait until it is ready, switch routing (atomic: one event loop), drain the
-                     old engine's in-flight requests, stop its server unless a role still uses it
-    start failed     keep serving the old version; retry with back-off (30 s, doubling, ≤ 10 min)
-    tags changed     only the threshold changes, in place
-    challenger gone  stop routing to it, drain, stop its server unless still used
-
-Each engine's fallback threshold is the one calibrated for the version it serves (registry tags,
-`common/calibration_tags.py`) when it fits the gateway's confidence settings, else the configured
-one; one log line per engine says which and why.
+Each poll asks the registry where each alias points (in a worker thread), plans with
+`swap_plan.plan` and acts: start or reuse a server, switch routing, drain and stop the old one,
+or only retag a threshold. The steps, the back-off and the thresholds: docs/gateway.md.
 """
 
 from __future__ import annotations
@@ -32,12 +25,13 @@ from stillhouse.common.calibration_tags import calibration_only, serving_thresho
 from stillhouse.common.config import ConfidenceSettings, Settings
 from stillhouse.common.errors import StillhouseError
 from stillhouse.common.registry import RegistryClient, VersionInfo, parse_ref
+from stillhouse.common.roles import Role
 from stillhouse.serving.engines.pool import EnginePool, PoolEntry, PoolKey, pool_key
-from stillhouse.serving.engines.swap_plan import Action, RoleView, plan, retry_delay
+from stillhouse.serving.engines.swap_plan import RoleView, SwapAction, plan, retry_delay
 from stillhouse.serving.engines.vllm import EngineSpec
-from stillhouse.serving.gateway.breaker import CircuitBreaker
-from stillhouse.serving.gateway.core import Gateway
-from stillhouse.serving.gateway.upstream import Engine
+from stillhouse.serving.gateway.metrics import GatewayMetrics
+from stillhouse.serving.gateway.router import Router
+from stillhouse.serving.gateway.upstream import Engine, new_engine
 
 log = logging.getLogger("stillhouse.watcher")
 
@@ -98,7 +92,7 @@ def threshold_for(
 class WatchedRole:
     """A student role, what it follows in the registry, and what it serves now."""
 
-    role: str
+    role: Role
     follow: str | None  # registry reference polled: an alias (swapped) or a fixed version
     swappable: bool  # follows an alias with servers started here
     served_name: str
@@ -116,7 +110,7 @@ class WatchedRole:
 
 @dataclass
 class _Retiring:
-    role: str
+    role: Role
     engine: Engine | None
     key: PoolKey | None
     old_ref: str | None
@@ -130,14 +124,16 @@ class ModelWatcher:
 
     def __init__(
         self,
-        gateway: Gateway,
+        router: Router,
+        metrics: GatewayMetrics,
         pool: EnginePool,
         registry: RegistryView,
         roles: Sequence[WatchedRole],
         settings: Settings,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.gateway = gateway
+        self.router = router
+        self.metrics = metrics
         self.pool = pool
         self.registry = registry
         self.roles = {r.role: r for r in roles}
@@ -159,7 +155,7 @@ class ModelWatcher:
 
     async def start(self) -> None:
         self._wake, self._lock = asyncio.Event(), asyncio.Lock()
-        for role, engine in list(self.gateway.engines.items()):
+        for role, engine in list(self.router.engines.items()):
             if role in self.roles:
                 self._set_threshold(engine, self.roles[role].tags)
         self._task = asyncio.create_task(self._run(), name="model-watcher")
@@ -211,7 +207,7 @@ class ModelWatcher:
 
     # --- one poll ---------------------------------------------------------------------------
 
-    async def cycle(self) -> list[Action]:
+    async def cycle(self) -> list[SwapAction]:
         """Ask the registry, plan, act; returns the plan."""
         assert self._lock is not None, "the watcher has not started"
         async with self._lock:
@@ -251,14 +247,14 @@ class ModelWatcher:
         )
 
     async def _apply(
-        self, actions: Sequence[Action], answers: Mapping[str, VersionInfo | None]
+        self, actions: Sequence[SwapAction], answers: Mapping[str, VersionInfo | None]
     ) -> None:
         for action in actions:
             state = self.roles[action.role]
             info = answers.get(action.role)
             if action.kind == "retag" and info is not None:
                 state.tags = calibration_only(info.tags)
-                engine = self.gateway.engines.get(action.role)
+                engine = self.router.engines.get(action.role)
                 if engine is not None:
                     self._set_threshold(engine, info.tags)
             elif action.kind == "hold" and state.last_error != action.reason:
@@ -275,9 +271,9 @@ class ModelWatcher:
         retiring += [self._remove(a) for a in removals]
         await asyncio.gather(*(self._retire(r) for r in retiring))
 
-    async def _acquire(self, moves: Sequence[Action]) -> dict[str, PoolEntry]:
+    async def _acquire(self, moves: Sequence[SwapAction]) -> dict[str, PoolEntry]:
         """The server for each move (started in parallel, once per key); failures noted."""
-        by_key: dict[PoolKey, list[Action]] = {}
+        by_key: dict[PoolKey, list[SwapAction]] = {}
         for action in moves:
             state = self.roles[action.role]
             assert action.target is not None
@@ -298,7 +294,7 @@ class ModelWatcher:
                     entries[action.role] = result
         return entries
 
-    async def _server(self, key: PoolKey, action: Action) -> PoolEntry:
+    async def _server(self, key: PoolKey, action: SwapAction) -> PoolEntry:
         running = self.pool.get(key)
         if running is not None:
             return running
@@ -311,7 +307,7 @@ class ModelWatcher:
         log.info("%s: %s is ready at %s", action.role, action.target, entry.base_url)
         return entry
 
-    def _start_failed(self, action: Action, exc: BaseException) -> None:
+    def _start_failed(self, action: SwapAction, exc: BaseException) -> None:
         state = self.roles[action.role]
         state.failures += 1
         delay = retry_delay(state.failures)
@@ -320,38 +316,50 @@ class ModelWatcher:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         state.last_error = f"starting {action.target} failed: {first}"
         state.swapping_to = state.swap_started = None
-        self.gateway.metrics.engine_swaps.labels(action.role, "start_failed").inc()
+        self.metrics.engine_swaps.labels(action.role, "start_failed").inc()
         known = isinstance(exc, StillhouseError | OSError)
-        log.error("%s: starting %s failed; still serving %s; next try in %.0f s: %s",
-                  action.role, action.target, state.serving, delay, exc,
-                  exc_info=None if known else exc)  # fmt: skip
+        log.error(
+            "%s: starting %s failed; still serving %s; next try in %.0f s: %s",
+            action.role,
+            action.target,
+            state.serving,
+            delay,
+            exc,
+            exc_info=None if known else exc,
+        )
 
-    def _switch(self, action: Action, entry: PoolEntry, info: VersionInfo | None) -> _Retiring:
+    def _switch(self, action: SwapAction, entry: PoolEntry, info: VersionInfo | None) -> _Retiring:
         state = self.roles[action.role]
         assert action.target is not None
         self.pool.attach(entry.key)
-        fb = self.settings.gateway.fallback
-        breaker = CircuitBreaker(fb.breaker_failures, fb.breaker_cooldown_s, time.monotonic)
-        engine = Engine(action.role, entry.base_url.rstrip("/"), entry.served_name,
-                        action.target, breaker)  # fmt: skip
+        engine = new_engine(
+            action.role, entry.base_url, entry.served_name, action.target, self.settings.gateway
+        )
         tags = info.tags if info is not None else {}
         self._set_threshold(engine, tags)
-        old = self.gateway.swap_engine(action.role, engine)
+        old = self.router.swap_engine(action.role, engine)
         started = state.swap_started if state.swap_started is not None else self.clock()
-        retiring = _Retiring(action.role, old, state.pool_key, state.serving, action.target,
-                             started)  # fmt: skip
-        log.info("%s: routing switched from %s to %s (%s)", action.role, state.serving,
-                 action.target, action.kind)  # fmt: skip
+        retiring = _Retiring(
+            action.role, old, state.pool_key, state.serving, action.target, started
+        )
+        log.info(
+            "%s: routing switched from %s to %s (%s)",
+            action.role,
+            state.serving,
+            action.target,
+            action.kind,
+        )
         state.serving, state.pool_key, state.tags = action.target, entry.key, calibration_only(tags)
         state.failures, state.retry, state.last_error = 0, None, None
         return retiring
 
-    def _remove(self, action: Action) -> _Retiring:
+    def _remove(self, action: SwapAction) -> _Retiring:
         state = self.roles[action.role]
-        old = self.gateway.remove_engine(action.role)
+        old = self.router.remove_engine(action.role)
         log.info("%s: no longer routed to (%s)", action.role, action.reason)
-        retiring = _Retiring(action.role, old, state.pool_key, state.serving, None,
-                             self.clock(), removal=True)  # fmt: skip
+        retiring = _Retiring(
+            action.role, old, state.pool_key, state.serving, None, self.clock(), removal=True
+        )
         state.serving = state.pool_key = state.tags = None
         state.swapping_to = None
         return retiring
@@ -360,17 +368,21 @@ class ModelWatcher:
         """Drain the old engine, then stop its server unless another role still uses it."""
         drained = True
         if r.engine is not None:
-            drained = await self.gateway.drain(r.engine, self.settings.gateway.fallback.deadline_s)
+            drained = await self.router.drain(r.engine, self.settings.gateway.fallback.deadline_s)
             if not drained:
-                log.warning("%s: %d requests still on %s after the drain timeout; stopping it",
-                            r.role, r.engine.in_flight, r.old_ref)  # fmt: skip
+                log.warning(
+                    "%s: %d requests still on %s after the drain timeout; stopping it",
+                    r.role,
+                    r.engine.in_flight,
+                    r.old_ref,
+                )
         server = self.pool.detach(r.key) if r.key is not None else None
         pid = server.pid if server is not None else None
         if server is not None:
             await asyncio.to_thread(server.stop)
             log.info("%s: stopped the server of %s (pid %s)", r.role, r.old_ref, pid)
         outcome = "removed" if r.removal else ("ok" if drained else "drain_timeout")
-        self.gateway.metrics.engine_swaps.labels(r.role, outcome).inc()
+        self.metrics.engine_swaps.labels(r.role, outcome).inc()
         state = self.roles[r.role]
         state.last_swap = {
             "from": r.old_ref,
@@ -385,7 +397,11 @@ class ModelWatcher:
 
     def _set_threshold(self, engine: Engine, tags: Mapping[str, str] | None) -> None:
         conf = self.settings.gateway.confidence
-        engine.threshold, engine.threshold_source = threshold_for(tags, conf, engine.ref)
-        value = conf.threshold if engine.threshold is None else engine.threshold
-        log.info("%s serves %s with confidence threshold %.4g: %s",
-                 engine.role, engine.ref, value, engine.threshold_source)  # fmt: skip
+        engine.set_threshold(*threshold_for(tags, conf, engine.ref))
+        log.info(
+            "%s serves %s with confidence threshold %.4g: %s",
+            engine.role,
+            engine.ref,
+            engine.policy.threshold,
+            engine.threshold_source,
+        )

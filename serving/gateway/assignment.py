@@ -18,7 +18,9 @@ import hashlib
 import math
 from typing import Literal
 
-Arm = Literal["champion", "challenger"]
+from stillhouse.common.roles import Role
+
+Arm = Literal[Role.CHAMPION, Role.CHALLENGER]
 
 USER_HEADER = "x-stillhouse-user"
 """The request header that identifies the user when the body carries no `user` field."""
@@ -54,7 +56,7 @@ def bucket(key: str, seed: str) -> float:
 
 
 def assign_arm(key: str, seed: str, challenger_share: float) -> Arm:
-    """`"challenger"` iff `bucket(key, seed) < challenger_share`, else `"champion"`.
+    """`Role.CHALLENGER` iff `bucket(key, seed) < challenger_share`, else `Role.CHAMPION`.
 
     Monotone in the share by construction: raising it keeps every current challenger a
     challenger. Share 0 sends nobody to the challenger, share 1 everybody. A share outside
@@ -62,4 +64,4 @@ def assign_arm(key: str, seed: str, challenger_share: float) -> Arm:
     """
     if math.isnan(challenger_share) or not 0.0 <= challenger_share <= 1.0:
         raise ValueError(f"challenger_share must be in [0, 1], got {challenger_share!r}")
-    return "challenger" if bucket(key, seed) < challenger_share else "champion"
+    return Role.CHALLENGER if bucket(key, seed) < challenger_share else Role.CHAMPION

@@ -1,25 +1,12 @@
-"""How confident the student is in its own answer, from the token log-probabilities it returned.
+"""How confident a student is in its own answer: signals over its token log-probabilities.
 
-The gateway asks the student for `logprobs` (and `top_logprobs=k`), scores the answer with one
-signal, and falls back to the teacher when the score is below a threshold. A streaming gateway
-holds the first N tokens, scores only those (`first_n`) and decides before forwarding anything.
+    confidence(tokens, "mean_logprob")     # higher is more confident; <= 0 for sane input
 
-Signals — all "higher is more confident", all ≤ 0 for well-formed input:
-
-- `mean_logprob`: the mean chosen-token logprob (length-normalised sequence log-likelihood).
-- `min_logprob`: the weakest single token; one confident-sounding wrong digit is enough.
-- `quantile_logprob(q)`: the q-quantile of the chosen-token logprobs (linear interpolation, as
-  numpy's default); a softer `min` that ignores the worst (q·100)% of positions.
-- `neg_mean_entropy`: minus the mean per-token entropy of the top-k distribution renormalised
-  over its k entries (see `topk_entropy` for how that relates to the full-vocabulary entropy).
-
-Edge policy, the same everywhere:
-
-- No tokens: every signal is −inf ("nothing to trust"), so the gateway falls back.
-- A −inf chosen-token logprob (probability 0: the model says this token is certainly wrong)
-  makes `confidence` −inf under *every* signal — the quantile signal would otherwise skip it
-  and the entropy signal never looks at it — and −inf confidence always falls back.
-- NaN or +inf logprobs are corrupt and rejected when a `TokenLogprobs` is built (`ValueError`).
+Signals: `mean_logprob`, `min_logprob`, `quantile` (`quantile_logprob`, numpy's default
+interpolation) and `neg_mean_entropy` (minus the mean top-k entropy, `topk_entropy`). No tokens,
+or any −inf chosen-token logprob, is −inf under every signal; NaN and +inf are rejected when a
+`TokenLogprobs` is built. Whether that score means a fallback is `policy.FallbackPolicy`'s call;
+docs/gateway.md has the whole edge policy.
 """
 
 from __future__ import annotations
@@ -161,31 +148,3 @@ def confidence(tokens: Sequence[TokenLogprobs], signal: Signal, quantile: float 
     if signal == "quantile":
         return quantile_logprob(tokens, quantile)
     return neg_mean_entropy(tokens)
-
-
-def should_fall_back(
-    tokens: Sequence[TokenLogprobs],
-    signal: Signal,
-    threshold: float,
-    quantile: float = 0.1,
-    first_n: int | None = None,
-) -> bool:
-    """Whether the gateway should answer from the teacher instead of this student output.
-
-    Falls back iff the confidence is strictly below `threshold` (at the threshold the student
-    is served) or is −inf — so no tokens, or a certainly-wrong token under any signal, still
-    falls back with `threshold = -inf`. `first_n` scores only the first N tokens (what a
-    streaming gateway has held back); it must be ≥ 1. A NaN threshold raises `ValueError`.
-    """
-    if math.isnan(threshold):
-        raise ValueError("threshold must not be NaN")
-    if first_n is not None:
-        if first_n < 1:
-            raise ValueError(f"first_n must be >= 1, got {first_n}")
-        tokens = tokens[:first_n]
-    return is_low(confidence(tokens, signal, quantile), threshold)
-
-
-def is_low(score: float, threshold: float) -> bool:
-    """The fallback rule on a computed score: strictly below the threshold, or −inf."""
-    return score == -math.inf or score < threshold

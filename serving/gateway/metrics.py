@@ -13,6 +13,10 @@ from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from stillhouse.common.roles import STUDENT_ROLES
+from stillhouse.serving.gateway.breaker import STATE_VALUE, State
+from stillhouse.serving.gateway.policy import LOW_CONFIDENCE, NO_LOGPROBS
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 CONFIDENCE_BUCKETS = (
@@ -32,23 +36,36 @@ CONFIDENCE_BUCKETS = (
 )
 
 OUTCOMES = ("ok", "client_error", "unavailable", "error")
+# The policy's two, then the engine failures' (`upstream.UpstreamFailure.reason`).
 FALLBACK_REASONS = (
-    "low_confidence",
+    LOW_CONFIDENCE,
     "timeout",
     "connection",
     "upstream_5xx",
     "circuit_open",
-    "no_logprobs",
+    NO_LOGPROBS,
 )
 MIRROR_OUTCOMES = ("ok", "error", "dropped")
-SWAP_ROLES = ("champion", "challenger")  # the teacher is not swapped by alias moves
+SWAP_ROLES = STUDENT_ROLES  # the teacher is not swapped by alias moves
 SWAP_OUTCOMES = ("ok", "start_failed", "drain_timeout", "removed")
 
 
 class GatewayMetrics:
+    """The gateway's metrics on their own registry, grouped by what they watch."""
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
-        r = self.registry
+        self._requests(self.registry)
+        self._engines(self.registry)
+        self._rollout(self.registry)
+        self._shadow(self.registry)
+        self._traffic_log(self.registry)
+
+    def export_breaker(self, role: str, state: State) -> None:
+        self.circuit_state.labels(role).set(STATE_VALUE[state])
+
+    def _requests(self, r: CollectorRegistry) -> None:
+        """What users' requests did: who answered, how fast, fallbacks and confidence."""
         self.requests = Counter(
             "stillhouse_gateway_requests",
             "Requests by A/B arm, the engine that answered and the outcome.",
@@ -81,6 +98,8 @@ class GatewayMetrics:
             ["reason"],
             registry=r,
         )
+        for reason in FALLBACK_REASONS:
+            self.fallbacks.labels(reason)
         self.confidence = Histogram(
             "stillhouse_gateway_confidence",
             "The student's confidence score (the configured signal), by arm.",
@@ -88,6 +107,9 @@ class GatewayMetrics:
             buckets=CONFIDENCE_BUCKETS,
             registry=r,
         )
+
+    def _engines(self, r: CollectorRegistry) -> None:
+        """The engines' health as the gateway sees it."""
         self.circuit_state = Gauge(
             "stillhouse_gateway_circuit_state",
             "Circuit breaker per engine: 0 closed, 1 half-open, 2 open.",
@@ -100,6 +122,9 @@ class GatewayMetrics:
             ["engine"],
             registry=r,
         )
+
+    def _rollout(self, r: CollectorRegistry) -> None:
+        """The A/B split, the mirror and hot swaps: what the rollout controller changes."""
         self.challenger_share = Gauge(
             "stillhouse_gateway_challenger_share",
             "The share of users assigned to the challenger arm.",
@@ -112,6 +137,27 @@ class GatewayMetrics:
             ["role", "outcome"],
             registry=r,
         )
+        # Created at zero, so a dashboard shows "no swaps yet" rather than no data.
+        for role in SWAP_ROLES:
+            for outcome in SWAP_OUTCOMES:
+                self.engine_swaps.labels(role, outcome)
+        self.mirror_share = Gauge(
+            "stillhouse_challenger_mirror_share",
+            "The share of champion-arm requests also sent to the challenger (shadow phase).",
+            registry=r,
+        )
+        self.mirror_requests = Counter(
+            "stillhouse_mirror_requests",
+            "Requests mirrored to the challenger (no user sees them), by outcome: ok, error, "
+            "dropped (the mirror queue was full or the challenger's circuit open).",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in MIRROR_OUTCOMES:
+            self.mirror_requests.labels(outcome)
+
+    def _shadow(self, r: CollectorRegistry) -> None:
+        """Shadow scoring: the teacher scoring student answers off the hot path."""
         self.shadow_queue_depth = Gauge(
             "stillhouse_shadow_queue_depth",
             "Shadow-scoring jobs waiting for the teacher.",
@@ -128,6 +174,9 @@ class GatewayMetrics:
         self.shadow_errors = Counter(
             "stillhouse_shadow_errors", "Shadow-scoring calls that failed.", registry=r
         )
+
+    def _traffic_log(self, r: CollectorRegistry) -> None:
+        """The durable traffic log's writer."""
         self.traffic_log_write_errors = Counter(
             "stillhouse_traffic_log_write_errors",
             "Traffic-log records that could not be written (failed commits, a full queue).",
@@ -147,26 +196,6 @@ class GatewayMetrics:
         self.traffic_log_committed = Counter(
             "stillhouse_traffic_log_records_committed", "Traffic-log records committed.", registry=r
         )
-        self.mirror_share = Gauge(
-            "stillhouse_challenger_mirror_share",
-            "The share of champion-arm requests also sent to the challenger (shadow phase).",
-            registry=r,
-        )
-        self.mirror_requests = Counter(
-            "stillhouse_mirror_requests",
-            "Requests mirrored to the challenger (no user sees them), by outcome: ok, error, "
-            "dropped (the mirror queue was full or the challenger's circuit open).",
-            ["outcome"],
-            registry=r,
-        )
-        for outcome in MIRROR_OUTCOMES:
-            self.mirror_requests.labels(outcome)
-        # Created at zero, so a dashboard shows "no swaps yet" rather than no data.
-        for role in SWAP_ROLES:
-            for outcome in SWAP_OUTCOMES:
-                self.engine_swaps.labels(role, outcome)
-        for reason in FALLBACK_REASONS:
-            self.fallbacks.labels(reason)
 
 
 def engine_sd_targets(base_urls: Mapping[str, str]) -> list[dict[str, Any]]:

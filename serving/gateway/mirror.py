@@ -1,53 +1,46 @@
-"""The challenger's shadow phase: it answers mirrored traffic that no user sees, and its answers
-are recorded, confidence-scored, shadow-scored and judged like a student's.
+"""The challenger's shadow phase: it answers copies of champion-arm requests that no user sees.
 
-    user request → champion arm → the user's answer (champion, or the teacher after a fallback)
-        └─ with probability `ab.mirror`, once the answer is done: a `MirrorJob` → bounded queue
-    worker: the same request → challenger (non-streamed, with log-probabilities, as a student
-            call) → the gateway's confidence rule → traffic record "<id>:mirror"
-            (arm "challenger", served_by "mirror") → maybe the shadow scorer
+    mirror.offer(request, trace)     after a user's answer is decided: with probability
+                                     `ab.mirror`, a `MirrorItem` into a bounded `WorkerPool`
+    worker: the same request, non-streamed, to the challenger (the shared student step) →
+            its policy's decision → a traffic record "<id>:mirror" (arm challenger, served_by
+            mirror) → maybe the shadow scorer
 
-Off the hot path by construction: `offer` never waits and runs after the user's answer is
-decided, so the challenger can neither change, delay nor fail it; a full queue drops the job
-(`stillhouse_mirror_requests_total{outcome="dropped"}`). Nothing falls back: a mirrored answer
-the gateway would have replaced is recorded with `fallback_reason` set and no teacher call.
-
-Circuit breaker: mirror calls never give the challenger's breaker a verdict. A slow or failing
-challenger in shadow must not open the circuit its A/B users depend on (nor close one that user
-traffic opened), and the half-open probe belongs to user traffic. While the circuit is open
-mirror jobs are dropped, so an engine in trouble gets no extra load. Failures are counted
-(`outcome="error"`) and recorded (status 502, or the engine's 4xx, with `fallback_reason` the
-failure's reason: a challenger-arm request would have fallen back there too).
-
-One call per job, no retries, `fallback.attempt_timeout_s` at most; its own request deadline
-does not apply (no user waits). Its confidence is observed in
-`stillhouse_gateway_confidence{arm="challenger"}` as a student answer's is; the user-facing
-request, latency and fallback metrics never count a mirror.
+It can neither change, delay nor fail a user's answer, never falls back, and never gives the
+challenger's circuit breaker a verdict (docs/gateway.md says why, and what is counted).
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
+import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from stillhouse.common.traffic import MIRROR, MIRROR_SUFFIX, TrafficRecord
+from stillhouse.common.config import GatewaySettings
+from stillhouse.common.roles import Role
+from stillhouse.common.traffic import MIRROR, MIRROR_SUFFIX
 from stillhouse.serving.gateway import responses
-from stillhouse.serving.gateway.core import PATHS, Gateway, Trace
 from stillhouse.serving.gateway.errors import ClientError, error_body
-from stillhouse.serving.gateway.requests import ParsedRequest
-from stillhouse.serving.gateway.upstream import Engine, UpstreamFailure
+from stillhouse.serving.gateway.metrics import GatewayMetrics
+from stillhouse.serving.gateway.recorder import Recorder
+from stillhouse.serving.gateway.requests import UPSTREAM_PATHS, ParsedRequest
+from stillhouse.serving.gateway.router import Router
+from stillhouse.serving.gateway.student import StudentCall, StudentStep
+from stillhouse.serving.gateway.trace import Trace
+from stillhouse.serving.gateway.upstream import UpstreamClient, UpstreamFailure
+from stillhouse.serving.gateway.workers import WorkerPool
 
 log = logging.getLogger("stillhouse.mirror")
 
-CHALLENGER = "challenger"
 
+@dataclass(frozen=True, slots=True)
+class MirrorItem:
+    """A champion-arm request waiting to be asked of the challenger."""
 
-@dataclass(frozen=True)
-class MirrorJob:
     request: ParsedRequest  # the client's request, as parsed
     request_id: str  # the original request's id
     user_hash: str  # the original request's user
@@ -62,122 +55,100 @@ def unstreamed(request: ParsedRequest) -> ParsedRequest:
 class Mirror:
     """Mirrors a share of champion-arm requests to the challenger; owned by the app."""
 
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
-        self.metrics = gateway.metrics
-        shadow = gateway.settings.shadow
-        self.concurrency = shadow.mirror_concurrency
-        self.queue: asyncio.Queue[MirrorJob] = asyncio.Queue(maxsize=shadow.mirror_queue_size)
-        self.workers: list[asyncio.Task[None]] = []
-
-    # --- the share --------------------------------------------------------------------------
-
-    def export(self) -> None:
-        """The gauge: the share in force (0 while there is no challenger engine)."""
-        gw = self.gateway
-        self.metrics.mirror_share.set(gw.ab.mirror if CHALLENGER in gw.engines else 0.0)
-
-    def set_share(self, share: float, actor: str) -> float:
-        """Change the mirror share; returns the previous one. Logged, exported, but not an
-        `AbChange`: no user changes arm, so the sample-ratio check has nothing to learn."""
-        previous, self.gateway.ab.mirror = self.gateway.ab.mirror, share
-        self.export()
-        log.info("mirror share changed by %s: %.4f -> %.4f", actor, previous, share)
-        return previous
-
-    # --- the queue --------------------------------------------------------------------------
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        router: Router,
+        student: StudentStep,
+        client: UpstreamClient,
+        recorder: Recorder,
+        metrics: GatewayMetrics,
+        rng: random.Random,
+        clock: Callable[[], float],
+    ) -> None:
+        self.router = router
+        self.student = student
+        self.client = client
+        self.recorder = recorder
+        self.metrics = metrics
+        self.rng = rng
+        self.clock = clock
+        self.timeout_s = settings.fallback.attempt_timeout_s  # one call, no retries
+        self.pool: WorkerPool[MirrorItem] = WorkerPool(
+            MIRROR,
+            settings.shadow.mirror_queue_size,
+            settings.shadow.mirror_concurrency,
+            self._handle,
+            on_drop=metrics.mirror_requests.labels("dropped").inc,
+        )
 
     def offer(self, request: ParsedRequest | None, trace: Trace) -> bool:
         """After a request is answered: maybe queue its mirror. Never waits."""
-        gw = self.gateway
-        share = gw.ab.mirror
+        share = self.router.ab.mirror
         if (
             share <= 0
             or request is None
-            or trace.arm != "champion"
+            or trace.arm != Role.CHAMPION
             or trace.status != 200
-            or CHALLENGER not in gw.engines
-            or gw.rng.random() >= share
+            or not self.router.has_challenger
+            or self.rng.random() >= share
         ):
             return False
-        try:
-            self.queue.put_nowait(MirrorJob(request, trace.request_id, trace.user_hash))
-        except asyncio.QueueFull:
-            self.metrics.mirror_requests.labels("dropped").inc()
-            return False
-        return True
+        return self.pool.offer(MirrorItem(request, trace.request_id, trace.user_hash))
 
     def start(self) -> None:
-        self.workers = [
-            asyncio.create_task(self._work(), name=f"mirror-{i}") for i in range(self.concurrency)
-        ]
+        self.pool.start()
 
     async def stop(self) -> None:
-        for task in self.workers:
-            task.cancel()
-        await asyncio.gather(*self.workers, return_exceptions=True)
-        self.workers = []
+        await self.pool.stop()
 
-    async def _work(self) -> None:
-        while True:
-            job = await self.queue.get()
-            try:
-                outcome = await self.run(job)
-            except Exception:  # a bug must not end the worker; no user is waiting on it
-                log.exception("mirroring %s failed", job.request_id)
-                outcome = "error"
-            finally:
-                self.queue.task_done()
-            self.metrics.mirror_requests.labels(outcome).inc()
+    async def _handle(self, item: MirrorItem) -> None:
+        try:
+            outcome = await self.run(item)
+        except Exception:  # a bug must not end the worker; no user is waiting on it
+            log.exception("mirroring %s failed", item.request_id)
+            outcome = "error"
+        self.metrics.mirror_requests.labels(outcome).inc()
 
-    # --- one mirrored call ------------------------------------------------------------------
-
-    async def run(self, job: MirrorJob) -> str:
+    async def run(self, item: MirrorItem) -> str:
         """Ask the challenger, score and record its answer; the outcome label."""
-        gw = self.gateway
-        engine = gw.engines.get(CHALLENGER)
+        engine = self.router.engines.get(Role.CHALLENGER)
         if engine is None or engine.breaker.current_state() == "open":
             return "dropped"
-        request = unstreamed(job.request)
+        request = unstreamed(item.request)
         trace = Trace(
-            request_id=job.request_id + MIRROR_SUFFIX,
+            request_id=item.request_id + MIRROR_SUFFIX,
             arrived=time.time(),
-            started=gw.clock(),
-            arm=CHALLENGER,
-            user_hash=job.user_hash,
+            started=self.clock(),
+            arm=Role.CHALLENGER,
+            user_hash=item.user_hash,
             served_by=MIRROR,
-            student_model=engine.ref,
         )
-        shadow = gw.wants_shadow()
-        data = await self._call(engine, request, trace, shadow)
+        call = self.student.prepare(request, trace, engine)
+        data = await self._call(call, request, trace)
         if data is not None:
             endpoint = request.endpoint
-            # The gateway's own rule, with this engine's threshold: `fallback_reason` says what
-            # it would have done.
+            # `fallback_reason` says what the gateway would have done; nothing falls back.
             tokens = responses.token_logprobs(data, endpoint)
-            would_fall_back = gw.low_confidence(tokens, trace, engine.threshold)
+            decision = self.student.decide(call, trace, tokens)
             trace.answer = responses.answer_text(data, endpoint)
             trace.prompt_tokens, trace.completion_tokens = responses.usage_counts(data)
-            if shadow and not would_fall_back:  # as for a student: only answers it would serve
-                prompt_ids, answer_ids = responses.token_ids(data)
-                gw.offer_shadow(
-                    trace, prompt_ids, answer_ids, tokens or [],
-                    responses.top_by_token_id(data, endpoint),
-                )  # fmt: skip
-        gw.writer.submit(self.record(request, trace))
+            if not decision.fall_back:  # as for a student: only answers it would serve
+                self.student.served_json(call, trace, data, endpoint, tokens)
+        self.recorder.record_mirror(request, trace)
         return "ok" if data is not None else "error"
 
     async def _call(
-        self, engine: Engine, request: ParsedRequest, trace: Trace, shadow: bool
+        self, call: StudentCall, request: ParsedRequest, trace: Trace
     ) -> dict[str, Any] | None:
         """One call, outside the breaker but counted in flight (a hot swap drains the engine it
         replaces); None (and the trace says why) when it failed."""
-        gw = self.gateway
-        body = gw.student_body(request, engine, shadow)
-        timeout = gw.settings.fallback.attempt_timeout_s
+        engine = call.engine
         try:
             with engine.use():
-                return await gw.client.post_json(engine, PATHS[request.endpoint], body, timeout)
+                return await self.client.post_json(
+                    engine, UPSTREAM_PATHS[request.endpoint], call.body, self.timeout_s
+                )
         except UpstreamFailure as failure:
             trace.fallback_reason = failure.reason
             trace.status, trace.error = 502, f"challenger (mirrored): {failure}"[:500]
@@ -185,27 +156,5 @@ class Mirror:
             trace.status, payload = error_body(exc)
             trace.error = payload["error"]["message"][:500]
         finally:
-            trace.upstream_s = gw.clock() - trace.started
+            trace.upstream_s = self.clock() - trace.started
         return None
-
-    def record(self, request: ParsedRequest, trace: Trace) -> TrafficRecord:
-        keep_text = self.gateway.settings.traffic_log.log_prompts
-        return TrafficRecord(
-            request_id=trace.request_id,
-            ts=trace.arrived,
-            endpoint=request.endpoint,
-            arm=trace.arm,
-            served_by=trace.served_by,
-            status=trace.status,
-            latency_s=self.gateway.clock() - trace.started,
-            stream=False,
-            student_model=trace.student_model,
-            fallback_reason=trace.fallback_reason,
-            confidence=trace.confidence,
-            prompt_tokens=trace.prompt_tokens,
-            completion_tokens=trace.completion_tokens,
-            user_hash=trace.user_hash,
-            prompt=request.prompt_text() if keep_text else None,
-            answer=trace.answer if keep_text and trace.status == 200 else None,
-            error=trace.error,
-        )

@@ -2,9 +2,9 @@
 
 A request the gateway cannot serve as asked is the client's mistake and becomes an
 `InvalidRequest` naming the offending parameter, before any engine sees it. What passes is
-normalised into a `ParsedRequest`; `student_body` and `teacher_body` derive the upstream bodies
-from it (the student is always asked for log-probabilities, which the gateway needs for its
-confidence score, and which it strips again if the client did not ask for them).
+normalised into a `ParsedRequest`; `upstream_body` derives an engine's body from it (the
+student's, in student.py, always asks for log-probabilities, which the gateway needs for its
+confidence score and strips again if the client did not ask for them).
 """
 
 from __future__ import annotations
@@ -19,19 +19,21 @@ import orjson
 from stillhouse.serving.gateway.errors import InvalidRequest, ModelNotFound
 
 Endpoint = Literal["chat", "completions"]
+UPSTREAM_PATHS: dict[str, str] = {"chat": "/chat/completions", "completions": "/completions"}
 
 MAX_TOP_LOGPROBS = 20
 MESSAGE_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 
 # OpenAI's parameters plus vLLM's common sampling extras. Anything else is rejected, as OpenAI
 # does, so a misspelt parameter is not silently ignored.
-_COMMON = frozenset(
-    {
-        "model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "n", "stop",
-        "user", "seed", "presence_penalty", "frequency_penalty", "logit_bias",
-        "top_k", "min_p", "repetition_penalty", "logprobs",
-    }
-)  # fmt: skip
+_OPENAI_COMMON = frozenset(
+    {"model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "n", "stop"}
+)
+_OPENAI_SAMPLING = frozenset(
+    {"user", "seed", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs"}
+)
+_VLLM_SAMPLING = frozenset({"top_k", "min_p", "repetition_penalty"})
+_COMMON = _OPENAI_COMMON | _OPENAI_SAMPLING | _VLLM_SAMPLING
 _CHAT_ONLY = frozenset(
     {"messages", "top_logprobs", "max_completion_tokens", "response_format", "metadata", "store"}
 )

@@ -1,19 +1,15 @@
 """Shadow scoring: the teacher's log-probabilities of the student's own answer tokens.
 
-For a share of student-served requests the gateway queues a job (prompt token ids, answer
-token ids, the student's log-probabilities). A few workers send each to the teacher as one
-`/v1/completions` call over prompt + answer with `prompt_logprobs`, so one forward pass gives
-log p_teacher(token_t | prefix) for every answer token, and store both sides in the traffic
-log, where `eval` estimates KL(student ‖ teacher) from them. Student and teacher must share a
-tokenizer (as logit distillation requires anyway).
-
-Off the hot path by construction: `offer` never waits; when the queue is full the job is
-dropped and counted (`stillhouse_shadow_dropped_total`).
+For a share of student-served answers the gateway offers a `ShadowItem` (prompt and answer
+token ids, the student's log-probabilities); a `WorkerPool` sends each to the teacher as one
+`/v1/completions` call over prompt + answer with `prompt_logprobs` (one forward pass), and the
+traffic log stores both sides, from which `eval` estimates KL(student ‖ teacher). Student and
+teacher must share a tokenizer. `offer` never waits; a full queue drops the item and counts it
+(`stillhouse_shadow_dropped_total`). More in docs/gateway.md.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -26,12 +22,15 @@ from stillhouse.serving.gateway.errors import ClientError
 from stillhouse.serving.gateway.metrics import GatewayMetrics
 from stillhouse.serving.gateway.traffic_log import TrafficLogWriter
 from stillhouse.serving.gateway.upstream import Engine, UpstreamClient, UpstreamFailure
+from stillhouse.serving.gateway.workers import WorkerPool
 
 log = logging.getLogger("stillhouse.shadow")
 
 
 @dataclass(frozen=True)
-class ShadowJob:
+class ShadowItem:
+    """One student answer waiting for the teacher's log-probabilities of its tokens."""
+
     request_id: str
     ts: float
     student_model: str | None
@@ -41,11 +40,11 @@ class ShadowJob:
     student_top: tuple[dict[int, float], ...] | None
 
 
-def scoring_body(job: ShadowJob, served_name: str, top_k: int) -> dict[str, Any]:
+def scoring_body(item: ShadowItem, served_name: str, top_k: int) -> dict[str, Any]:
     """One teacher forward pass over prompt + answer; `max_tokens=1` is vLLM's minimum."""
     return {
         "model": served_name,
-        "prompt": [*job.prompt_token_ids, *job.token_ids],
+        "prompt": [*item.prompt_token_ids, *item.token_ids],
         "max_tokens": 1,
         "temperature": 0.0,
         "prompt_logprobs": top_k,
@@ -87,6 +86,8 @@ def teacher_logprobs(
 
 
 class ShadowScorer:
+    """Scores queued student answers with the teacher, a few at a time, off the hot path."""
+
     def __init__(
         self,
         settings: ShadowSettings,
@@ -100,63 +101,52 @@ class ShadowScorer:
         self.client = client
         self.writer = writer
         self.metrics = metrics
-        self.queue: asyncio.Queue[ShadowJob] = asyncio.Queue(maxsize=settings.queue_size)
-        self.workers: list[asyncio.Task[None]] = []
+        self.pool: WorkerPool[ShadowItem] = WorkerPool(
+            "shadow",
+            settings.queue_size,
+            settings.concurrency,
+            self._score_and_write,
+            on_drop=metrics.shadow_dropped.inc,
+            on_depth=metrics.shadow_queue_depth.set,
+        )
 
-    def offer(self, job: ShadowJob) -> bool:
-        """Queue a job without waiting; False (and counted) when the queue is full."""
-        try:
-            self.queue.put_nowait(job)
-        except asyncio.QueueFull:
-            self.metrics.shadow_dropped.inc()
-            return False
-        self.metrics.shadow_queue_depth.set(self.queue.qsize())
-        return True
+    def offer(self, item: ShadowItem) -> bool:
+        """Queue an answer without waiting; False (and counted) when the queue is full."""
+        return self.pool.offer(item)
 
     def start(self) -> None:
-        self.workers = [
-            asyncio.create_task(self._work(), name=f"shadow-{i}")
-            for i in range(self.settings.concurrency)
-        ]
+        self.pool.start()
 
     async def stop(self) -> None:
-        for task in self.workers:
-            task.cancel()
-        await asyncio.gather(*self.workers, return_exceptions=True)
-        self.workers = []
+        await self.pool.stop()
 
-    async def _work(self) -> None:
-        while True:
-            job = await self.queue.get()
-            self.metrics.shadow_queue_depth.set(self.queue.qsize())
-            try:
-                record = await self.score(job)
-            except (UpstreamFailure, ClientError, ValueError, KeyError, TypeError) as exc:
-                self.metrics.shadow_errors.inc()
-                log.warning("shadow scoring of %s failed: %s", job.request_id, exc)
-            else:
-                self.writer.submit(record)
-                self.metrics.shadow_scored.inc()
-            finally:
-                self.queue.task_done()
+    async def _score_and_write(self, item: ShadowItem) -> None:
+        try:
+            record = await self.score(item)
+        except (UpstreamFailure, ClientError, ValueError, KeyError, TypeError) as exc:
+            self.metrics.shadow_errors.inc()
+            log.warning("shadow scoring of %s failed: %s", item.request_id, exc)
+        else:
+            self.writer.submit(record)
+            self.metrics.shadow_scored.inc()
 
-    async def score(self, job: ShadowJob) -> ShadowRecord:
-        body = scoring_body(job, self.teacher.served_name, self.settings.top_k)
+    async def score(self, item: ShadowItem) -> ShadowRecord:
+        body = scoring_body(item, self.teacher.served_name, self.settings.top_k)
         data = await self.client.post_json(
             self.teacher, "/completions", body, self.settings.timeout_s
         )
         prompt_logprobs = data["choices"][0]["prompt_logprobs"]
         chosen, tops = teacher_logprobs(
-            prompt_logprobs, len(job.prompt_token_ids), job.token_ids, self.settings.top_k
+            prompt_logprobs, len(item.prompt_token_ids), item.token_ids, self.settings.top_k
         )
-        n = min(len(job.token_ids), len(job.student_logprobs))
+        n = min(len(item.token_ids), len(item.student_logprobs))
         return ShadowRecord(
-            request_id=job.request_id,
-            ts=job.ts,
-            student_model=job.student_model,
-            token_ids=job.token_ids[:n],
-            student_logprobs=job.student_logprobs[:n],
+            request_id=item.request_id,
+            ts=item.ts,
+            student_model=item.student_model,
+            token_ids=item.token_ids[:n],
+            student_logprobs=item.student_logprobs[:n],
             teacher_logprobs=chosen[:n],
-            student_top=job.student_top[:n] if job.student_top is not None else None,
+            student_top=item.student_top[:n] if item.student_top is not None else None,
             teacher_top=tops[:n] if self.settings.top_k > 0 else None,
         )

@@ -1,30 +1,47 @@
-"""The streaming path: hold the student's first tokens, decide, then stream one answer.
+"""A user's request, streamed: hold the student's first tokens, decide, then stream one answer.
 
     held = student events until `hold_tokens` tokens (or the answer ends)
     low confidence / failure → drop the student stream, stream the teacher's answer from its start
     otherwise               → send the held events, then pipe the rest of the student's stream
 
 Nothing reaches the client before the decision, so it never sees parts of two answers; the
-price is that its first token waits for N student tokens (see serving/gateway.py).
+price is that its first token waits for N student tokens (docs/gateway.md has the numbers).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
+import orjson
 
+from stillhouse.common.roles import Role
 from stillhouse.serving.gateway import responses
+from stillhouse.serving.gateway.caller import EngineStream, Events
 from stillhouse.serving.gateway.confidence import TokenLogprobs
-from stillhouse.serving.gateway.core import PATHS, Gateway, StreamSink, Trace, sse
 from stillhouse.serving.gateway.errors import UpstreamUnavailable, error_body
-from stillhouse.serving.gateway.requests import ParsedRequest, upstream_body
-from stillhouse.serving.gateway.upstream import Engine, UpstreamFailure, sse_events
+from stillhouse.serving.gateway.request_path import RequestPath, no_engine_answered
+from stillhouse.serving.gateway.requests import UPSTREAM_PATHS, ParsedRequest
+from stillhouse.serving.gateway.student import StudentCall
+from stillhouse.serving.gateway.trace import Trace, route_headers
+from stillhouse.serving.gateway.upstream import UpstreamFailure
 
-Events = AsyncIterator[dict[str, Any] | None]
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def sse(payload: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+class StreamSink:
+    """Where a streamed answer goes (the HTTP response); the route implements it."""
+
+    async def start(self, status: int, headers: dict[str, str]) -> None:
+        raise NotImplementedError
+
+    async def send(self, chunk: bytes) -> None:
+        raise NotImplementedError
 
 
 @dataclass
@@ -54,42 +71,119 @@ class StudentStream:
             self.top = None if top is None else self.top + top
 
 
+async def stream_answer(
+    p: RequestPath, request: ParsedRequest, trace: Trace, sink: StreamSink
+) -> bool:
+    """Stream one answer into `sink`, all but the final `[DONE]`. Returns True when the answer
+    is complete, False when it broke off after the response had started (an error event was
+    sent). Raises a `GatewayError` when nothing was sent yet (the route answers in JSON)."""
+    call = p.student.prepare(request, trace, p.router.engines[trace.arm])
+    path = UPSTREAM_PATHS[request.endpoint]
+    collected = StudentStream()
+    stream: EngineStream | None = None
+    try:
+        try:
+            stream = await p.caller.open_stream(
+                call.engine, trace, path, call.body, retry_timeouts=False
+            )
+            await _hold(p, stream, collected, trace, request.endpoint)
+            tokens = collected.tokens if collected.saw_logprobs else None
+            if p.student.decide(call, trace, tokens).fall_back:
+                trace.student_answer = "".join(
+                    responses.answer_text(e, request.endpoint) for e in collected.held
+                )
+                # The held tokens; the stream is cut here, so that is what the student spent
+                # (give or take the few it generated before it saw the cancel).
+                trace.student_completion_tokens = len(collected.tokens)
+        except UpstreamFailure as failure:
+            trace.fallback_reason = failure.reason
+        if trace.fallback_reason is None:
+            assert stream is not None
+            return await _serve_student(p, request, trace, sink, stream, collected, call)
+    finally:
+        if stream is not None:
+            stream.close()
+    return await _stream_teacher(p, request, trace, sink)
+
+
 async def _hold(
-    gw: Gateway, student: Engine, events: Events, collected: StudentStream, trace: Trace, ep: str
+    p: RequestPath, stream: EngineStream, collected: StudentStream, trace: Trace, endpoint: str
 ) -> None:
     """Read the student's stream until `hold_tokens` tokens are in or it ends."""
-    hold = gw.settings.confidence.hold_tokens
-    timeout = gw.attempt_timeout(trace)  # a passed deadline is no fault of the engine
-    started = gw.clock()
+    caller, student = p.caller, stream.engine
+    timeout = caller.attempt_timeout(trace)  # a passed deadline is no fault of the engine
+    started = caller.clock()
     try:
         async with asyncio.timeout(timeout):
-            while len(collected.tokens) < hold:
-                event = await anext(events, None)
+            while len(collected.tokens) < p.hold_tokens:
+                event = await anext(stream.events, None)
                 if event is None:
                     collected.ended = True
                     return
                 if "error" in event:
                     raise UpstreamFailure("upstream_5xx", f"{student.role} stream error")
                 collected.held.append(event)
-                collected.take(event, ep)
+                collected.take(event, endpoint)
     except TimeoutError:
-        gw.failed(student)
+        caller.failed(student)
         raise UpstreamFailure("timeout", f"{student.role} held no answer in time") from None
     except UpstreamFailure:
-        gw.failed(student)
+        caller.failed(student)
         raise
     finally:
-        trace.upstream_s += gw.clock() - started
+        trace.upstream_s += caller.clock() - started
 
 
-async def _open(gw: Gateway, engine: Engine, trace: Trace, body: dict, path: str, retry: bool):
-    return await gw.call(
-        engine, trace, lambda t: gw.client.open_stream(engine, path, body, t), retry_timeouts=retry
+async def _serve_student(
+    p: RequestPath,
+    request: ParsedRequest,
+    trace: Trace,
+    sink: StreamSink,
+    stream: EngineStream,
+    collected: StudentStream,
+    call: StudentCall,
+) -> bool:
+    trace.served_by = trace.arm
+    await sink.start(200, route_headers(trace))
+    for event in collected.held:
+        await _forward(p, request, trace, sink, event, added_logprobs=True)
+    if not collected.ended:
+        try:
+            await _pipe(p, request, trace, sink, stream.events, collected, added_logprobs=True)
+        except UpstreamFailure as failure:
+            p.caller.failed(stream.engine)  # the engine it picked: routing may have moved on
+            await _break_off(trace, sink, failure)
+            return False
+    p.student.served(
+        call, trace, collected.prompt_ids, collected.answer_ids, collected.tokens, collected.top
     )
+    return True
+
+
+async def _stream_teacher(
+    p: RequestPath, request: ParsedRequest, trace: Trace, sink: StreamSink
+) -> bool:
+    teacher, body = p.teacher(request, trace)
+    path = UPSTREAM_PATHS[request.endpoint]
+    try:
+        stream = await p.caller.open_stream(teacher, trace, path, body, retry_timeouts=True)
+    except UpstreamFailure as failure:
+        raise no_engine_answered(trace, failure) from None
+    trace.served_by = Role.TEACHER
+    trace.answer = ""
+    with stream:
+        await sink.start(200, route_headers(trace))
+        try:
+            await _pipe(p, request, trace, sink, stream.events, None, added_logprobs=False)
+        except UpstreamFailure as failure:
+            p.caller.failed(teacher)
+            await _break_off(trace, sink, failure)
+            return False
+        return True
 
 
 async def _pipe(
-    gw: Gateway,
+    p: RequestPath,
     request: ParsedRequest,
     trace: Trace,
     sink: StreamSink,
@@ -105,12 +199,12 @@ async def _pipe(
             raise UpstreamFailure("upstream_5xx", "the engine reported an error mid-stream")
         if collected is not None:
             collected.take(event, request.endpoint)
-        await _forward(gw, request, trace, sink, event, added_logprobs)
+        await _forward(p, request, trace, sink, event, added_logprobs)
     raise UpstreamFailure("connection", "the stream ended without [DONE]")
 
 
 async def _forward(
-    gw: Gateway,
+    p: RequestPath,
     request: ParsedRequest,
     trace: Trace,
     sink: StreamSink,
@@ -120,10 +214,9 @@ async def _forward(
     """Record one event and send it to the client in the shape it asked for."""
     if not _account(trace, event, request):
         return
-    model = gw.settings.model_name
-    responses.shape_for_client(event, request, model, added_logprobs=added_logprobs)
+    responses.shape_for_client(event, request, p.model_name, added_logprobs=added_logprobs)
     if trace.ttft_s is None:
-        trace.ttft_s = gw.clock() - trace.started
+        trace.ttft_s = p.caller.clock() - trace.started
     await sink.send(sse(event))
 
 
@@ -135,101 +228,6 @@ def _account(trace: Trace, event: dict[str, Any], request: ParsedRequest) -> boo
     if completion_tokens is not None:
         trace.prompt_tokens, trace.completion_tokens = prompt_tokens, completion_tokens
     return bool(event.get("choices")) or request.include_usage
-
-
-async def stream_answer(
-    gw: Gateway, request: ParsedRequest, trace: Trace, sink: StreamSink
-) -> bool:
-    """Stream one answer into `sink`, all but the final `[DONE]`. Returns True when the answer
-    is complete, False when it broke off after the response had started (an error event was
-    sent). Raises a `GatewayError` when nothing was sent yet (the route answers in JSON)."""
-    ep, path = request.endpoint, PATHS[request.endpoint]
-    student = gw.engines[trace.arm]
-    trace.student_model = student.ref
-    shadow = gw.wants_shadow()
-    collected = StudentStream()
-    resp: aiohttp.ClientResponse | None = None
-    try:
-        try:
-            body = gw.student_body(request, student, shadow)
-            resp = await _open(gw, student, trace, body, path, retry=False)
-            student.in_flight += 1  # its stream is open: in flight until closed (hot swap)
-            events = sse_events(resp)
-            await _hold(gw, student, events, collected, trace, ep)
-            tokens = collected.tokens if collected.saw_logprobs else None
-            if gw.low_confidence(tokens, trace, student.threshold):
-                trace.student_answer = "".join(responses.answer_text(e, ep) for e in collected.held)
-                # The held tokens; the stream is cut here, so that is what the student spent
-                # (give or take the few it generated before it saw the cancel).
-                trace.student_completion_tokens = len(collected.tokens)
-        except UpstreamFailure as failure:
-            trace.fallback_reason = failure.reason
-        if trace.fallback_reason is None:
-            trace.served_by = trace.arm
-            await sink.start(200, gw.route_headers(trace))
-            sent_ok = await _send_student(gw, request, trace, sink, events, collected, student)
-            if sent_ok and shadow:
-                gw.offer_shadow(
-                    trace, collected.prompt_ids, collected.answer_ids, collected.tokens,
-                    collected.top,
-                )  # fmt: skip
-            return sent_ok
-    finally:
-        if resp is not None:
-            student.in_flight -= 1
-            resp.close()
-    gw.metrics.fallbacks.labels(trace.fallback_reason).inc()
-    return await _stream_teacher(gw, request, trace, sink, path)
-
-
-async def _send_student(
-    gw: Gateway,
-    request: ParsedRequest,
-    trace: Trace,
-    sink: StreamSink,
-    events: Events,
-    collected: StudentStream,
-    student: Engine,
-) -> bool:
-    for event in collected.held:
-        await _forward(gw, request, trace, sink, event, added_logprobs=True)
-    if collected.ended:
-        return True
-    try:
-        await _pipe(gw, request, trace, sink, events, collected, added_logprobs=True)
-    except UpstreamFailure as failure:
-        gw.failed(student)  # the engine it picked: routing may have moved on since
-        await _break_off(trace, sink, failure)
-        return False
-    return True
-
-
-async def _stream_teacher(
-    gw: Gateway, request: ParsedRequest, trace: Trace, sink: StreamSink, path: str
-) -> bool:
-    teacher = gw.engines["teacher"]
-    body = upstream_body(request, teacher.served_name, logprobs_top=None)
-    try:
-        resp = await _open(gw, teacher, trace, body, path, retry=True)
-    except UpstreamFailure as failure:
-        raise UpstreamUnavailable(
-            f"no engine could answer: student {trace.fallback_reason}, teacher {failure.reason}"
-        ) from None
-    trace.served_by = "teacher"
-    trace.answer = ""
-    teacher.in_flight += 1  # its stream is open: in flight until closed
-    try:
-        await sink.start(200, gw.route_headers(trace))
-        try:
-            await _pipe(gw, request, trace, sink, sse_events(resp), None, added_logprobs=False)
-        except UpstreamFailure as failure:
-            gw.failed(teacher)
-            await _break_off(trace, sink, failure)
-            return False
-        return True
-    finally:
-        teacher.in_flight -= 1
-        resp.close()
 
 
 async def _break_off(trace: Trace, sink: StreamSink, failure: UpstreamFailure) -> None:

@@ -6,16 +6,9 @@
     await asyncio.wrap_future(fut)          # strict mode only: answer after the commit
     writer.close()                          # commits what is pending
 
-One daemon thread owns the connection. `submit` only appends to a queue; the thread takes
-everything queued and inserts it in one transaction, so one commit (and, in strict mode, one
-fsync) covers many requests.
-
-- group mode (`synchronous=NORMAL`): a commit at most every `flush_interval_s`. A commit has
-  reached the OS when it returns, so a killed gateway (`kill -9`) loses only the records still
-  queued, about one flush interval's worth (`pending` is that number); a power loss can also
-  lose the last commits.
-- strict mode (`synchronous=FULL`): a commit as soon as anything is queued, fsynced before the
-  futures resolve; whatever arrived during a commit goes into the next one.
+One daemon thread owns the connection and commits everything queued in one transaction. Group
+mode commits at most every `flush_interval_s`; strict mode as soon as anything is queued,
+fsynced before the futures resolve. What a crash loses in each: docs/gateway.md.
 """
 
 from __future__ import annotations
@@ -44,10 +37,8 @@ log = logging.getLogger(__name__)
 
 _Entry = tuple[TrafficItem, "Future[None]"]
 # Errors that come from one item's values, not from the database: retry item by item.
-_DATA_ERRORS = (
-    OverflowError, TypeError, ValueError, sqlite3.InterfaceError, sqlite3.ProgrammingError,
-    sqlite3.IntegrityError,
-)  # fmt: skip
+_SQLITE_DATA_ERRORS = (sqlite3.InterfaceError, sqlite3.ProgrammingError, sqlite3.IntegrityError)
+_DATA_ERRORS = (OverflowError, TypeError, ValueError, *_SQLITE_DATA_ERRORS)
 
 
 class TrafficLogFullError(TrafficLogError):

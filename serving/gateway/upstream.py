@@ -1,11 +1,11 @@
-"""Calls to the engines (vLLM's OpenAI-compatible servers) over one pooled aiohttp session.
+"""The engines behind the gateway (`Engine`, `new_engine`) and calls to them over one pooled
+aiohttp session (`UpstreamClient`; aiohttp, not httpx: measured here, an aiohttp pass-through
+keeps ~2,300 requests/s at 16 clients where Starlette + httpx falls to ~310).
 
-aiohttp rather than httpx (or the `openai` client, built on httpx): measured on this machine,
-an aiohttp pass-through keeps ~2,300 requests/s at 16 clients where Starlette + httpx falls to
-~310. Foreign errors are translated here, at the boundary, into two kinds:
+Foreign errors are translated here, at the boundary, into two kinds:
 
 - `UpstreamFailure(reason)`: the engine failed (timeout, connection error, 5xx, a broken
-  stream); the gateway counts it against the engine's circuit breaker and falls back.
+  stream); it counts against the engine's circuit breaker and the gateway falls back.
 - `UpstreamClientError`: the engine rejected the request as the client's mistake (a 4xx such
   as a prompt longer than the context); passed on to the client, not held against the engine.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,8 +23,11 @@ from typing import Any
 import aiohttp
 import orjson
 
+from stillhouse.common.config import GatewaySettings
+from stillhouse.common.roles import Role
 from stillhouse.serving.gateway.breaker import CircuitBreaker
 from stillhouse.serving.gateway.errors import UpstreamClientError
+from stillhouse.serving.gateway.policy import FallbackPolicy
 
 JSON_HEADERS = {"content-type": "application/json"}
 
@@ -32,27 +36,49 @@ JSON_HEADERS = {"content-type": "application/json"}
 class Engine:
     """One engine behind the gateway, by role (teacher, champion, challenger).
 
-    A hot swap puts a new Engine in the gateway's routing table; requests already running keep
-    the object they picked, and `in_flight` tells when the last of them is done with it.
+    A hot swap puts a new Engine in the router's table; requests already running keep the
+    object they picked, and `in_flight` tells when the last of them is done with it.
     """
 
-    role: str
+    role: Role
     base_url: str  # ends in /v1
     served_name: str
     ref: str  # what the traffic log records as the model (a registry version or a path)
     breaker: CircuitBreaker
-    threshold: float | None = None  # calibrated for this version; None: the configured one
+    policy: FallbackPolicy  # its confidence rule, with the threshold of the version it serves
     threshold_source: str = "config"
     in_flight: int = 0  # engine calls and open streams now using it
+
+    def set_threshold(self, calibrated: float | None, source: str) -> None:
+        """Fall back at `calibrated` from now on (None: the configured threshold)."""
+        self.policy = FallbackPolicy(self.policy.settings, calibrated)
+        self.threshold_source = source
+
+    def acquire(self) -> None:
+        """Count one more request using this engine (a hot swap drains on the count)."""
+        self.in_flight += 1
+
+    def release(self) -> None:
+        self.in_flight -= 1
 
     @contextmanager
     def use(self) -> Iterator[Engine]:
         """Count a request as using this engine for the block (failures and cancels too)."""
-        self.in_flight += 1
+        self.acquire()
         try:
             yield self
         finally:
-            self.in_flight -= 1
+            self.release()
+
+
+def new_engine(
+    role: Role, base_url: str, served_name: str, ref: str, settings: GatewaySettings
+) -> Engine:
+    """An engine with a fresh circuit breaker and the configured confidence threshold."""
+    fb = settings.fallback
+    breaker = CircuitBreaker(fb.breaker_failures, fb.breaker_cooldown_s, time.monotonic)
+    policy = FallbackPolicy(settings.confidence)
+    return Engine(role, base_url.rstrip("/"), served_name, ref, breaker, policy)
 
 
 class UpstreamFailure(Exception):

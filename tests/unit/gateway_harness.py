@@ -15,8 +15,8 @@ from openai import OpenAI
 
 from stillhouse.common.config import Settings
 from stillhouse.common.traffic import TrafficLogReader
-from stillhouse.serving.gateway.app import GATEWAY, EngineEndpoint, build_app
-from stillhouse.serving.gateway.core import Gateway
+from stillhouse.serving.gateway.app import GATEWAY, build_app
+from stillhouse.serving.gateway.parts import EngineEndpoint, Gateway
 
 CLIENT_KEY = "sk-client-test"
 ADMIN_KEY = "sk-admin-test"

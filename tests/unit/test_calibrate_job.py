@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,12 +19,11 @@ from rich.console import Console
 
 from stillhouse.common.calibration_tags import CALIBRATION_TAG_PREFIX as P
 from stillhouse.common.calibration_tags import read_calibration
-from stillhouse.common.config import ConfidenceSettings, Settings
+from stillhouse.common.config import Settings
 from stillhouse.common.prompts import triage_answer, triage_user_message
 from stillhouse.common.registry import RegistryClient, RegistryError
 from stillhouse.rollout.calibration import job
 from stillhouse.rollout.calibration.ltt import evaluate_threshold, ltt_threshold
-from stillhouse.serving.gateway.confidence import TokenLogprobs
 
 HOLD, TAIL_LOGPROB = 8, -6.0  # tokens past the gateway's hold window are scored very low
 N_CAL, N_GOOD, N_TEST = 80, 60, 40  # fresh prompts are numbered from 100
@@ -363,14 +361,6 @@ def test_a_student_that_answers_nothing_is_one_clear_error_and_tags_nothing(worl
 )
 def test_answers_agree_on_triage_fields_or_on_normalised_text(student, teacher, agree):
     assert job.answers_agree(student, teacher) is agree
-
-
-def test_gateway_score_uses_the_hold_window_and_no_logprobs_is_minus_infinity():
-    conf = ConfidenceSettings(hold_tokens=2, signal="min_logprob")
-    tokens = [TokenLogprobs(-0.1), TokenLogprobs(-0.2), TokenLogprobs(-9.0)]
-    assert job.gateway_score(tokens, conf) == -0.2
-    assert job.gateway_score(None, conf) == -math.inf
-    assert job.gateway_score([], conf) == -math.inf
 
 
 def test_judge_question_is_the_ticket_for_the_demo_template_else_the_last_user_message():

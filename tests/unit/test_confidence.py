@@ -1,6 +1,6 @@
 """Student confidence from its own token logprobs: each signal on hand-computed examples, the
-entropy lower-bound claim, the fall-back decision around the threshold, `first_n`, and the edge
-policy (empty input, −inf, NaN, bad quantile, unknown signal)."""
+entropy lower-bound claim, and the edge cases of the signals (empty input, −inf, NaN, bad
+quantile, unknown signal). The fall-back decision on top of them: test_fallback_policy.py."""
 
 import math
 import random
@@ -8,14 +8,12 @@ import random
 import pytest
 
 from stillhouse.serving.gateway.confidence import (
-    SIGNALS,
     TokenLogprobs,
     confidence,
     mean_logprob,
     min_logprob,
     neg_mean_entropy,
     quantile_logprob,
-    should_fall_back,
     topk_entropy,
 )
 
@@ -88,13 +86,6 @@ def test_neg_mean_entropy_averages_per_token_entropies():
     assert confidence(tokens, "neg_mean_entropy") == pytest.approx(-1.25 * LN2)
 
 
-@pytest.mark.parametrize("signal", SIGNALS)
-def test_certain_tokens_give_confidence_zero(signal):
-    certain = [TokenLogprobs(0.0, (0.0,)) for _ in range(5)]
-    assert confidence(certain, signal) == 0.0
-    assert not should_fall_back(certain, signal, threshold=0.0)
-
-
 def _entropy(p: list[float]) -> float:
     return -math.fsum(x * math.log(x) for x in p if x > 0)
 
@@ -118,52 +109,6 @@ def test_topk_entropy_is_not_a_bound_for_an_arbitrary_subset():
     assert topk_entropy([math.log(0.01), math.log(0.01)]) > _entropy(p)
 
 
-@pytest.mark.parametrize(
-    ("threshold", "falls_back"),
-    [
-        (-0.75, False),  # at the threshold the student is served
-        (math.nextafter(-0.75, 0.0), True),  # threshold just above the confidence
-        (math.nextafter(-0.75, NEG_INF), False),  # threshold just below the confidence
-    ],
-)
-def test_fall_back_iff_confidence_strictly_below_threshold(threshold, falls_back):
-    assert confidence(SAMPLE, "mean_logprob") == -0.75
-    assert should_fall_back(SAMPLE, "mean_logprob", threshold) is falls_back
-
-
-def test_first_n_ignores_later_tokens():
-    tokens = toks(-0.1, -0.2, -9.0)
-    assert should_fall_back(tokens, "min_logprob", threshold=-1.0)
-    assert not should_fall_back(tokens, "min_logprob", threshold=-1.0, first_n=2)
-    assert should_fall_back(tokens, "min_logprob", threshold=-1.0, first_n=3)
-
-
-def test_first_n_longer_than_output_scores_everything():
-    assert not should_fall_back(toks(-0.1), "mean_logprob", threshold=-1.0, first_n=64)
-
-
-@pytest.mark.parametrize("first_n", [0, -1])
-def test_first_n_below_one_raises(first_n):
-    with pytest.raises(ValueError, match="first_n"):
-        should_fall_back(SAMPLE, "mean_logprob", -1.0, first_n=first_n)
-
-
-@pytest.mark.parametrize("signal", SIGNALS)
-def test_empty_output_has_no_confidence_and_falls_back(signal):
-    assert confidence([], signal) == NEG_INF
-    assert should_fall_back([], signal, threshold=NEG_INF)
-
-
-@pytest.mark.parametrize("signal", SIGNALS)
-def test_certainly_wrong_token_falls_back_under_every_signal_even_at_minus_inf_threshold(signal):
-    # 11 tokens, q = 0.1: the bare quantile sits on the 2nd-lowest value and skips the −inf.
-    tokens = [TokenLogprobs(-0.1, (0.0,)) for _ in range(10)]
-    tokens.insert(1, TokenLogprobs(NEG_INF, (0.0, -0.1)))
-    assert quantile_logprob(tokens, 0.1) == -0.1
-    assert confidence(tokens, signal, quantile=0.1) == NEG_INF
-    assert should_fall_back(tokens, signal, threshold=NEG_INF)
-
-
 def test_quantile_with_minus_inf_neighbour_is_minus_inf_not_nan():
     tokens = toks(NEG_INF, -1.0)
     assert quantile_logprob(tokens, 0.5) == NEG_INF
@@ -176,18 +121,11 @@ def test_invalid_quantile_raises(q):
         quantile_logprob(SAMPLE, q)
     with pytest.raises(ValueError, match="quantile"):
         confidence(SAMPLE, "quantile", quantile=q)
-    with pytest.raises(ValueError, match="quantile"):
-        should_fall_back(SAMPLE, "mean_logprob", -1.0, quantile=q)
 
 
 def test_unknown_signal_raises():
     with pytest.raises(ValueError, match="unknown confidence signal"):
         confidence(SAMPLE, "perplexity")  # type: ignore[arg-type]
-
-
-def test_nan_threshold_raises():
-    with pytest.raises(ValueError, match="threshold"):
-        should_fall_back(SAMPLE, "mean_logprob", math.nan)
 
 
 @pytest.mark.parametrize(

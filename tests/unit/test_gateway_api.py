@@ -147,7 +147,7 @@ def test_metrics_engines_answers_prometheus_http_sd_with_each_engine_and_its_rol
     groups = {g["labels"]["model_role"]: g for g in reply.json()}
     assert set(groups) == {"teacher", "champion", "challenger"}
     for role, group in groups.items():
-        base_url = gw.gateway.engines[role].base_url  # http://127.0.0.1:PORT/v1
+        base_url = gw.gateway.router.engines[role].base_url  # http://127.0.0.1:PORT/v1
         assert group["targets"] == [base_url.removeprefix("http://").removesuffix("/v1")]
         assert group["labels"]["__metrics_path__"] == "/metrics"
         assert group["labels"]["__scheme__"] == "http"
@@ -202,7 +202,8 @@ def test_without_an_admin_key_the_admin_api_is_403(tmp_path):
     from fake_vllm import loop_thread
     from gateway_harness import settings_for
 
-    from stillhouse.serving.gateway.app import EngineEndpoint, build_app
+    from stillhouse.serving.gateway.app import build_app
+    from stillhouse.serving.gateway.parts import EngineEndpoint
 
     with loop_thread() as lt:
         ep = EngineEndpoint("http://127.0.0.1:9/v1", "x", "x")

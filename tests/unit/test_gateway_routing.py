@@ -98,7 +98,7 @@ def test_a_dead_student_falls_back_and_its_circuit_opens(gw):
     # Three failed requests (each retried once) open the breaker; then no more calls go out.
     assert reasons[:2] == ["connection", "connection"]
     assert reasons[-1] == "circuit_open"
-    assert gw.gateway.engines["champion"].breaker.state == "open"
+    assert gw.gateway.router.engines["champion"].breaker.state == "open"
 
 
 def test_the_breaker_probes_again_after_its_cool_down(gw):
@@ -107,7 +107,7 @@ def test_the_breaker_probes_again_after_its_cool_down(gw):
     client = gw.client()
     for _ in range(2):
         client.chat.completions.create(model="stillhouse", messages=MSG, max_tokens=4)
-    assert gw.gateway.engines["champion"].breaker.state == "open"
+    assert gw.gateway.router.engines["champion"].breaker.state == "open"
     calls = len(student.requests)
     client.chat.completions.create(model="stillhouse", messages=MSG, max_tokens=4)
     assert len(student.requests) == calls  # open: not called
@@ -117,7 +117,7 @@ def test_the_breaker_probes_again_after_its_cool_down(gw):
         model="stillhouse", messages=MSG, max_tokens=4
     )
     assert served(raw)[1] == "champion"
-    assert gw.gateway.engines["champion"].breaker.state == "closed"
+    assert gw.gateway.router.engines["champion"].breaker.state == "closed"
 
 
 def test_both_engines_down_is_a_503_in_openai_shape_within_the_deadline(gw):
@@ -141,7 +141,7 @@ def test_an_engine_4xx_is_the_clients_mistake_and_passes_through(gw):
     assert err.value.status_code == 400
     assert "maximum context length" in err.value.body["message"]
     assert gw.engines["teacher"].requests == []
-    assert gw.gateway.engines["champion"].breaker.consecutive_failures == 0
+    assert gw.gateway.router.engines["champion"].breaker.consecutive_failures == 0
 
 
 def test_streaming_serves_the_student_in_one_piece(gw):

@@ -28,9 +28,9 @@ from stillhouse.serving.engines.admin import install_watcher
 from stillhouse.serving.engines.pool import EnginePool, pool_key
 from stillhouse.serving.engines.vllm import EngineSpec
 from stillhouse.serving.engines.watcher import ModelWatcher, WatchedRole
-from stillhouse.serving.gateway.app import GATEWAY, EngineEndpoint, build_app
-from stillhouse.serving.gateway.breaker import CircuitBreaker
-from stillhouse.serving.gateway.upstream import Engine
+from stillhouse.serving.gateway.app import GATEWAY, build_app
+from stillhouse.serving.gateway.parts import EngineEndpoint
+from stillhouse.serving.gateway.upstream import Engine, new_engine
 
 MSG = [{"role": "user", "content": "I was charged twice"}]
 BODY = {"model": "stillhouse", "messages": MSG, "max_tokens": 4}
@@ -69,15 +69,13 @@ def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
 
 def extra_engine(h: Harness, ref: str, behaviour: Behaviour, role: str = "champion") -> Engine:
     url = h.loop.serve(engine_app(behaviour, role))
-    fb = h.settings.gateway.fallback
-    breaker = CircuitBreaker(fb.breaker_failures, fb.breaker_cooldown_s, time.monotonic)
-    return Engine(role, url + "/v1", role, ref, breaker)
+    return new_engine(role, url + "/v1", role, ref, h.settings.gateway)
 
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_after_a_swap_new_requests_go_anew_while_one_in_flight_ends_on_the_old(tmp_path, stream):
     with gateway_harness(tmp_path) as h:
-        gw = h.gateway
+        gw = h.gateway.router
         old = gw.engines["champion"]
         h.engines["champion"].delay_s = 1.0
         body = {**BODY, "stream": stream}
@@ -112,13 +110,13 @@ def test_in_flight_counts_return_to_zero_whatever_happened(tmp_path):
         with pytest.raises(httpx.TimeoutException):
             httpx.post(h.url + "/v1/chat/completions", json=BODY, timeout=0.2,
                        headers={"authorization": f"Bearer {CLIENT_KEY}"})  # fmt: skip
-        wait_until(lambda: all(e.in_flight == 0 for e in h.gateway.engines.values()), 10)
+        wait_until(lambda: all(e.in_flight == 0 for e in h.gateway.router.engines.values()), 10)
 
 
 def test_removing_the_challenger_sends_everyone_to_the_champion_and_is_logged(tmp_path):
     roles = ("teacher", "champion", "challenger")
     with gateway_harness(tmp_path, roles, ab={"challenger_share": 1.0}) as h:
-        gw = h.gateway
+        gw = h.gateway.router
         assert h.post("/v1/chat/completions", BODY).headers["x-stillhouse-arm"] == "challenger"
         old = on_loop(h.loop, lambda: gw.remove_engine("challenger"))
         assert old is not None and old.role == "challenger"
@@ -147,7 +145,8 @@ def test_each_engine_falls_back_at_its_own_threshold(tmp_path, stream):
         h.engines["champion"].logprob = -0.4
         body = {**BODY, "stream": stream}
         assert h.post("/v1/chat/completions", body).headers["x-stillhouse-served-by"] == "champion"
-        on_loop(h.loop, lambda: setattr(h.gateway.engines["champion"], "threshold", -0.3))
+        champion = h.gateway.router.engines["champion"]
+        on_loop(h.loop, lambda: champion.set_threshold(-0.3, "calibrated for the test"))
         resp = h.post("/v1/chat/completions", body)
         assert resp.headers["x-stillhouse-served-by"] == "teacher"
         assert resp.headers["x-stillhouse-fallback"] == "low_confidence"
@@ -291,7 +290,8 @@ def watched_gateway(tmp_path: Path, challenger: bool = False, **gateway: Any) ->
                                      uri, key, {}))  # fmt: skip
         env = {"STILLHOUSE_API_KEYS": CLIENT_KEY, "STILLHOUSE_ADMIN_KEY": ADMIN_KEY}
         app = build_app(settings, endpoints, env)
-        watcher = ModelWatcher(app[GATEWAY], pool, registry, roles, settings)
+        gateway = app[GATEWAY]
+        watcher = ModelWatcher(gateway.router, gateway.metrics, pool, registry, roles, settings)
         install_watcher(app, watcher)
         url = lt.serve(app)
         h = Harness(url, settings, {"teacher": teacher}, app[GATEWAY], lt)
@@ -304,7 +304,7 @@ def watched_gateway(tmp_path: Path, challenger: bool = False, **gateway: Any) ->
 
 def test_the_champion_alias_moves_new_requests_go_to_the_new_version_the_old_drains(tmp_path):
     with watched_gateway(tmp_path) as w:
-        gw = w.h.gateway
+        gw = w.h.gateway.router
         old = w.servers.of(1)
         old.behaviour.delay_s = 1.0
         slow, out = in_thread(lambda: w.h.post("/v1/chat/completions", BODY,
@@ -332,7 +332,7 @@ def test_the_champion_alias_moves_new_requests_go_to_the_new_version_the_old_dra
 
 def test_promoting_the_challenger_reuses_its_server_and_stops_only_the_old_champion(tmp_path):
     with watched_gateway(tmp_path, challenger=True, ab={"challenger_share": 0.5}) as w:
-        gw = w.h.gateway
+        gw = w.h.gateway.router
         challenger_url = gw.engines["challenger"].base_url
         w.registry.aliases["champion"] = 2
         del w.registry.aliases["challenger"]
@@ -361,7 +361,7 @@ def champion_moves(w: World) -> list[str]:
 
 def test_a_failed_start_keeps_the_old_version_and_retries_after_a_back_off(tmp_path):
     with watched_gateway(tmp_path) as w:
-        gw = w.h.gateway
+        gw = w.h.gateway.router
         before = gw.engines["champion"]
         w.servers.fail.add("3")
         w.registry.aliases["champion"] = 3
@@ -382,34 +382,36 @@ def test_a_failed_start_keeps_the_old_version_and_retries_after_a_back_off(tmp_p
 
 def test_new_calibration_tags_change_the_threshold_in_place(tmp_path):
     with watched_gateway(tmp_path) as w:
-        gw = w.h.gateway
+        gw = w.h.gateway.router
         engine = gw.engines["champion"]
         w.servers.of(1).behaviour.logprob = -0.4  # above the configured -0.5
         served = w.h.post("/v1/chat/completions", BODY).headers["x-stillhouse-served-by"]
         assert served == "champion"
-        assert engine.threshold is None and "no calibrated threshold" in engine.threshold_source
+        assert engine.policy.calibrated is None
+        assert "no calibrated threshold" in engine.threshold_source
         w.registry.tags[1] = FIT
         assert w.refresh().status_code == 200
-        assert gw.engines["champion"] is engine and engine.threshold == -0.3
+        assert gw.engines["champion"] is engine and engine.policy.calibrated == -0.3
         state = w.state()["champion"]
         assert state["threshold"] == -0.3 and state["threshold_source"] == f"calibrated for {V1}"
         resp = w.h.post("/v1/chat/completions", BODY)
         assert resp.headers["x-stillhouse-fallback"] == "low_confidence"
         w.registry.tags[1] = {**FIT, P + "hold_tokens": "16"}  # fit for another hold length
         w.refresh()
-        assert engine.threshold is None and "16 tokens" in engine.threshold_source
+        assert engine.policy.calibrated is None and "16 tokens" in engine.threshold_source
         assert w.state()["champion"]["threshold"] == -0.5
 
 
 def test_a_challenger_alias_that_appears_is_served_at_the_configured_share(tmp_path):
     with watched_gateway(tmp_path, ab={"challenger_share": 1.0}) as w:
-        gw = w.h.gateway
+        gw = w.h.gateway.router
         assert w.state()["challenger"] == {**w.state()["challenger"], "active": False}
         assert w.h.post("/v1/chat/completions", BODY).headers["x-stillhouse-arm"] == "champion"
         w.registry.aliases["challenger"] = 2
         w.registry.tags[2] = FIT
         w.refresh()
-        assert gw.engines["challenger"].ref == V2 and gw.engines["challenger"].threshold == -0.3
+        challenger = gw.engines["challenger"]
+        assert challenger.ref == V2 and challenger.policy.calibrated == -0.3
         resp = w.h.post("/v1/chat/completions", BODY, headers={"x-request-id": "c"})
         assert resp.headers["x-stillhouse-arm"] == "challenger"
         assert w.h.record("c").student_model == V2
@@ -450,4 +452,4 @@ def test_stopping_the_gateway_stops_a_server_that_is_still_starting(tmp_path):
         w.h.loop.stop_runner(w.app_index)  # the app's shutdown stops the watcher
         assert time.monotonic() - started < 5
         assert w.servers.of(3).stopped.is_set()
-        assert w.h.gateway.engines["champion"].ref == V1
+        assert w.h.gateway.router.engines["champion"].ref == V1

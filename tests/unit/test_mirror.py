@@ -138,7 +138,7 @@ def test_a_failing_challenger_never_fails_the_user_nor_opens_its_circuit(tmp_pat
         assert len(got) == 5
         assert all(m.status == 502 and m.fallback_reason == "upstream_5xx" for m in got)
         assert all(m.error and m.answer is None for m in got)
-        assert gw.gateway.engines["challenger"].breaker.current_state() == "closed"
+        assert gw.gateway.router.engines["challenger"].breaker.current_state() == "closed"
         registry = gw.gateway.metrics.registry
         failures = {"engine": "challenger"}
         assert not registry.get_sample_value("stillhouse_gateway_engine_failures_total", failures)
@@ -148,7 +148,7 @@ def test_a_failing_challenger_never_fails_the_user_nor_opens_its_circuit(tmp_pat
 
 def test_an_open_challenger_circuit_drops_mirrors(tmp_path):
     with gateway_harness(tmp_path, ROLES, ab=MIRRORED) as gw:
-        breaker = gw.gateway.engines["challenger"].breaker
+        breaker = gw.gateway.router.engines["challenger"].breaker
         for _ in range(3):
             breaker.record_failure()  # as user traffic on the challenger arm would
         gw.client().chat.completions.create(model="stillhouse", messages=MSG, max_tokens=4)
@@ -221,7 +221,7 @@ def test_admin_ab_sets_and_validates_the_mirror_share(tmp_path):
             error = resp.json()["error"]
             assert set(error) == {"message", "type", "param", "code"}
             assert error["param"] == "mirror_share" and error["type"] == "invalid_request_error"
-        assert gw.gateway.ab.share == 0.0  # nothing applied from a rejected call
+        assert gw.gateway.router.ab.share == 0.0  # nothing applied from a rejected call
         with TrafficLogReader(gw.settings.traffic_log_path) as reader:
             changes = len(reader.ab_changes())
         resp = gw.post("/admin/ab", {"mirror_share": 0.5, "actor": "test"}, key=ADMIN_KEY)
@@ -241,8 +241,9 @@ def test_admin_ab_sets_and_validates_the_mirror_share(tmp_path):
 def test_the_mirror_uses_the_challengers_own_threshold(tmp_path):
     with gateway_harness(tmp_path, ROLES, ab=MIRRORED) as gw:
         gw.engines["challenger"].logprob = -2.0  # below the configured -0.5
-        gw.gateway.engines["challenger"].threshold = -3.0  # calibrated for this version
+        challenger = gw.gateway.router.engines["challenger"]
+        challenger.set_threshold(-3.0, "calibrated for this version")
         gw.client().chat.completions.create(model="stillhouse", messages=MSG, max_tokens=4)
         (m,) = mirrors(gw, 1)
         assert m.fallback_reason is None and m.confidence == pytest.approx(-2.0)
-        assert gw.gateway.engines["challenger"].in_flight == 0
+        assert gw.gateway.router.engines["challenger"].in_flight == 0

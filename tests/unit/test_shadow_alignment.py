@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from stillhouse.serving.gateway.shadow import ShadowJob, scoring_body, teacher_logprobs
+from stillhouse.serving.gateway.shadow import ShadowItem, scoring_body, teacher_logprobs
 
 
 def entry(chosen: int, lp: float, others: dict[int, float]) -> dict[str, dict]:
@@ -51,7 +51,7 @@ def test_nan_becomes_minus_infinity():
 
 
 def test_the_scoring_request_is_one_forward_pass_over_prompt_and_answer():
-    job = ShadowJob("r", 0.0, None, (1, 2, 3), (7, 9), (-0.1, -0.2), None)
-    body = scoring_body(job, "teacher", 5)
+    item = ShadowItem("r", 0.0, None, (1, 2, 3), (7, 9), (-0.1, -0.2), None)
+    body = scoring_body(item, "teacher", 5)
     assert body["prompt"] == [1, 2, 3, 7, 9]
     assert (body["max_tokens"], body["prompt_logprobs"], body["temperature"]) == (1, 5, 0.0)

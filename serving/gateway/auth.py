@@ -1,0 +1,89 @@
+"""Who may call the gateway: client API keys and the admin key, from the environment only.
+
+    keys = load_keys(settings, os.environ)   # raises ConfigError: no client keys off loopback
+    authorize_client(request)                # raises AuthenticationFailed (401)
+    authorize_admin(request)                 # PermissionDenied (403) when no admin key is set
+
+Keys are compared in constant time, each against every configured key.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from stillhouse.common.config import Settings
+from stillhouse.common.errors import ConfigError
+from stillhouse.serving.gateway.errors import AuthenticationFailed, PermissionDenied
+
+
+@dataclass(frozen=True)
+class Keys:
+    clients: tuple[bytes, ...]
+    admin: bytes | None
+
+
+KEYS = web.AppKey("keys", Keys)
+
+
+def load_keys(settings: Settings, environ: Mapping[str, str]) -> Keys:
+    """Client keys (comma-separated) and the admin key from the environment, never from YAML.
+    Without client keys the gateway only listens on loopback."""
+    gw = settings.gateway
+    clients = tuple(
+        k.strip().encode() for k in environ.get(gw.api_keys_env, "").split(",") if k.strip()
+    )
+    admin = environ.get(gw.admin_key_env, "").strip().encode() or None
+    if not clients and not _is_loopback(gw.host):
+        raise ConfigError(
+            f"gateway.host is {gw.host}, but ${gw.api_keys_env} is empty: "
+            "set client API keys before listening beyond loopback"
+        )
+    return Keys(clients, admin)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _bearer(request: web.Request) -> bytes:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip().encode() if scheme.lower() == "bearer" else b""
+
+
+def _matches(presented: bytes, keys: tuple[bytes, ...]) -> bool:
+    # Compare against every key, constant time each, so timing says nothing about which or how
+    # much of a key matched.
+    found = False
+    for key in keys:
+        found |= hmac.compare_digest(presented, key)
+    return found
+
+
+def authorize_client(request: web.Request) -> None:
+    keys = request.app[KEYS]
+    if keys.clients and not _matches(_bearer(request), keys.clients):
+        raise AuthenticationFailed(
+            "invalid or missing API key: send 'Authorization: Bearer <key>'",
+            code="invalid_api_key",
+        )
+
+
+def authorize_admin(request: web.Request) -> None:
+    keys = request.app[KEYS]
+    if keys.admin is None:
+        raise PermissionDenied(
+            "the admin API is disabled: set the admin key in the gateway's environment"
+        )
+    if not _matches(_bearer(request), (keys.admin,)):
+        raise AuthenticationFailed("invalid or missing admin key", code="invalid_api_key")
