@@ -1,7 +1,7 @@
-"""`stillhouse ab`: the A/B test's state over a window of the traffic log.
+"""The A/B test's state over a window of the traffic log (what `stillhouse ab` prints and the
+rollout gates read).
 
-    stillhouse ab                      # the default window (evaluation.window_hours)
-    stillhouse ab --since 2h
+    summary, records, judgments = ab_summary_for_window(settings, window)
 
 Per arm: judge scores, pairwise results against the teacher, fallback rate, latency and cost
 (with the savings against sending everything to the teacher). Across arms: the sample-ratio

@@ -143,7 +143,7 @@ class GatewayMetrics:
                 self.engine_swaps.labels(role, outcome)
         self.mirror_share = Gauge(
             "stillhouse_challenger_mirror_share",
-            "The share of champion-arm requests also sent to the challenger (shadow phase).",
+            "The share of champion-arm requests also sent to the challenger (mirror phase).",
             registry=r,
         )
         self.mirror_requests = Counter(

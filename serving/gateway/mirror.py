@@ -1,4 +1,4 @@
-"""The challenger's shadow phase: it answers copies of champion-arm requests that no user sees.
+"""The challenger's mirror phase: it answers copies of champion-arm requests that no user sees.
 
     mirror.offer(request, trace)     after a user's answer is decided: with probability
                                      `ab.mirror`, a `MirrorItem` into a bounded `WorkerPool`

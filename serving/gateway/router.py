@@ -35,7 +35,7 @@ class AbState:
 
     share: float
     seed: str
-    # Shadow phase: the fraction of champion-arm requests also sent to the challenger in the
+    # Mirror phase: the fraction of champion-arm requests also sent to the challenger in the
     # background (mirror.py); no user changes arm, so not an AbChange.
     mirror: float = 0.0
 

@@ -1,4 +1,4 @@
-"""The challenger's shadow phase through the running gateway: champion-arm requests mirrored to
+"""The challenger's mirror phase through the running gateway: champion-arm requests mirrored to
 the challenger in the background, recorded as `served_by: mirror`, never seen by the user."""
 
 from __future__ import annotations
