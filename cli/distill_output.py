@@ -2,32 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from rich.console import Console
 from rich.table import Table
 
 from stillhouse.common.formatting import percent
+from stillhouse.rollout.distill.hooks import TeacherCard
 from stillhouse.rollout.distill.pipeline import RedistillOutcome
 
 
-def outcome_table(outcome: RedistillOutcome, teacher: dict[str, Any] | None) -> Table:
+def outcome_table(outcome: RedistillOutcome, teacher: TeacherCard | None) -> Table:
     table = Table(title="re-distillation: students vs teacher")
     table.add_column("")
     for name in outcome.runs:
         table.add_column("KD student" if name == "kd" else "SFT baseline", justify="right")
-    if teacher:
+    if teacher is not None:
         table.add_column("teacher (vLLM)", justify="right")
-    t_triage = (teacher or {}).get("triage", {})
+    t = teacher or TeacherCard()
 
     def row(label: str, values: list[str], teacher_value: str = "") -> None:
-        table.add_row(label, *values, *([teacher_value] if teacher else []))
+        table.add_row(label, *values, *([teacher_value] if teacher is not None else []))
 
     runs = list(outcome.runs.values())
     row(
         "parameters",
         [f"{r.parameters / 1e6:.2f}M" for r in runs],
-        f"{teacher['parameters'] / 1e6:.2f}M" if teacher and "parameters" in teacher else "",
+        f"{t.parameters / 1e6:.2f}M" if t.parameters is not None else "",
     )
     best = [next(h for h in r.result.history if h.epoch == r.result.best_epoch) for r in runs]
     row("held-out KL(teacher‖student)", [f"{b.heldout_kl:.4f}" for b in best])
@@ -41,20 +40,20 @@ def outcome_table(outcome: RedistillOutcome, teacher: dict[str, Any] | None) -> 
         row(
             "category accuracy (vLLM)",
             [percent(x.category_accuracy, spaced=True, missing="") if x else "" for x in s],
-            percent(t_triage.get("category_accuracy"), spaced=True, missing=""),
+            percent(t.category_accuracy, spaced=True, missing=""),
         )
         row(
             "priority accuracy (vLLM)",
             [percent(x.priority_accuracy, spaced=True, missing="") if x else "" for x in s],
-            percent(t_triage.get("priority_accuracy"), spaced=True, missing=""),
+            percent(t.priority_accuracy, spaced=True, missing=""),
         )
         row(
             "hard-slice category accuracy",
             [percent(x.hard_category_accuracy, spaced=True, missing="") if x else "" for x in s],
-            percent(t_triage.get("hard_category_accuracy"), spaced=True, missing=""),
+            percent(t.hard_category_accuracy, spaced=True, missing=""),
         )
-        if t_triage.get("category_accuracy"):
-            tc = t_triage["category_accuracy"]
+        if t.category_accuracy:
+            tc = t.category_accuracy
             row(
                 "category accuracy / teacher's",
                 [f"{x.category_accuracy / tc:.3f}" if x else "" for x in s],

@@ -29,13 +29,15 @@ from stillhouse.common.config import DemoSettings, Settings
 from stillhouse.common.errors import DemoBuildError
 from stillhouse.common.instance_lock import instance_lock
 from stillhouse.common.progress import progress_bar
-from stillhouse.demo import corpus, examples, tokenizer
-from stillhouse.demo import teacher as train
+from stillhouse.demo import corpus, examples, teacher, tokenizer
 from stillhouse.demo.corpus import CorpusSpec, Ticket, generate_corpus, write_jsonl
+from stillhouse.rollout.distill import batching
+from stillhouse.rollout.distill import model as llama_model
+from stillhouse.rollout.distill.model import ModelShape, count_parameters, llama_config, new_model
 
 MANIFEST = "manifest.json"
 # The modules whose code decides the built artefacts; editing one invalidates the cache.
-_SHAPING_MODULES = (corpus, prompts, tokenizer, examples, train)
+_SHAPING_MODULES = (corpus, prompts, tokenizer, examples, teacher, batching, llama_model)
 
 
 @dataclass(frozen=True)
@@ -69,9 +71,9 @@ def corpus_spec(demo: DemoSettings) -> CorpusSpec:
     return CorpusSpec(seed=demo.seed, n_train=demo.n_train, n_val=demo.n_val, n_test=demo.n_test)
 
 
-def teacher_shape(demo: DemoSettings) -> train.ModelShape:
+def teacher_shape(demo: DemoSettings) -> ModelShape:
     heads = max(1, demo.teacher_hidden_size // 64)
-    return train.ModelShape(
+    return ModelShape(
         hidden_size=heads * 64,
         intermediate_size=3 * heads * 64,
         num_layers=demo.teacher_layers,
@@ -80,8 +82,8 @@ def teacher_shape(demo: DemoSettings) -> train.ModelShape:
     )
 
 
-def teacher_sft_config(demo: DemoSettings) -> train.SftConfig:
-    return train.SftConfig(epochs=demo.teacher_epochs, seed=demo.seed)
+def teacher_sft_config(demo: DemoSettings) -> teacher.SftConfig:
+    return teacher.SftConfig(epochs=demo.teacher_epochs, seed=demo.seed)
 
 
 def cache_key(demo: DemoSettings) -> str:
@@ -112,8 +114,8 @@ def _train_teacher(
         tok, train_split, demo.judge_share, demo.seed, demo.pairwise_share
     )
     shape = teacher_shape(demo)
-    model = train.new_model(train.llama_config(shape, tok, demo.max_positions), demo.seed)
-    n_params = train.count_parameters(model)
+    model = new_model(llama_config(shape, tok, demo.max_positions), demo.seed)
+    n_params = count_parameters(model)
     n_tokens = sum(len(ids) for ids, _ in exs)
     console.print(
         f"teacher: Llama {n_params / 1e6:.2f}M parameters "
@@ -127,7 +129,7 @@ def _train_teacher(
         def on_step(step: int, total: int, loss: float) -> None:
             progress.update(task, completed=step, total=total, info=f"loss {loss:.3f}")
 
-        losses = train.train_sft(model, exs, teacher_sft_config(demo), tok.pad_token_id, on_step)
+        losses = teacher.train_sft(model, exs, teacher_sft_config(demo), tok.pad_token_id, on_step)
     seconds = time.monotonic() - started
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id

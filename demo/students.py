@@ -21,6 +21,8 @@ from rich.console import Console
 from stillhouse.cli.distill_output import print_redistill_outcome
 from stillhouse.common.config import Settings
 from stillhouse.common.registry import RegistryClient, VersionInfo
+from stillhouse.common.roles import Alias
+from stillhouse.demo.distill_hooks import demo_redistill_inputs
 from stillhouse.rollout.distill.pipeline import redistill
 
 # Last week's budget: a third of the prompts, a third of the epochs.
@@ -71,10 +73,11 @@ def degraded_settings(settings: Settings) -> Settings:
 
 
 def _distill(
-    settings: Settings, console: Console, label: str, alias: str | None = "challenger"
+    settings: Settings, console: Console, label: str, alias: str | None = Alias.CHALLENGER
 ) -> VersionInfo:
     console.print(f"[bold]{label}[/]")
-    outcome = redistill(settings, console, alias=alias)
+    settings, hooks = demo_redistill_inputs(settings, console)
+    outcome = redistill(settings, console, hooks=hooks, alias=alias)
     if outcome.version is None:
         assert outcome.duplicate_of is not None
         return outcome.duplicate_of
@@ -91,17 +94,17 @@ def ensure_demo_students(settings: Settings, console: Console) -> DemoStudents:
         degraded_settings(settings), console, "a degraded student (shuffled answers)", alias=None
     )
     registry = RegistryClient.from_settings(settings)
-    registry.set_alias("champion", last_week.version)
-    registry.set_alias("challenger", this_week.version)
-    registry.delete_alias("previous-champion")
+    registry.set_alias(Alias.CHAMPION, last_week.version)
+    registry.set_alias(Alias.CHALLENGER, this_week.version)
+    registry.delete_alias(Alias.PREVIOUS_CHAMPION)
     name = settings.mlflow.registered_model
     console.print(
-        f"demo set-up: {name}@champion -> version {last_week.version} (last week's), "
-        f"@challenger -> version {this_week.version} (this week's); the degraded student is "
-        f"version {degraded.version}"
+        f"demo set-up: {name}@{Alias.CHAMPION} -> version {last_week.version} (last week's), "
+        f"@{Alias.CHALLENGER} -> version {this_week.version} (this week's); the degraded "
+        f"student is version {degraded.version}"
     )
     return DemoStudents(
-        registry.resolve(f"models:/{name}@champion"),
-        registry.resolve(f"models:/{name}@challenger"),
-        registry.resolve(f"models:/{name}/{degraded.version}"),
+        registry.resolve(registry.alias_uri(Alias.CHAMPION)),
+        registry.resolve(registry.alias_uri(Alias.CHALLENGER)),
+        registry.resolve_version(degraded.version),
     )

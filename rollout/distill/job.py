@@ -20,13 +20,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from stillhouse.rollout.distill.config import DistillConfig
 from stillhouse.rollout.distill.losses import KDLossConfig
-from stillhouse.rollout.distill.training import (
-    DistillConfig,
-    DistillExample,
-    DistillResult,
-    train_student,
-)
+from stillhouse.rollout.distill.training import DistillExample, DistillResult, train_student
 
 JOB_FILE = "job.json"
 
@@ -37,14 +33,23 @@ def _write_examples(path: Path, examples: list[DistillExample]) -> None:
             f.write(json.dumps(asdict(e)) + "\n")
 
 
+def _rows(rows: list[list[Any]] | None) -> tuple[tuple[Any, ...], ...] | None:
+    return None if rows is None else tuple(tuple(row) for row in rows)
+
+
 def _read_examples(path: Path) -> list[DistillExample]:
     out = []
     with path.open(encoding="utf-8") as f:
         for line in f:
             d = json.loads(line)
-            rows = lambda r: None if r is None else tuple(tuple(x) for x in r)  # noqa: E731
-            out.append(DistillExample(tuple(d["input_ids"]), d["answer_start"],
-                                      rows(d["top_ids"]), rows(d["top_logprobs"])))  # fmt: skip
+            out.append(
+                DistillExample(
+                    tuple(d["input_ids"]),
+                    d["answer_start"],
+                    _rows(d["top_ids"]),
+                    _rows(d["top_logprobs"]),
+                )
+            )
     return out
 
 
@@ -70,8 +75,13 @@ def write_job(
         base.save_pretrained(str(job_dir / "init"))
     _write_examples(job_dir / "train.jsonl", train)
     _write_examples(job_dir / "heldout.jsonl", heldout)
-    spec = {"config": asdict(cfg), "pad_id": pad_id, "top_k": top_k,
-            "teacher_dir": str(teacher_dir), "lora": lora}  # fmt: skip
+    spec = {
+        "config": asdict(cfg),
+        "pad_id": pad_id,
+        "top_k": top_k,
+        "teacher_dir": str(teacher_dir),
+        "lora": lora,
+    }
     (job_dir / JOB_FILE).write_text(json.dumps(spec, indent=2))
 
 
@@ -90,16 +100,24 @@ def run_job(job_dir: Path) -> DistillResult:
     if cfg.mode == "white-box":
         teacher = LlamaForCausalLM.from_pretrained(spec["teacher_dir"]).eval()
     return train_student(
-        student, _read_examples(job_dir / "train.jsonl"), _read_examples(job_dir / "heldout.jsonl"),
-        cfg, spec["pad_id"], job_dir, teacher=teacher, top_k=spec["top_k"],
+        student,
+        _read_examples(job_dir / "train.jsonl"),
+        _read_examples(job_dir / "heldout.jsonl"),
+        cfg,
+        spec["pad_id"],
+        job_dir,
+        teacher=teacher,
+        top_k=spec["top_k"],
         on_epoch=lambda s: print(f"epoch {s.epoch}: held-out KL {s.heldout_kl:.4f}", flush=True),
-    )  # fmt: skip
+    )
 
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1 or not (Path(argv[0]) / JOB_FILE).is_file():
-        print("usage: python -m stillhouse.rollout.distill.job JOB_DIR  (a dir with job.json)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            "usage: python -m stillhouse.rollout.distill.job JOB_DIR  (a dir with job.json)",
+            file=sys.stderr,
+        )
         return 2
     result = run_job(Path(argv[0]))
     print(f"trained {len(result.history)} epoch(s), best {result.best_epoch}", flush=True)

@@ -1,86 +1,13 @@
 """Knowledge-distillation losses: pure functions of tensors, importing only torch.
 
-The student is trained on the teacher's sampled tokens with
-
     loss = alpha * T² * KD(teacher_T, student_T) + (1 - alpha) * CE(student, target_ids)
 
-averaged over the tokens where ``mask`` is True (answer tokens; prompt and padding are False).
-``teacher_T = softmax(teacher_logits / T)``, ``student_T = softmax(student_logits / T)``; the T²
-factor keeps the KD gradient's scale roughly independent of T (Hinton et al., 2015; as T → ∞,
-T²·KL(p_T‖q_T) tends to the mean squared difference of the centred logits over 2). CE uses the
-untempered student. ``alpha = 0`` is the SFT-only baseline. The mean is over counted tokens of
-the whole batch (TRL's "batchmean"). An all-False mask gives exactly 0 with an all-zero
-gradient (never 0/0 = NaN).
-
-Divergences, with p the teacher's and q the student's distribution (``KDLossConfig.divergence``):
-
-* ``forward_kl``: KL(p‖q) = Σ p log(p/q) (mass-covering).
-* ``reverse_kl``: KL(q‖p) (mode-seeking).
-* ``jsd``: TRL's ``generalized_jsd_loss`` convention. With m = β·p + (1−β)·q,
-  JSD_β = β·KL(p‖m) + (1−β)·KL(q‖m) for 0 < β < 1, bounded by the binary entropy
-  H(β) ≤ log 2. TRL special-cases the endpoints and so do we: β = 0 *is* forward KL and β = 1
-  *is* reverse KL. The interior is not continuous there: JSD_β → 0 as β → 0 or 1, with
-  JSD_β / β → KL(p‖q) and JSD_β / (1−β) → KL(q‖p).
-* ``skew_kl``: skew forward KL of DistiLLM (Ko et al., 2024), KL(p ‖ a·p + (1−a)·q) with
-  a = ``skew``: a = 0 is forward KL, a = 1 gives 0, and it is ≤ (1−a)·KL(p‖q) by convexity.
-
-Sparse teacher (:func:`sparse_kd_loss`): an engine such as vLLM returns only the teacher's top-k
-token ids and their log-probabilities (computed at T = 1 over the full vocabulary). The mass
-outside the top-k is handled explicitly as one extra "tail" bucket, so both distributions are
-proper over K+1 outcomes: the teacher's is (p_1..p_K, r) with r = max(1 − Σ p_k, ε)
-(ε = ``sparse_tail_floor``) and all K+1 renormalised to sum to 1 (a no-op whenever
-Σ p_k ≤ 1 − ε); the student's is (q_1..q_K, 1 − Σ q_k), with q its full-vocabulary softmax. The
-chosen divergence is taken between these two K+1-outcome distributions; for forward KL that is
-Σ_k p_k log(p_k/q_k) + r log(r/q_tail). Consequences: merging outcomes never increases an
-f-divergence (all four are), so while the floor is inactive the sparse value is a lower bound on
-the dense one; when the top-k cover the vocabulary (K = V) there is no tail and they are equal.
-When the top-k hold all the
-teacher's mass (r = 0, with ε = 0) forward KL equals KL(p‖q̂) − log Σ_k q_k, with q̂ the student
-renormalised over the top-k: the top-k-renormalised KL *plus* a penalty on the student's mass
-outside the teacher's top-k (renormalising alone would never push that mass down). The floor
-ε keeps reverse KL (Σ ... + q_tail log(q_tail/r)) finite when the top-k carry, up to rounding,
-all the teacher's mass; it changes nothing while 1 − Σ p_k ≥ ε. The student's tail is computed
-as a log-sum-exp over the non-top-k logits, not as 1 − Σ q_k, so it stays accurate when tiny.
-Temperatures other than 1 are rejected for the sparse variant: re-tempering the teacher needs
-Σ_{tail} p_i^(1/T), which the top-k do not determine. Top-k ids must be distinct.
-
-Memory: the straightforward loss materialises several float32 [tokens × vocab] tensors and keeps
-them for backward. Here a custom autograd function walks over chunks of the counted tokens
-(contiguous row ranges, so chunks are views; masked-out rows are never computed), computes each
-chunk's loss and its gradient w.r.t. the student logits analytically (in float32, float64 for
-float64 inputs), and writes the gradient into one preallocated buffer in the logits' dtype;
-backward only scales that buffer in place and hands it over as the gradient. Peak ≈ the logits
-+ one gradient buffer + one chunk's temporaries. The price: backward may run only once per
-forward (no ``retain_graph`` re-runs), and double backward is not supported. Nothing is computed
-or written for the gradient when grad mode is off or the logits do not require grad.
-
-In-place gradient (``KDLossConfig.inplace_grad=True``, opt-in, as in Liger-Kernel): the buffer
-*is* ``student_logits``. Each chunk's gradient overwrites the rows of the logits it has just
-read (masked-out rows are zeroed; chunks never share a row, which is checked), so peak ≈ the
-logits + one chunk's temporaries. Consequences and conditions, all of which the caller owns:
-
-* From the moment the loss returns, whether or not backward ever runs, ``student_logits`` holds
-  the gradient (before backward: for an upstream gradient of 1; after: the gradient itself), not
-  logits. Whatever needs their values (argmax accuracy, entropy, a second loss on the same
-  logits) must run *before* the call: after it, it would silently read the gradient.
-* Nothing may need the logits' values in backward. ``torch.nn.Linear`` / ``F.linear`` (mm or
-  addmm, with or without bias, 2-D or 3-D input, which autograd then reshapes through a view)
-  saves only its input and weight, so ``lm_head(hidden)`` qualifies, as do a dtype cast or a
-  multiplication or division by a number after it. A backward that saved the logits (or their
-  base or any view: all share one torch version counter, which each write here bumps), e.g.
-  logits that are the very output of ``exp`` or ``tanh`` (both save their output), or another
-  loss computed on them before this one that multiplies them, fails at backward with torch's
-  "modified by an inplace operation" error, never with a silently wrong gradient. Not caught,
-  because torch does not track them: aliases made with ``.data``, and custom autograd functions
-  that keep the logits on ``ctx`` instead of ``save_for_backward``.
-* For a leaf ``student_logits`` (e.g. ``lm_head(h).detach().requires_grad_()`` to split the
-  backward) ``.grad`` becomes the leaf's own storage: values and gradient are the same memory.
-  Never pass a parameter.
-* ``ValueError`` up front when it cannot work: grad mode on but the logits do not require grad
-  (with grad mode off only the loss is computed and nothing is written); the logits are not
-  contiguous (a strided slice such as ``logits[:, p - 1 : -1]`` with batch > 1: its backward
-  builds a full-size gradient anyway, so pass the whole logits and mask the prompt out); or a
-  teacher tensor shares the logits' storage (later chunks would read overwritten values).
+averaged over the answer tokens (`mask`). `kd_loss` takes the teacher's full logits (white-box),
+`sparse_kd_loss` its top-k log-probabilities plus a tail bucket (grey-box, as vLLM returns
+them); `divergence` is forward KL, reverse KL, generalised JSD or skew KL (`KDLossConfig`).
+Both losses walk over chunks of tokens and build the gradient as they go (one [tokens × vocab]
+buffer, or none with `inplace_grad`). The definitions, the tail bucket's bounds and the
+in-place conditions are in docs/distillation.md ("The loss").
 """
 
 from __future__ import annotations
@@ -111,7 +38,8 @@ class KDLossConfig:
     """Settings of the distillation loss; ``__post_init__`` rejects out-of-range values.
 
     Attributes:
-        divergence: ``forward_kl`` | ``reverse_kl`` | ``jsd`` | ``skew_kl`` (see module doc).
+        divergence: ``forward_kl`` | ``reverse_kl`` | ``jsd`` | ``skew_kl``
+            (docs/distillation.md, "Divergences").
         beta: JSD interpolation in [0, 1]; 0 → forward KL, 1 → reverse KL (TRL convention).
         skew: DistiLLM skew a in [0, 1] for ``skew_kl``; 0 → forward KL, 1 → 0.
         temperature: T > 0 applied to both logit sets; the KD term is multiplied by T².
@@ -119,8 +47,8 @@ class KDLossConfig:
         chunk_size: tokens per chunk; None picks one from the vocabulary size and device.
         sparse_tail_floor: ε in [0, 1), the least mass given to the teacher's tail bucket.
         inplace_grad: write the gradient into ``student_logits`` itself instead of a separate
-            [tokens × vocab] buffer; the logits are then overwritten. Read the module docstring's
-            "In-place gradient" conditions before turning it on.
+            [tokens × vocab] buffer; the logits are then overwritten. Read the conditions in
+            docs/distillation.md ("In-place gradient") before turning it on.
     """
 
     divergence: Divergence = "forward_kl"
@@ -325,7 +253,8 @@ def _prepare(
 
 
 def _grad_mode(logits: torch.Tensor, config: KDLossConfig, teacher: torch.Tensor) -> str | None:
-    """None, "buffer" or "inplace"; ValueError where in-place writing cannot work (module doc)."""
+    """None, "buffer" or "inplace"; ValueError where in-place writing cannot work (the
+    conditions are in docs/distillation.md, "In-place gradient")."""
     if not torch.is_grad_enabled():
         return None
     if not config.inplace_grad:
@@ -371,7 +300,8 @@ def kd_loss(
 
     Args:
         student_logits: [B, T, V] or [N, V], any float dtype; receives the gradient (with
-            ``config.inplace_grad`` it is overwritten by it: see the module docstring).
+            ``config.inplace_grad`` it is overwritten by it: see docs/distillation.md,
+            "In-place gradient").
         teacher_logits: same shape as ``student_logits``; never differentiated.
         mask: [B, T] (or [N]) bool or 0/1, True where a token counts; None counts every token.
         target_ids: token ids (the teacher's sampled tokens) for CE; needed when alpha < 1.
@@ -416,7 +346,8 @@ def teacher_bucket_log_probs(
 ) -> torch.Tensor:
     """The teacher's log-distribution over its K top-k ids plus the tail bucket (if K < V).
 
-    Returns [..., K+1] (or [..., K] when K = V, renormalised). See the module docstring.
+    Returns [..., K+1] (or [..., K] when K = V, renormalised): the tail r = max(1 − Σ p_k,
+    ``tail_floor``), all K+1 renormalised (docs/distillation.md, "Sparse teacher").
     """
     if topk_logprobs.shape[-1] == vocab_size:
         return topk_logprobs - torch.logsumexp(topk_logprobs, dim=-1, keepdim=True)
@@ -442,7 +373,8 @@ def sparse_kd_loss(
         teacher_topk_logprobs: their log-probabilities at temperature 1 over the full vocab.
         mask, target_ids, config: as in :func:`kd_loss`; ``config.temperature`` must be 1.
 
-    The tail bucket, its floor and what the result equals are defined in the module docstring.
+    The tail bucket, its floor and what the result equals (a lower bound on the dense loss
+    while the floor is inactive) are in docs/distillation.md, "Sparse teacher".
     """
     config = config or KDLossConfig()
     if config.temperature != 1.0:

@@ -91,14 +91,26 @@ def write_redistill_metrics(
             Gauge(name, doc, registry=r).set(value)
 
     gauge("stillhouse_redistill_last_run_timestamp_seconds", "When the last run ended.", ended_at)
-    gauge("stillhouse_redistill_last_run_duration_seconds", "How long the last run took.",
-          max(0.0, ended_at - started_at))  # fmt: skip
-    gauge("stillhouse_redistill_last_run_success", "1 when the last run succeeded, else 0.",
-          float(success))  # fmt: skip
-    gauge("stillhouse_redistill_last_success_timestamp_seconds",
-          "When the last successful run ended.", after.last_success_at)  # fmt: skip
-    gauge("stillhouse_redistill_last_failure_timestamp_seconds",
-          "When the last failed run ended.", after.last_failure_at)  # fmt: skip
+    gauge(
+        "stillhouse_redistill_last_run_duration_seconds",
+        "How long the last run took.",
+        max(0.0, ended_at - started_at),
+    )
+    gauge(
+        "stillhouse_redistill_last_run_success",
+        "1 when the last run succeeded, else 0.",
+        float(success),
+    )
+    gauge(
+        "stillhouse_redistill_last_success_timestamp_seconds",
+        "When the last successful run ended.",
+        after.last_success_at,
+    )
+    gauge(
+        "stillhouse_redistill_last_failure_timestamp_seconds",
+        "When the last failed run ended.",
+        after.last_failure_at,
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     write_to_textfile(str(path), r)
     return after

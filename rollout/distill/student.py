@@ -1,15 +1,16 @@
 """The student side of a re-distillation run: build it, train it, save it for vLLM, score it.
 
 A student is a smaller Llama that shares the teacher's tokenizer (shape from config), or the
-current champion's weights as a warm start (`student.warm_start: models:/stillhouse-student@
-champion`), optionally wrapped in LoRA adapters (merged back before saving, so vLLM serves a
-plain model directory).
+current champion's weights as a warm start (`redistill.student.warm_start:
+models:/stillhouse-student@champion`), optionally wrapped in LoRA adapters (merged back before
+saving, so vLLM serves a plain model directory). Scoring it on a task is a plug-in
+(`rollout/distill/hooks.py`): the run serves it on vLLM and hands the endpoint over.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +22,12 @@ from stillhouse.common.config import Settings
 from stillhouse.common.errors import UsageError
 from stillhouse.common.progress import progress_bar
 from stillhouse.common.registry import RegistryClient
-from stillhouse.demo import teacher as training
+from stillhouse.rollout.distill.config import DistillConfig
+from stillhouse.rollout.distill.hooks import ServedEvaluation, ServedScores, scores_record
 from stillhouse.rollout.distill.job import write_job
+from stillhouse.rollout.distill.model import ModelShape, count_parameters, llama_config, new_model
 from stillhouse.rollout.distill.targets import TeacherTarget
 from stillhouse.rollout.distill.training import (
-    DistillConfig,
     DistillResult,
     EpochStats,
     build_examples,
@@ -40,7 +42,7 @@ class StudentRun:
     model_dir: Path
     parameters: int
     result: DistillResult
-    served: Any = None  # TriageScore when the student was evaluated on vLLM
+    served: ServedScores | None = None  # when the student was scored on vLLM
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -48,7 +50,7 @@ class StudentRun:
             "model_dir": str(self.model_dir),
             "parameters": self.parameters,
             "result": self.result.to_dict(),
-            "served": asdict(self.served) if self.served is not None else None,
+            "served": scores_record(self.served) if self.served is not None else None,
         }
 
 
@@ -60,8 +62,12 @@ def lora_spec(settings: Settings) -> dict[str, Any] | None:
     s = settings.redistill.student
     if not s.lora_rank:
         return None
-    return {"r": s.lora_rank, "lora_alpha": s.lora_alpha, "lora_dropout": 0.05,
-            "target_modules": LORA_TARGETS}  # fmt: skip
+    return {
+        "r": s.lora_rank,
+        "lora_alpha": s.lora_alpha,
+        "lora_dropout": 0.05,
+        "target_modules": LORA_TARGETS,
+    }
 
 
 def make_student(
@@ -87,14 +93,14 @@ def make_student(
                 "(head_dim 64: vLLM's CPU attention rejects smaller heads)"
             )
         try:
-            shape = training.ModelShape(
+            shape = ModelShape(
                 s.hidden_size, s.intermediate_size, s.num_layers, heads, s.num_kv_heads or heads
             )
         except ValueError as e:
             raise UsageError(f"redistill.student: {e}") from None
         teacher_cfg = LlamaForCausalLM.config_class.from_pretrained(str(teacher_dir))
-        config = training.llama_config(shape, tok, teacher_cfg.max_position_embeddings)
-        model = training.new_model(config, settings.redistill.training.seed)
+        config = llama_config(shape, tok, teacher_cfg.max_position_embeddings)
+        model = new_model(config, settings.redistill.training.seed)
     check_compatible(model, tok)
     lora = lora_spec(settings)
     if lora is not None:
@@ -137,8 +143,17 @@ def train_and_save(
     train = build_examples(tok, train_pairs, max_len)
     heldout = build_examples(tok, heldout_pairs, max_len)
     job_top_k = top_k if cfg.mode == "grey-box" else 0
-    write_job(run_dir, cfg, train, heldout, student, pad_id=tok.pad_token_id, top_k=job_top_k,
-              teacher_dir=teacher_dir, lora=lora)  # fmt: skip
+    write_job(
+        run_dir,
+        cfg,
+        train,
+        heldout,
+        student,
+        pad_id=tok.pad_token_id,
+        top_k=job_top_k,
+        teacher_dir=teacher_dir,
+        lora=lora,
+    )
     if prepare_only:
         console.print(f"student ({name}): job written to {run_dir} ({len(train)} examples)")
         return None
@@ -146,7 +161,7 @@ def train_and_save(
     if cfg.mode == "white-box":
         teacher = LlamaForCausalLM.from_pretrained(str(teacher_dir)).eval()
         check_compatible(student, tok, teacher)
-    params = training.count_parameters(student)
+    params = count_parameters(student)
     label = "SFT baseline (alpha 0)" if cfg.kd.alpha == 0 else f"KD ({cfg.kd.divergence})"
     console.print(
         f"student ({name}): {params / 1e6:.2f}M parameters, {label}, {len(train)} examples, "
@@ -184,29 +199,24 @@ def train_and_save(
 
 
 def evaluate_on_vllm(
-    settings: Settings, model_dir: Path, name: str, world: Any, console: Console
-) -> Any:
-    """Category and priority accuracy of the student served by vLLM, on the demo test split."""
-    from openai import OpenAI
-
-    from stillhouse.demo.evaluate import evaluate_served_model
+    settings: Settings,
+    model_dir: Path,
+    name: str,
+    evaluate: ServedEvaluation,
+    console: Console,
+) -> ServedScores:
+    """Serve the student in `model_dir` on vLLM (as `student-<name>`) for `evaluate` to score."""
     from stillhouse.serving.engines.vllm import EngineSpec, VllmEngine
 
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    engine = VllmEngine(
-        EngineSpec(model_dir, f"student-{name}"), settings.engine, settings.logs_dir
-    )
+    served_name = f"student-{name}"
+    engine = VllmEngine(EngineSpec(model_dir, served_name), settings.engine, settings.logs_dir)
     try:
         with console.status(f"serving student ({name}) on vLLM to score it"):
             engine.start()
             engine.wait_ready()
-            client = OpenAI(base_url=engine.base_url, api_key="unused", timeout=300)
-            triage, _, _ = evaluate_served_model(
-                client, f"student-{name}", tok, world.split("test"), []
-            )
+            return evaluate(engine.base_url, served_name, model_dir)
     finally:
         engine.stop()
-    return triage
 
 
 def plot_history(results: dict[str, DistillResult], out: Path) -> Path:

@@ -5,7 +5,7 @@
   `--max-logprobs`), returned as token ids (`return_tokens_as_token_ids`) so nothing is lost
   to detokenization;
 - white-box: the answer text here too; the full teacher logits come from a local transformers
-  forward pass during training (see `distill`), never over the wire.
+  forward pass during training (`rollout/distill/training.py`), never over the wire.
 
 Requests go to `/v1/completions` with the chat-template-rendered prompt, in batches, a bounded
 number in flight, each with a timeout and bounded retries. Each target is cached on disk by a

@@ -1,13 +1,13 @@
 """Distil a student from teacher targets: the training loop, held-out evaluation, checkpoints.
 
-Read top to bottom: examples → batches → (student forward, teacher forward in white-box mode)
-→ loss from `rollout.losses` → clip → step → per-epoch held-out KL and top-1 agreement →
-checkpoint → early stop. The loop runs through `accelerate`, so the same code runs on one CPU
-here and under DDP or FSDP across GPUs and nodes:
+Read `train_student` top to bottom: examples → batches → (student forward, teacher forward in
+white-box mode) → loss from `rollout/distill/losses.py` → clip → step → per-epoch held-out KL
+and top-1 agreement → checkpoint → early stop. The loop runs through `accelerate`, so the same
+code runs on one CPU here and under DDP or FSDP across GPUs and nodes:
 
     accelerate launch --multi_gpu --num_processes 8 -m stillhouse.rollout.distill.job JOB_DIR
 
-Resuming: a checkpoint is written after every epoch (model, optimizer, epoch, history); a run
+Resuming: a checkpoint is written after every epoch (model, optimizer, progress); a run
 started again with the same run directory continues after the last finished epoch.
 """
 
@@ -18,6 +18,7 @@ import json
 import math
 import random
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +29,8 @@ import torch.nn.functional as F
 from transformers import LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from stillhouse.common.errors import StillhouseError
-from stillhouse.demo.teacher import lr_at, token_budget_batches
+from stillhouse.rollout.distill.batching import lr_at, token_budget_batches
+from stillhouse.rollout.distill.config import DistillConfig
 from stillhouse.rollout.distill.losses import KDLossConfig, kd_loss, sparse_kd_loss
 from stillhouse.rollout.distill.targets import TeacherTarget
 
@@ -45,36 +47,6 @@ class DistillExample:
     answer_start: int  # index of the first answer token in input_ids
     top_ids: tuple[tuple[int, ...], ...] | None = None  # one row per answer token
     top_logprobs: tuple[tuple[float, ...], ...] | None = None
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    """How to train. `__post_init__` rejects values that cannot work, before the first step."""
-
-    mode: str = "grey-box"  # black-box | grey-box | white-box
-    epochs: int = 6
-    learning_rate: float = 3e-3
-    warmup_ratio: float = 0.05
-    min_lr_ratio: float = 0.05
-    weight_decay: float = 0.01
-    batch_tokens: int = 4096
-    grad_clip: float = 1.0
-    patience: int = 2
-    seed: int = 0
-    kd: KDLossConfig = field(default_factory=KDLossConfig)
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("black-box", "grey-box", "white-box"):
-            raise ValueError(f"mode must be black-box, grey-box or white-box, not {self.mode!r}")
-        if self.epochs < 1 or self.patience < 1 or self.batch_tokens < 64:
-            raise ValueError("epochs and patience must be >= 1 and batch_tokens >= 64")
-        if not 0 < self.learning_rate <= 1 or self.grad_clip <= 0:
-            raise ValueError("learning_rate must be in (0, 1] and grad_clip > 0")
-        if self.mode == "grey-box" and self.kd.temperature != 1.0 and self.kd.alpha > 0:
-            raise ValueError(
-                "grey-box targets are top-k log-probabilities at temperature 1: set "
-                "kd.temperature to 1, or use white-box targets for another temperature"
-            )
 
 
 @dataclass
@@ -210,14 +182,16 @@ def heldout_metrics(
     """Mean KL(teacher ‖ student) per answer token, and top-1 agreement with the teacher.
 
     With a local teacher the KL is over the full vocabulary; with top-k targets it is the
-    top-k + tail estimate of `rollout.losses` (a lower bound on the full KL); with text only
-    it is the student's cross-entropy on the teacher's tokens (the KL up to the teacher's
-    unknown entropy). Top-1 agreement compares the student's argmax with the teacher's token.
+    top-k + tail estimate of `rollout/distill/losses.py` (a lower bound on the full KL); with
+    text only it is the student's cross-entropy on the teacher's tokens (the KL up to the
+    teacher's unknown entropy). Top-1 agreement compares the student's argmax with the
+    teacher's token.
     """
     student.eval()
     kl_sum = agree = n = 0.0
     kl_cfg = KDLossConfig(alpha=1.0)
-    for idx in token_budget_batches(list(_as_pairs(examples)), batch_tokens, random.Random(0)):
+    lengths = [len(e.input_ids) for e in examples]
+    for idx in token_budget_batches(lengths, batch_tokens, random.Random(0)):
         batch = collate([examples[i] for i in idx], pad_id, top_k)
         logits = student(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
@@ -242,9 +216,44 @@ def heldout_metrics(
     return (kl_sum / n, agree / n) if n else (math.nan, math.nan)
 
 
-def _as_pairs(examples: Sequence[DistillExample]) -> list[tuple[list[int], list[int]]]:
-    # token_budget_batches only looks at lengths
-    return [(list(e.input_ids), []) for e in examples]
+@dataclass
+class TrainingProgress:
+    """What a checkpoint remembers between epochs (written as `progress.json`)."""
+
+    epoch: int = 0  # the last finished epoch
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)  # EpochStats as dicts
+    best_kl: float | None = None
+    best_epoch: int = 0
+    bad_epochs: int = 0  # finished epochs since the best one
+    tokens: int = 0
+
+    def record(self, stats: EpochStats) -> bool:
+        """Add a finished epoch; True when its held-out KL is the lowest so far."""
+        self.history.append(asdict(stats))
+        self.epoch = stats.epoch
+        if self.best_kl is None or stats.heldout_kl < self.best_kl:
+            self.best_kl, self.best_epoch, self.bad_epochs = stats.heldout_kl, stats.epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    def epochs(self) -> list[EpochStats]:
+        return [EpochStats(**h) for h in self.history]
+
+
+def _optimizer(student: torch.nn.Module, cfg: DistillConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices other than embeddings; frozen weights left out."""
+    decay = [p for n, p in student.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    rest = [p for n, p in student.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    return torch.optim.AdamW(
+        [
+            {"params": [p for p in decay if p.requires_grad], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in rest if p.requires_grad], "weight_decay": 0.0},
+        ],
+        lr=cfg.learning_rate,
+        betas=(0.9, 0.98),
+    )
 
 
 def _state_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -256,7 +265,7 @@ def _save_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     best: dict[str, torch.Tensor] | None,
-    state: dict[str, Any],
+    progress: TrainingProgress,
 ) -> None:
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -265,9 +274,41 @@ def _save_checkpoint(
         {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "best": best},
         tmp / "state.pt",
     )
-    (tmp / "progress.json").write_text(json.dumps(state))
+    (tmp / "progress.json").write_text(json.dumps(asdict(progress)))
     shutil.rmtree(path, ignore_errors=True)
     tmp.replace(path)  # an interrupted save never replaces a good checkpoint
+
+
+def _load_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[TrainingProgress, dict[str, torch.Tensor] | None]:
+    """Load `path` into the model and optimizer; a fresh start when there is none."""
+    if not (path / "progress.json").is_file():
+        return TrainingProgress(), None
+    saved = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    return TrainingProgress(**json.loads((path / "progress.json").read_text())), saved["best"]
+
+
+def _step(
+    accelerator: Any,
+    model: torch.nn.Module,
+    teacher: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    batch: dict[str, torch.Tensor],
+    cfg: DistillConfig,
+    lr: float,
+) -> float:
+    """One optimizer step at learning rate `lr`; returns the batch's loss."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss = batch_loss(model, teacher, batch, cfg)
+    optimizer.zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    return loss.detach().item()
 
 
 def train_student(
@@ -284,116 +325,65 @@ def train_student(
     on_epoch: Callable[[EpochStats], None] | None = None,
 ) -> DistillResult:
     """Train `student` in place on `train`; the best epoch (lowest held-out KL) is loaded back
-    at the end. Resumes from `run_dir/checkpoint` when one exists."""
-    import time
-
+    at the end. Resumes from `run_dir/checkpoint` when one exists (its epochs are replayed to
+    `on_epoch`, so the caller's record is whole). `on_step(step, total, loss)` reports."""
     from accelerate import Accelerator
 
     started = time.monotonic()
     torch.manual_seed(cfg.seed)
     accelerator = Accelerator()
-    decay = [p for n, p in student.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    rest = [p for n, p in student.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": [p for p in decay if p.requires_grad], "weight_decay": cfg.weight_decay},
-            {"params": [p for p in rest if p.requires_grad], "weight_decay": 0.0},
-        ],
-        lr=cfg.learning_rate,
-        betas=(0.9, 0.98),
-    )
-    model, optimizer = accelerator.prepare(student, optimizer)
+    model, optimizer = accelerator.prepare(student, _optimizer(student, cfg))
     if teacher is not None:
         teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
-
-    pairs = _as_pairs(train)
-    per_epoch = len(token_budget_batches(pairs, cfg.batch_tokens, random.Random(0)))
+    lengths = [len(e.input_ids) for e in train]
+    per_epoch = len(token_budget_batches(lengths, cfg.batch_tokens, random.Random(0)))
     per_epoch = max(1, per_epoch // accelerator.num_processes)
     total = per_epoch * cfg.epochs
-    sched_cfg = _Sched(cfg.learning_rate, cfg.warmup_ratio, cfg.min_lr_ratio)
+    schedule = cfg.schedule
 
     ckpt = run_dir / "checkpoint"
-    best_state: dict[str, torch.Tensor] | None = None
-    progress: dict[str, Any] = {
-        "epoch": 0,
-        "step": 0,
-        "history": [],
-        "best_kl": None,
-        "best_epoch": 0,
-        "bad_epochs": 0,
-        "tokens": 0,
-    }
-    if (ckpt / "progress.json").is_file():
-        saved = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
-        accelerator.unwrap_model(model).load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        best_state = saved["best"]
-        progress = json.loads((ckpt / "progress.json").read_text())
-        for done in progress["history"]:  # replay, so the caller's record of epochs is whole
-            if on_epoch is not None:
-                on_epoch(EpochStats(**done))
+    progress, best_state = _load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer)
+    for done in progress.epochs():
+        if on_epoch is not None:
+            on_epoch(done)
 
-    stopped_early = progress["bad_epochs"] >= cfg.patience
     model.train()
-    for epoch in range(progress["epoch"] + 1, cfg.epochs + 1):
-        if stopped_early:
-            break
+    for epoch in range(progress.epoch + 1, cfg.epochs + 1):
+        if progress.bad_epochs >= cfg.patience:
+            break  # early stop
         rng = random.Random(cfg.seed * 1000 + epoch)
-        batches = token_budget_batches(pairs, cfg.batch_tokens, rng)
+        batches = token_budget_batches(lengths, cfg.batch_tokens, rng)
         mine = batches[accelerator.process_index :: accelerator.num_processes][:per_epoch]
-        losses = []
+        losses, lr = [], lr_at(progress.step, total, schedule)
         for idx in mine:
-            lr = lr_at(progress["step"], total, sched_cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batch = {
-                k: v.to(accelerator.device)
-                for k, v in collate([train[i] for i in idx], pad_id, top_k).items()
-            }
-            loss = batch_loss(model, teacher, batch, cfg)
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            losses.append(loss.detach().item())
-            progress["step"] += 1
-            progress["tokens"] += int(batch["attention_mask"].sum())
+            lr = lr_at(progress.step, total, schedule)
+            batch = collate([train[i] for i in idx], pad_id, top_k)
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            losses.append(_step(accelerator, model, teacher, optimizer, batch, cfg, lr))
+            progress.step += 1
+            progress.tokens += int(batch["attention_mask"].sum())
             if on_step is not None:
-                on_step(progress["step"], total, losses[-1])
+                on_step(progress.step, total, losses[-1])
+
         kl, top1 = heldout_metrics(model, teacher, heldout, pad_id, top_k, cfg.batch_tokens)
         stats = EpochStats(epoch, sum(losses) / max(1, len(losses)), kl, top1, lr)
-        progress["history"].append(asdict(stats))
-        if progress["best_kl"] is None or kl < progress["best_kl"]:
-            progress.update(best_kl=kl, best_epoch=epoch, bad_epochs=0)
+        if progress.record(stats):
             best_state = _state_copy(accelerator.unwrap_model(model))
-        else:
-            progress["bad_epochs"] += 1
-        progress["epoch"] = epoch
         if accelerator.is_main_process:
             _save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, best_state, progress)
         if on_epoch is not None:
             on_epoch(stats)
-        if progress["bad_epochs"] >= cfg.patience:
-            stopped_early = True
 
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     if best_state is not None:
         unwrapped.load_state_dict(best_state)
     unwrapped.eval()
-    history = [EpochStats(**h) for h in progress["history"]]
     return DistillResult(
-        history,
-        progress["best_epoch"],
-        stopped_early,
-        progress["step"],
-        progress["tokens"],
-        time.monotonic() - started,
+        history=progress.epochs(),
+        best_epoch=progress.best_epoch,
+        stopped_early=progress.bad_epochs >= cfg.patience,
+        steps=progress.step,
+        train_tokens=progress.tokens,
+        seconds=time.monotonic() - started,
     )
-
-
-@dataclass(frozen=True)
-class _Sched:
-    learning_rate: float
-    warmup_ratio: float
-    min_lr_ratio: float

@@ -21,8 +21,8 @@ from rich.console import Console
 from rich.table import Table
 
 from stillhouse.common.config import DemoSettings, EngineSettings, Settings
-from stillhouse.demo import teacher as train
 from stillhouse.demo.build import build_demo_world, teacher_shape
+from stillhouse.rollout.distill import model as train
 from stillhouse.serving.engines.vllm import EngineSpec, VllmEngine
 
 REQUESTS = 20

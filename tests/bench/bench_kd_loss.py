@@ -4,48 +4,11 @@
     .venv/bin/python tests/bench/bench_kd_loss.py --device cuda --dtype bfloat16 \\
         --vocab 128000 --seq 2048 --batch 4 --hidden 4096  # a GPU machine, realistic sizes
 
-Goal (from the issue): the chunked loss needs >= 80 % less peak memory and is no slower.
-
-What runs: one training step's forward + backward from hidden states, three ways, from the same
-inputs (hidden states [B, T, H] that require grad, a bias-free ``torch.nn.Linear`` lm_head
-H -> V, teacher logits, answer mask, target ids). The student logits are ``lm_head(hidden)``,
-made inside the step and referenced by nothing but the loss (as in a training loop, so each
-variant frees what it can), and the loss is one of
-
-* straightforward: ``F.log_softmax`` over the full [B, T, V] logits of both models in float32,
-  then ``F.kl_div`` (forward KL; other divergences use ``losses.divergence`` on the full
-  tensors), masked mean, autograd backward;
-* chunked: ``stillhouse.rollout.distill.losses.kd_loss`` with the same ``KDLossConfig``;
-* chunked, in-place grad: the same with ``inplace_grad=True`` (the gradient overwrites the logits).
-
-The lm_head's matmul and its backward are part of every variant, in time and in memory: each
-ends with ``hidden.grad`` and, unless ``--frozen-lm-head``, ``lm_head.weight.grad`` ([V, H],
-the same for all three; ``--hidden`` sets H, and H / tokens is its size relative to the logits).
-By default every token counts (``--answer-frac 1``), so the chunked loss cannot win by skipping
-prompt tokens; the losses and gradients are compared with the straightforward ones and the
-largest relative deviation printed.
-
-Memory is the peak *above the inputs*, i.e. what the lm_head and the loss cost. Each (vocab,
-variant, round) runs in a fresh subprocess, so nothing one variant allocated or cached is seen by
-another. On CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus
-``memory_allocated`` once the inputs exist. On CPU torch's allocations are invisible to
-tracemalloc, so the kernel's resident-set high-water mark is used: once the inputs exist the
-worker resets it (``5`` into ``/proc/self/clear_refs``) and reports ``VmHWM`` minus the ``VmRSS``
-of that moment; without clear_refs it falls back to ``ru_maxrss`` minus that RSS (inputs are
-created in their final dtype, in place, so creating them leaves no higher transient peak). RSS
-counts touched pages, so two precautions keep it close to the live tensors: the worker first runs
-its variant once on a 2-token slice (faulting in code pages and one-time initialisation before
-the reset), and workers run with glibc's mmap threshold fixed at 4 MiB
-(``MALLOC_MMAP_THRESHOLD_``), so every tensor of 4 MiB or more has its own mapping and goes back
-to the kernel when freed instead of lingering in the heap (by default glibc raises the threshold
-up to 32 MiB as blocks are freed). Smaller blocks, such as CPU-sized chunk temporaries, are
-reused from the heap as they would be by default; a lower threshold would add an mmap and page
-faults to every small allocation and distort the times. What caching remains can only raise the
-figure, for all variants alike.
-
-Time is the median forward + backward wall time (CUDA synchronised) over rounds x reps, each
-subprocess after one warm-up; rounds rotate which variant goes first. The machine is shared
-and noisy: only the ratios, measured side by side in one run, mean anything.
+Goal (from the issue): the chunked loss needs >= 80 % less peak memory and is no slower. One
+training step from hidden states (lm_head included) three ways: straightforward, chunked, and
+chunked with the in-place gradient; each (vocab, variant, round) in a fresh subprocess; memory is
+the peak above the inputs, time the median; only the ratios mean anything. How memory is
+measured on CPU and CUDA: docs/distillation.md ("Benchmark").
 """
 
 from __future__ import annotations
@@ -175,8 +138,19 @@ def worker(args: argparse.Namespace) -> dict:
 
 def run_worker(variant: str, vocab: int, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant]
-    for name in ("device", "dtype", "batch", "seq", "hidden", "divergence", "temperature",
-                 "alpha", "answer_frac", "reps", "threads"):  # fmt: skip
+    for name in (
+        "device",
+        "dtype",
+        "batch",
+        "seq",
+        "hidden",
+        "divergence",
+        "temperature",
+        "alpha",
+        "answer_frac",
+        "reps",
+        "threads",
+    ):
         cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     cmd += ["--vocab", str(vocab)] + (["--frozen-lm-head"] if args.frozen_lm_head else [])
     if args.chunk_size is not None:

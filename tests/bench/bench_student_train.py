@@ -21,8 +21,9 @@ from rich.console import Console
 from rich.table import Table
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from stillhouse.rollout.distill.config import DistillConfig
 from stillhouse.rollout.distill.losses import KDLossConfig
-from stillhouse.rollout.distill.training import DistillConfig, DistillExample, train_student
+from stillhouse.rollout.distill.training import DistillExample, train_student
 
 VOCAB, TOP_K = 2048, 20
 

@@ -11,10 +11,10 @@ from stillhouse.common.config import (
     MlflowSettings,
     RedistillSettings,
     StudentSettings,
-    TeacherSettings,
     TrainingSettings,
 )
 from stillhouse.common.registry import RegistryClient
+from stillhouse.demo.distill_hooks import demo_redistill_inputs
 from stillhouse.rollout.distill.pipeline import redistill
 from stillhouse.rollout.distill.targets import TeacherError
 
@@ -22,11 +22,11 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def settings(tiny_settings, tiny_world, tmp_path_factory):
+def configured(tiny_settings, tiny_world, tmp_path_factory):
     # Own state dir (target cache, runs, registry), the shared tiny demo world linked in.
     tmp = tmp_path_factory.mktemp("redistill")
     (tmp / "demo").symlink_to(tiny_world.root)
-    return tiny_settings.model_copy(
+    bare = tiny_settings.model_copy(
         update={
             "state_dir": tmp,
             "mlflow": MlflowSettings(tracking_uri=f"sqlite:///{tmp}/mlflow.db"),
@@ -38,11 +38,24 @@ def settings(tiny_settings, tiny_world, tmp_path_factory):
             ),
         }
     )
+    # What the demo plug-in gives `stillhouse redistill`: the world's prompts and teacher, and
+    # the hooks that score students on its test split.
+    return demo_redistill_inputs(bare, Console(quiet=True))
 
 
 @pytest.fixture(scope="module")
-def first_run(settings, tiny_world):
-    return redistill(settings, Console(quiet=True))
+def settings(configured):
+    return configured[0]
+
+
+@pytest.fixture(scope="module")
+def hooks(configured):
+    return configured[1]
+
+
+@pytest.fixture(scope="module")
+def first_run(settings, hooks):
+    return redistill(settings, Console(quiet=True), hooks=hooks)
 
 
 def test_a_run_registers_the_student_as_challenger_with_its_provenance(first_run, settings):
@@ -77,29 +90,24 @@ def test_the_registered_student_downloads_as_a_servable_directory(first_run, set
     assert (path / "model.safetensors").is_file()
 
 
-def test_the_same_data_and_config_are_not_registered_twice(first_run, settings):
-    again = redistill(settings, Console(quiet=True))
+def test_the_same_data_and_config_are_not_registered_twice(first_run, settings, hooks):
+    again = redistill(settings, Console(quiet=True), hooks=hooks)
     assert again.version is None
     assert again.duplicate_of is not None
     assert again.duplicate_of.version == first_run.version.version
     assert len(RegistryClient.from_settings(settings).list_versions()) == 1
 
 
-def test_a_failed_run_registers_nothing(first_run, settings):
+def test_a_failed_run_registers_nothing(first_run, settings, hooks):
+    # a new request shape, so no target is cached and the teacher is asked
+    teacher = settings.redistill.teacher.model_copy(
+        update={"base_url": "http://127.0.0.1:9/v1", "retries": 0, "max_tokens": 63}
+    )
     broken = settings.model_copy(
-        update={
-            "redistill": settings.redistill.model_copy(
-                update={
-                    # a new request shape, so no target is cached and the teacher is asked
-                    "teacher": TeacherSettings(
-                        base_url="http://127.0.0.1:9/v1", retries=0, max_tokens=63
-                    ),
-                }
-            )
-        }
+        update={"redistill": settings.redistill.model_copy(update={"teacher": teacher})}
     )
     with pytest.raises(TeacherError):
-        redistill(broken, Console(quiet=True))
+        redistill(broken, Console(quiet=True), hooks=hooks)
     registry = RegistryClient.from_settings(settings)
     assert [v.version for v in registry.list_versions()] == [first_run.version.version]
     from mlflow import MlflowClient
@@ -123,8 +131,11 @@ def test_registry_list_shows_the_version_and_its_alias(first_run, settings):
     }
     out = subprocess.run(
         [sys.executable, "-m", "stillhouse", "registry", "list"],
-        capture_output=True, text=True, env=env, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert "challenger" in out.stdout
     assert str(first_run.version.version) in out.stdout

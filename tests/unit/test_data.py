@@ -129,3 +129,61 @@ def test_a_config_that_cannot_train_is_refused_before_any_work(tmp_path):
         redistill(settings, Console(quiet=True))
     assert "\n" not in str(info.value)
     assert not (tmp_path / "demo").exists()
+
+
+@pytest.mark.parametrize(
+    ("redistill", "setting"),
+    [
+        ({}, "redistill.data.source"),
+        ({"data": {"source": "prompts.jsonl"}}, "redistill.teacher.model"),
+    ],
+)
+def test_a_run_without_its_prompts_or_teacher_names_the_setting(tmp_path, redistill, setting):
+    from rich.console import Console
+
+    from stillhouse.common.config import RedistillSettings, Settings
+    from stillhouse.rollout.distill.pipeline import redistill as run
+
+    settings = Settings(state_dir=tmp_path, redistill=RedistillSettings(**redistill))
+    with pytest.raises(UsageError, match=f"^{setting} is not set: point it at ") as info:
+        run(settings, Console(quiet=True))
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "demo").exists()  # production never builds the demo world
+
+
+def test_a_teacher_directory_without_a_model_is_refused(tmp_path):
+    from stillhouse.common.config import DataSettings, RedistillSettings, Settings, TeacherSettings
+    from stillhouse.rollout.distill.pipeline import required_inputs
+
+    rs = RedistillSettings(
+        data=DataSettings(source=tmp_path / "p.jsonl"), teacher=TeacherSettings(model=str(tmp_path))
+    )
+    with pytest.raises(UsageError, match=r"no config\.json"):
+        required_inputs(Settings(state_dir=tmp_path, redistill=rs))
+    (tmp_path / "config.json").write_text("{}")
+    assert required_inputs(Settings(state_dir=tmp_path, redistill=rs)) == (
+        tmp_path / "p.jsonl",
+        tmp_path,
+    )
+
+
+def test_the_config_hash_is_how_the_student_trains_not_where_its_inputs_live(tmp_path):
+    from stillhouse.common.config import (
+        DataSettings,
+        RedistillSettings,
+        Settings,
+        TeacherSettings,
+        TrainingSettings,
+    )
+    from stillhouse.rollout.distill.pipeline import config_hash
+
+    def chash(**redistill) -> str:
+        return config_hash(Settings(redistill=RedistillSettings(**redistill)), "fp")
+
+    unset = chash()
+    assert chash(data=DataSettings(source=tmp_path / "a.jsonl")) == unset
+    assert chash(teacher=TeacherSettings(model="/models/teacher")) == unset
+    assert chash(data=DataSettings(max_prompts=99)) != unset
+    assert chash(training=TrainingSettings(epochs=2)) != unset
+    assert chash(sft_baseline=False) == unset  # reporting only
+    assert config_hash(Settings(), "other teacher") != unset

@@ -2,11 +2,16 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from stillhouse.common.config import KdSettings, RedistillSettings, Settings, TrainingSettings
+from stillhouse.common.errors import UsageError
+from stillhouse.rollout.distill.config import DistillConfig
 from stillhouse.rollout.distill.losses import KDLossConfig
+from stillhouse.rollout.distill.model import ModelShape, count_parameters, llama_config, new_model
 from stillhouse.rollout.distill.training import (
     ConfigMismatchError,
-    DistillConfig,
     DistillExample,
+    EpochStats,
+    TrainingProgress,
     check_compatible,
     collate,
     train_student,
@@ -74,11 +79,100 @@ def test_vocabulary_mismatch_is_rejected_with_the_fix():
         {"epochs": 0},
         {"learning_rate": 0.0},
         {"mode": "grey-box", "kd": KDLossConfig(temperature=2.0)},
+        {"weight_decay": -0.1},
+        {"warmup_ratio": 1.0},
+        {"min_lr_ratio": 1.5},
+        {"batch_tokens": 32},
+        {"grad_clip": 0.0},
+        {"patience": 0},
     ],
 )
 def test_config_rejects_what_cannot_train(kwargs):
     with pytest.raises(ValueError):
         DistillConfig(**kwargs)
+
+
+def test_config_from_settings_takes_every_training_and_kd_field():
+    training = TrainingSettings(
+        epochs=3,
+        learning_rate=1e-3,
+        warmup_ratio=0.1,
+        min_lr_ratio=0.2,
+        weight_decay=0.0,
+        batch_tokens=512,
+        grad_clip=0.5,
+        patience=4,
+        seed=9,
+    )
+    kd = KdSettings(divergence="jsd", alpha=0.7, beta=0.3, skew=0.2)
+    settings = Settings(redistill=RedistillSettings(training=training, kd=kd))
+    cfg = DistillConfig.from_settings(settings)
+    assert cfg.mode == settings.redistill.teacher.targets
+    for name, value in training.model_dump().items():
+        assert getattr(cfg, name) == value, name
+    assert cfg.kd == KDLossConfig(divergence="jsd", alpha=0.7, beta=0.3, skew=0.2)
+    baseline = DistillConfig.from_settings(settings, sft_only=True)
+    assert baseline.kd.alpha == 0.0
+    assert baseline == DistillConfig(
+        **{**cfg.__dict__, "kd": KDLossConfig(divergence="jsd", alpha=0.0, beta=0.3, skew=0.2)}
+    )
+
+
+def test_config_from_settings_turns_a_bad_combination_into_one_usage_line():
+    # grey-box targets are top-k log-probabilities at temperature 1
+    settings = Settings(redistill=RedistillSettings(kd=KdSettings(temperature=2.0)))
+    with pytest.raises(UsageError, match=r"^redistill config: grey-box") as info:
+        DistillConfig.from_settings(settings)
+    assert "\n" not in str(info.value)
+    # the SFT-only baseline has no KD term, so its temperature does not matter
+    assert DistillConfig.from_settings(settings, sft_only=True).kd.alpha == 0.0
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"hidden_size": 64, "num_heads": 4, "head_dim": 16},  # vLLM CPU rejects head_dim 16
+        {"hidden_size": 100, "num_heads": 2},
+        {"hidden_size": 128, "num_heads": 2, "num_kv_heads": 3},
+    ],
+)
+def test_model_shape_rejects_what_vllm_cpu_cannot_serve(kwargs):
+    base = {"intermediate_size": 64, "num_layers": 1, "num_kv_heads": 1, "head_dim": 64}
+    with pytest.raises(ValueError):
+        ModelShape(**{**base, **kwargs})
+
+
+def test_new_model_is_the_shape_over_the_tokenizer_and_seeded():
+    class Tok:
+        eos_token_id, pad_token_id = 2, 0
+
+        def __len__(self) -> int:
+            return VOCAB
+
+    shape = ModelShape(
+        hidden_size=128, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1
+    )
+    config = llama_config(shape, Tok(), max_positions=48)
+    a, b = new_model(config, seed=3), new_model(config, seed=3)
+    assert config.vocab_size == VOCAB and config.num_key_value_heads == 1
+    assert config.max_position_embeddings == 48 and config.tie_word_embeddings
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
+    assert count_parameters(a) == sum(p.numel() for p in a.parameters()) > 0
+
+
+def test_progress_counts_epochs_since_the_best_held_out_kl():
+    progress = TrainingProgress()
+    assert progress.record(EpochStats(1, 2.0, 1.0, 0.5, 1e-3))
+    assert not progress.record(EpochStats(2, 1.5, 1.1, 0.5, 1e-3))
+    assert progress.record(EpochStats(3, 1.0, 0.9, 0.6, 1e-3))
+    assert not progress.record(EpochStats(4, 0.9, float("nan"), 0.6, 1e-3))
+    assert (progress.epoch, progress.best_epoch, progress.best_kl, progress.bad_epochs) == (
+        4,
+        3,
+        0.9,
+        1,
+    )
+    assert [e.epoch for e in progress.epochs()] == [1, 2, 3, 4]
 
 
 def test_grey_box_distillation_lowers_held_out_kl(tmp_path):
@@ -111,12 +205,23 @@ def test_a_written_job_trains_the_same_way_in_another_process(tmp_path):
     from stillhouse.rollout.distill.job import write_job
 
     cfg = DistillConfig(epochs=1, learning_rate=1e-2, batch_tokens=256)
-    write_job(tmp_path, cfg, _examples(32), _examples(8), _tiny(seed=1), pad_id=0, top_k=4,
-              teacher_dir=tmp_path, lora=None)  # fmt: skip
+    write_job(
+        tmp_path,
+        cfg,
+        _examples(32),
+        _examples(8),
+        _tiny(seed=1),
+        pad_id=0,
+        top_k=4,
+        teacher_dir=tmp_path,
+        lora=None,
+    )
     done = subprocess.run(
         [sys.executable, "-m", "stillhouse.rollout.distill.job", str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert "trained 1 epoch(s)" in done.stdout
     # in-process training of the same job resumes: nothing is trained twice
@@ -138,10 +243,12 @@ def test_white_box_distillation_uses_the_local_teacher_logits(tmp_path):
     teacher = _tiny(seed=7).eval()
     with torch.no_grad():  # a confident teacher: a near-uniform one leaves nothing to learn
         teacher.lm_head.weight.mul_(20)
-    cfg = DistillConfig(mode="white-box", epochs=2, learning_rate=1e-2, batch_tokens=256,
-                        patience=2)  # fmt: skip
-    result = train_student(_tiny(seed=1), _examples(48), _examples(8), cfg, 0, tmp_path,
-                           teacher=teacher)  # fmt: skip
+    cfg = DistillConfig(
+        mode="white-box", epochs=2, learning_rate=1e-2, batch_tokens=256, patience=2
+    )
+    result = train_student(
+        _tiny(seed=1), _examples(48), _examples(8), cfg, 0, tmp_path, teacher=teacher
+    )
     kls = [h.heldout_kl for h in result.history]
     assert kls[-1] < kls[0]  # the full-vocabulary KL to that teacher goes down
 

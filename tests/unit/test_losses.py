@@ -261,8 +261,9 @@ def test_flat_token_inputs_give_the_same_result_as_batched_ones():
     student, teacher, mask, targets = make_inputs()
     cfg = KDLossConfig("reverse_kl", alpha=0.5)
     batched = kd_loss(student, teacher, mask, targets, cfg)
-    flat = kd_loss(student.reshape(-1, V), teacher.reshape(-1, V), mask.reshape(-1),
-                   targets.reshape(-1), cfg)  # fmt: skip
+    flat = kd_loss(
+        student.reshape(-1, V), teacher.reshape(-1, V), mask.reshape(-1), targets.reshape(-1), cfg
+    )
     torch.testing.assert_close(flat, batched, rtol=1e-12, atol=0)
 
 

@@ -117,8 +117,9 @@ def test_inplace_grad_rejects_logits_it_cannot_write_into():
     with pytest.raises(ValueError, match="shares storage"):
         sparse_kd_loss(student, ids, student.detach()[..., :3], mask, config=cfg)
     with pytest.raises(ValueError, match="contiguous"):
-        sparse_kd_loss(student.transpose(0, 1), ids.transpose(0, 1), logprobs.transpose(0, 1),
-                       config=cfg)  # fmt: skip
+        sparse_kd_loss(
+            student.transpose(0, 1), ids.transpose(0, 1), logprobs.transpose(0, 1), config=cfg
+        )
 
 
 def _exp_logits(x):
@@ -170,8 +171,12 @@ def test_linear_backward_saves_nothing_that_shares_the_logits_storage(bias, toke
 
 def test_chunk_gaps_are_the_masked_out_rows_and_overlapping_chunks_are_rejected():
     assert _uncovered([(0, 1, 3), (0, 4, 5), (2, 0, 2)], batch=4, seq=5) == [
-        (0, 0, 1), (0, 3, 4), (1, 0, 5), (2, 2, 5), (3, 0, 5)
-    ]  # fmt: skip
+        (0, 0, 1),
+        (0, 3, 4),
+        (1, 0, 5),
+        (2, 2, 5),
+        (3, 0, 5),
+    ]
     assert _uncovered([], batch=2, seq=3) == [(0, 0, 3), (1, 0, 3)]
     assert _uncovered([(0, 0, 3), (1, 0, 3)], batch=2, seq=3) == []
     with pytest.raises(AssertionError, match="overlap"):
