@@ -6,12 +6,13 @@ stillhouse schedule [--max-runs N]        # the same on `schedule.cron` (default
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
-from stillhouse.cli.context import completed_settings, settings_of, with_demo
+from stillhouse.cli.context import settings_of
+from stillhouse.common.config import Settings
 
 
 def register(app: typer.Typer) -> None:
@@ -27,14 +28,22 @@ def redistill(
     ] = False,
 ) -> None:
     """Distil a new student from recent prompts and register it as the `challenger`."""
-    from stillhouse.cli.distill_output import print_redistill_outcome
+    console = Console()
+    outcome = _redistill_once(settings_of(ctx), console, prepare_only=prepare_only)
+    if not prepare_only:
+        from stillhouse.rollout.distill.summary import print_redistill_outcome
+
+        print_redistill_outcome(outcome, console)
+
+
+def _redistill_once(settings: Settings, console: Console, *, prepare_only: bool = False) -> Any:
+    """One run, with the demo world's prompts, teacher and served evaluation where the config
+    names none (built or reused only then)."""
+    from stillhouse.demo.distill_hooks import demo_redistill_inputs
     from stillhouse.rollout.distill.pipeline import redistill as run_redistill
 
-    console = Console()
-    settings = completed_settings(ctx, {"distill"}, console)
-    outcome = run_redistill(settings, console, prepare_only=prepare_only)
-    if not prepare_only:
-        print_redistill_outcome(outcome, console)
+    settings, hooks = demo_redistill_inputs(settings, console)
+    return run_redistill(settings, console, hooks=hooks, prepare_only=prepare_only)
 
 
 def schedule(
@@ -44,8 +53,7 @@ def schedule(
     ] = None,
 ) -> None:
     """Re-distil on the configured cron schedule (default Sundays 02:00 UTC), one at a time."""
-    from stillhouse.cli.distill_output import print_redistill_outcome
-    from stillhouse.rollout.distill.pipeline import redistill as run_redistill
+    from stillhouse.rollout.distill.summary import print_redistill_outcome
     from stillhouse.rollout.schedule import CronSchedule, run_scheduler
 
     console = Console()
@@ -54,8 +62,7 @@ def schedule(
 
     def job(slot: object) -> None:
         console.rule(f"re-distillation for the slot {slot}")
-        slot_settings = with_demo(settings, {"distill"}, console)  # built when first needed
-        print_redistill_outcome(run_redistill(slot_settings, console), console)
+        print_redistill_outcome(_redistill_once(settings, console), console)
 
     console.print(f"schedule: '{settings.schedule.cron}' (UTC); state in {settings.state_dir}")
     run_scheduler(

@@ -247,9 +247,14 @@ def evaluate_teacher(
     with progress_bar(console) as progress:
         task = progress.add_task("evaluating teacher on vLLM", total=None, info="")
         triage, judge, pairwise = evaluate_served_model(
-            client, served_name, tok, test, items, pairs,
+            client,
+            served_name,
+            tok,
+            test,
+            items,
+            pairs,
             on_progress=lambda done, total: progress.update(task, completed=done, total=total),
-        )  # fmt: skip
+        )
     result = {
         "served_by": "vllm",
         "seconds": round(time.monotonic() - started, 1),

@@ -19,6 +19,7 @@ from rich.console import Console
 
 from stillhouse.common.config import Settings
 from stillhouse.demo.build import DemoWorld, build_demo_world
+from stillhouse.demo.defaults import demo_settings, missing_settings
 from stillhouse.demo.evaluate import TriageScore
 from stillhouse.rollout.distill.hooks import DistillHooks, TeacherCard
 from stillhouse.rollout.distill.pipeline import training_variants
@@ -64,27 +65,13 @@ def demo_distill_hooks(settings: Settings, world: DemoWorld) -> DistillHooks:
     )
 
 
-def with_demo_inputs(settings: Settings, world: DemoWorld) -> Settings:
-    """`settings` with an unset prompt source and teacher filled with the world's."""
-    rs = settings.redistill
-    data = rs.data
-    if data.source is None:
-        data = data.model_copy(update={"source": world.corpus_dir / "train.jsonl"})
-    teacher = rs.teacher
-    if teacher.model is None:
-        teacher = teacher.model_copy(update={"model": str(world.teacher_dir)})
-    redistill = rs.model_copy(update={"data": data, "teacher": teacher})
-    return settings.model_copy(update={"redistill": redistill})
-
-
 def demo_redistill_inputs(
     settings: Settings, console: Console
 ) -> tuple[Settings, DistillHooks | None]:
     """The settings and hooks `redistill` runs with: unchanged and none when the config names
     both the prompts and the teacher; else the demo world's (built or reused) fill the gaps."""
-    rs = settings.redistill
-    if rs.data.source is not None and rs.teacher.model is not None:
+    if not missing_settings(settings, {"distill"}):
         return settings, None
     training_variants(settings)  # a config that cannot train fails before the world is built
     world = build_demo_world(settings, console=console)
-    return with_demo_inputs(settings, world), demo_distill_hooks(settings, world)
+    return demo_settings(settings, world, {"distill"}), demo_distill_hooks(settings, world)

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 
 from rich.console import Console
 
-from stillhouse.cli.distill_output import print_redistill_outcome
 from stillhouse.common.config import Settings
 from stillhouse.common.registry import RegistryClient, VersionInfo
 from stillhouse.common.roles import Alias
 from stillhouse.demo.distill_hooks import demo_redistill_inputs
 from stillhouse.rollout.distill.pipeline import redistill
+from stillhouse.rollout.distill.summary import print_redistill_outcome
 
 # Last week's budget: a third of the prompts, a third of the epochs.
 LAST_WEEK_MAX_PROMPTS = 1500

@@ -16,12 +16,12 @@ from stillhouse.common.config import (
 )
 from stillhouse.common.errors import UsageError
 from stillhouse.demo.build import DemoWorld
+from stillhouse.demo.defaults import demo_settings
 from stillhouse.demo.distill_hooks import (
     DemoServedEvaluation,
     demo_distill_hooks,
     demo_redistill_inputs,
     teacher_card,
-    with_demo_inputs,
 )
 from stillhouse.rollout.distill.hooks import TeacherCard, scores_record
 
@@ -50,14 +50,14 @@ def test_the_teacher_card_is_the_manifests_size_and_served_accuracy(tmp_path):
 
 def test_unset_inputs_are_filled_with_the_worlds_and_set_ones_kept(tmp_path):
     world = _world(tmp_path)
-    filled = with_demo_inputs(Settings(), world).redistill
+    filled = demo_settings(Settings(), world, {"distill"}).redistill
     assert filled.data.source == world.corpus_dir / "train.jsonl"
     assert filled.teacher.model == str(world.teacher_dir)
     own = RedistillSettings(
         data=DataSettings(source=tmp_path / "p.jsonl", max_prompts=99),
         teacher=TeacherSettings(model="/models/t", top_k=5),
     )
-    kept = with_demo_inputs(Settings(redistill=own), world).redistill
+    kept = demo_settings(Settings(redistill=own), world, {"distill"}).redistill
     assert kept == own
 
 
@@ -66,7 +66,7 @@ def test_the_teacher_card_comes_only_with_the_worlds_own_teacher(tmp_path):
     unset = demo_distill_hooks(Settings(), world)
     assert unset.teacher_card == TeacherCard(3_900_000, 0.9, 0.7, 0.65)
     assert isinstance(unset.served_evaluation, DemoServedEvaluation)
-    filled = demo_distill_hooks(with_demo_inputs(Settings(), world), world)
+    filled = demo_distill_hooks(demo_settings(Settings(), world, {"distill"}), world)
     assert filled.teacher_card == unset.teacher_card
     other = Settings(redistill=RedistillSettings(teacher=TeacherSettings(model="/models/t")))
     hooks = demo_distill_hooks(other, world)

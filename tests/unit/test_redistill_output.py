@@ -1,4 +1,4 @@
-"""The re-distillation result as `stillhouse redistill` prints it (cli/distill_output.py)."""
+"""The re-distillation result as `stillhouse redistill` prints it (rollout/distill/summary.py)."""
 
 import io
 from datetime import UTC, datetime
@@ -6,11 +6,11 @@ from pathlib import Path
 
 from rich.console import Console
 
-from stillhouse.cli.distill_output import print_redistill_outcome
 from stillhouse.common.registry import VersionInfo
 from stillhouse.rollout.distill.hooks import TeacherCard
 from stillhouse.rollout.distill.pipeline import RedistillOutcome
 from stillhouse.rollout.distill.student import StudentRun
+from stillhouse.rollout.distill.summary import print_redistill_outcome
 from stillhouse.rollout.distill.training import DistillResult, EpochStats
 
 

@@ -1,4 +1,5 @@
-"""Print a re-distillation run's result: KD student vs SFT baseline vs teacher, side by side."""
+"""A re-distillation run's result as a table: KD student vs SFT baseline vs teacher, side by side
+(`stillhouse redistill` and the demo print it)."""
 
 from __future__ import annotations
 
