@@ -33,7 +33,7 @@ from rich.console import Console
 from stillhouse.cli.context import CliState
 from stillhouse.common.config import Settings
 from stillhouse.common.errors import StillhouseError
-from stillhouse.serving.engines.vllm import read_log_tail, stop_group
+from stillhouse.serving.engines.vllm import read_log_tail, start_group, stop_group
 
 MAX_RESTARTS = 5
 RESTART_WINDOW_S = 600.0
@@ -96,16 +96,7 @@ class Child:
     restart_at: float | None = None
 
     def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                self.argv,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=dict(self.env),
-                start_new_session=True,
-            )
+        self.proc = start_group(self.argv, self.log_path, self.env, append=True)
 
     def poll(self) -> int | None:
         return None if self.proc is None else self.proc.poll()

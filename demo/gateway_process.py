@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 
 from stillhouse.common.errors import StillhouseError
-from stillhouse.serving.engines.vllm import free_port, read_log_tail, stop_group
+from stillhouse.serving.engines.vllm import free_port, read_log_tail, start_group, stop_group
 from stillhouse.serving.serve import ResolvedEngine
 
 
@@ -50,17 +50,8 @@ class GatewayProcess:
         self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 120.0) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "stillhouse", "serve", "--port", str(self.port)]
-        with self.log_path.open("wb") as log:
-            self._proc = subprocess.Popen(
-                cmd,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=self._env,
-                start_new_session=True,
-            )
+        self._proc = start_group(cmd, self.log_path, self._env)
         deadline = time.monotonic() + timeout_s
         with httpx.Client(timeout=2.0) as client:
             while time.monotonic() < deadline:

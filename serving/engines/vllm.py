@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -139,15 +139,8 @@ class VllmEngine:
     def start(self) -> None:
         validate_model_dir(self.spec.model_path)
         cmd = build_engine_command(self.spec, self.settings, self.port)
-        with self.log_path.open("wb") as log:
-            self._proc = subprocess.Popen(
-                cmd,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=build_engine_env(self.settings, self._environ),
-                start_new_session=True,  # own process group: stop() reaches every worker
-            )
+        env = build_engine_env(self.settings, self._environ)
+        self._proc = start_group(cmd, self.log_path, env)  # stop() reaches every worker
 
     def wait_ready(self, timeout_s: float | None = None) -> None:
         """Poll `/v1/models` until it answers 200; raise with the log tail if the server dies
@@ -218,6 +211,23 @@ class VllmEngine:
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
+
+
+def start_group(
+    argv: Sequence[str], log_path: Path, env: Mapping[str, str], *, append: bool = False
+) -> subprocess.Popen[bytes]:
+    """`argv` as the leader of its own process group (so `stop_group` reaches every child it
+    starts), its stdout and stderr into `log_path`, no stdin."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab" if append else "wb") as log:
+        return subprocess.Popen(
+            list(argv),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=dict(env),
+            start_new_session=True,
+        )
 
 
 def stop_group(proc: subprocess.Popen, grace_s: float) -> None:
