@@ -35,7 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from safetensors.torch import load_file, save_file
 
-from stillhouse.cli import evaluation as eval_jobs
+from stillhouse.cli import evaluation
 from stillhouse.cli.local_prometheus import dashboards_dir, prepare_local_prometheus
 from stillhouse.common.config import Settings, load_settings
 from stillhouse.common.prompts import triage_user_message
@@ -233,9 +233,9 @@ def stack(teacher_engine, student_engine, tmp_path_factory, group_processes) -> 
         # The teacher scores every student answer off the hot path: drift needs those scores.
         _wait(lambda: _shadow_idle(gw_url), DATA_S, "the shadow queue draining", gateway)
         time.sleep(2)  # the last scoring calls in flight, and their group commit
-        eval_jobs.run_judge(settings, console, sample=20)
-        eval_jobs.run_ab(settings, console)
-        drift = eval_jobs.run_drift(settings, console)
+        evaluation.run_judge(settings, console, sample=20)
+        evaluation.run_ab(settings, console)
+        drift = evaluation.run_drift(settings, console)
         # One student serves both arms here, so drift has one result: it must be a decision.
         assert drift and all(r.assessment is not None for r in drift), drift
         _traffic(gw_url, 24)  # a second burst, so every rate has two points after the jobs

@@ -208,14 +208,14 @@ def test_the_report_of_the_evaluation_pipeline_opens_with_every_plot(tmp_path, g
     from fake_vllm import LoopThread
     from rich.console import Console
 
-    from stillhouse.cli import evaluation as eval_jobs
+    from stillhouse.cli import evaluation
 
     loop = LoopThread()
     try:
         settings = eval_settings(tmp_path / "state", serve(loop, FakeJudge()))
         write_traffic(settings.traffic_log_path)
-        eval_jobs.run_judge(settings, Console(quiet=True))
-        path = eval_jobs.run_report(settings, Console(quiet=True), out=tmp_path / "report.html")
+        evaluation.run_judge(settings, Console(quiet=True))
+        path = evaluation.run_report(settings, Console(quiet=True), out=tmp_path / "report.html")
     finally:
         loop.close()
     with browser(group_processes) as b:

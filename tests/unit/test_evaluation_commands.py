@@ -9,7 +9,7 @@ from fake_judge import FakeJudge, serve
 from fake_vllm import LoopThread
 from rich.console import Console
 
-from stillhouse.cli import evaluation as eval_jobs
+from stillhouse.cli import evaluation
 from stillhouse.common.config import EngineRef, Settings
 from stillhouse.common.traffic import AbChange, TrafficLogReader
 from stillhouse.eval.store import EvalStore
@@ -30,7 +30,7 @@ def world(tmp_path_factory):
 @pytest.fixture(scope="module")
 def judged(world):
     settings, fake = world
-    result = eval_jobs.run_judge(settings, Console(quiet=True))
+    result = evaluation.run_judge(settings, Console(quiet=True))
     return settings, fake, result
 
 
@@ -52,7 +52,7 @@ def test_judge_grades_a_sample_of_each_arm_and_compares_it_with_the_teacher(judg
 def test_a_second_judge_run_skips_what_was_judged(judged):
     settings, fake, _ = judged
     calls = len(fake.requests)
-    again = eval_jobs.run_judge(settings, Console(quiet=True), sample=80)
+    again = evaluation.run_judge(settings, Console(quiet=True), sample=80)
     # only requests never judged before: the rest of each arm's pool, not the same sample
     first_ids = {j.request_id for j in judged[2].judged}
     assert not first_ids & {j.request_id for j in again.judged if j.kind == "single"}
@@ -61,7 +61,7 @@ def test_a_second_judge_run_skips_what_was_judged(judged):
 
 def test_ab_uses_the_share_the_log_recorded_and_finds_the_better_challenger(judged):
     settings, _, _ = judged
-    report = eval_jobs.run_ab(settings, Console(quiet=True))
+    report = evaluation.run_ab(settings, Console(quiet=True))
     assert report.expected_challenger_share == pytest.approx(SHARE)
     assert report.srm is not None and not report.srm.alarm  # 0.3 is what the users got
     assert report.judge_verdict.verdict == "better"
@@ -87,7 +87,7 @@ def test_ab_against_a_misconfigured_share_raises_the_srm_alarm(judged, tmp_path)
 
 def test_drift_flags_the_student_that_got_worse_and_not_the_other(judged):
     settings, _, _ = judged
-    results = {r.arm: r for r in eval_jobs.run_drift(settings, Console(quiet=True))}
+    results = {r.arm: r for r in evaluation.run_drift(settings, Console(quiet=True))}
     assert results["challenger"].state == "drift"
     assert results["champion"].state == "ok"
     assert results["challenger"].reference_size == 60
@@ -98,7 +98,7 @@ def test_drift_flags_the_student_that_got_worse_and_not_the_other(judged):
 
 def test_report_writes_one_page_with_every_plot(judged, tmp_path):
     settings, _, _ = judged
-    path = eval_jobs.run_report(settings, Console(quiet=True), out=tmp_path / "r.html")
+    path = evaluation.run_report(settings, Console(quiet=True), out=tmp_path / "r.html")
     html = path.read_text()
     for plot in ("judge-scores", "divergence", "ab-effect", "fallback-curve"):
         assert f'data-plot="{plot}"' in html, plot
@@ -110,12 +110,12 @@ def test_judge_without_a_traffic_log_is_one_clear_error(tmp_path):
 
     settings = Settings(state_dir=tmp_path)
     with pytest.raises(UsageError, match="no traffic log"):
-        eval_jobs.run_ab(settings, Console(quiet=True))
+        evaluation.run_ab(settings, Console(quiet=True))
 
 
 def test_a_configured_judge_takes_references_from_the_configured_teacher(world):
     settings, _ = world
-    with eval_jobs.judge_endpoints(settings, Console(quiet=True)) as ep:
+    with evaluation.judge_endpoints(settings, Console(quiet=True)) as ep:
         teacher = settings.gateway.engines.teacher
         assert isinstance(teacher, EngineRef)
         assert ep.judge_url == settings.evaluation.judge.base_url
