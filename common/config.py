@@ -236,13 +236,32 @@ class ConfidenceSettings(_Section):
 
 
 class FallbackSettings(_Section):
-    """Failure handling: per-attempt timeout, retries, a per-request deadline, circuit breakers."""
+    """Failure handling: attempt timeouts, retries, a per-request deadline, circuit breakers,
+    and the budget that protects the teacher. docs/gateway.md has what a client sees for each
+    kind of failure."""
 
+    # A non-streamed attempt may take attempt_timeout_s plus max_tokens / min_tokens_per_s
+    # (a long healthy answer is not a failure); a streamed one must bring its first
+    # `hold_tokens` within attempt_timeout_s and then never go quiet for stream_idle_timeout_s.
     attempt_timeout_s: float = Field(default=20.0, gt=0)
+    min_tokens_per_s: float = Field(default=20.0, gt=0)
+    stream_idle_timeout_s: float = Field(default=15.0, gt=0)
     deadline_s: float = Field(default=60.0, gt=0)
+    # Retried on the same engine: connection errors only (a 5xx or a timeout is not replayed
+    # on the engine that caused it), after retry_backoff_s, doubled each time, jittered.
     retries: int = Field(default=1, ge=0, le=10)
+    retry_backoff_s: float = Field(default=0.05, ge=0, le=5)
     breaker_failures: int = Field(default=3, ge=1)
     breaker_cooldown_s: float = Field(default=10.0, gt=0)
+    # The teacher answers at most this many user requests at once (fallbacks); the excess is
+    # refused at once with 503 and Retry-After rather than queued. 0: no limit.
+    teacher_max_concurrency: int = Field(default=32, ge=0)
+    # All user requests in flight in this gateway process; beyond it, 503 and Retry-After.
+    max_concurrency: int = Field(default=1024, ge=0)
+    retry_after_s: int = Field(default=1, ge=1, le=3600)
+    # The longest server-sent-event line an engine may send (20 log-probabilities per token of
+    # an echoed long prompt is megabytes); longer breaks the stream as an engine failure.
+    max_event_bytes: int = Field(default=16 << 20, ge=1024)
 
 
 class ShadowSettings(_Section):

@@ -233,7 +233,9 @@ async def run_gateway(
     app: web.Application, host: str, port: int, on_ready: Callable[[str], None]
 ) -> None:
     """Serve `app` until SIGINT or SIGTERM, then shut down gracefully."""
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    # handler_cancellation: a client that goes away cancels its request's handler, and with
+    # it the engine call (and any teacher fallback) it was waiting on.
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, handler_cancellation=True)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port, shutdown_timeout=10.0)

@@ -43,6 +43,7 @@ from stillhouse.serving.gateway.errors import (
     NotFound,
     PayloadTooLarge,
     error_body,
+    error_headers,
 )
 from stillhouse.serving.gateway.metrics import engine_sd_targets
 from stillhouse.serving.gateway.parts import EngineEndpoint, Gateway, build_gateway
@@ -72,7 +73,7 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         return await handler(request)
     except GatewayError as exc:
         status, body = error_body(exc)
-        return json_response(body, status)
+        return json_response(body, status, error_headers(exc))
     except web.HTTPException as exc:
         status, body = error_body(_from_http(exc))
         return json_response(body, status)
@@ -125,12 +126,37 @@ def _new_trace(gw: Gateway, request_id: str, key: str) -> Trace:
     return gw.recorder.new_trace(request_id, key, gw.router.assign(key))
 
 
+def _header_user(request: web.Request) -> str | None:
+    """The `x-stillhouse-user` header; a value that is not UTF-8 is the client's mistake."""
+    value = request.headers.get(USER_HEADER)
+    if value is not None and not _is_utf8(value):
+        raise InvalidRequest(f"the {USER_HEADER} header must be UTF-8 text", param=USER_HEADER)
+    return value
+
+
+def _is_utf8(value: str) -> bool:
+    # aiohttp decodes header bytes as UTF-8 with surrogate escapes (or as Latin-1): whatever
+    # cannot be written back as UTF-8 was not UTF-8 on the wire.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 async def completions(endpoint: Endpoint, request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY]
     authorize_client(request)
+    with gw.shedder.request():  # past the gateway's budget: 503 with Retry-After, at once
+        return await _completions(gw, endpoint, request)
+
+
+async def _completions(
+    gw: Gateway, endpoint: Endpoint, request: web.Request
+) -> web.StreamResponse:
     raw = await _read_body(request)
     request_id = _request_id(request)
-    header_user = request.headers.get(USER_HEADER)
+    header_user = _header_user(request)
     gws = gw.settings.gateway
     try:
         parsed = parse_request(raw, endpoint, gws.model_name, gws.max_tokens_limit)
@@ -142,6 +168,12 @@ async def completions(endpoint: Endpoint, request: web.Request) -> web.StreamRes
         return await _stream(gw, parsed, trace, request)
     try:
         reply = await gw.path.complete(parsed, trace)
+    except asyncio.CancelledError:
+        # The client went away (aiohttp cancels the handler): the engine call is cancelled
+        # with it, and the request is recorded as the client's.
+        trace.status, trace.error = 499, "the client closed the connection"
+        await asyncio.shield(gw.recorder.finish(parsed, trace, endpoint))
+        raise
     except Exception as exc:
         return await _failed(gw, parsed, endpoint, trace, exc)
     await _answered(gw, parsed, trace)
@@ -162,7 +194,7 @@ async def _failed(
         log.error("request %s failed", trace.request_id, exc_info=exc)
     body = gw.recorder.fail(trace, exc)
     await gw.recorder.finish(parsed, trace, endpoint)
-    return json_response(body, trace.status, route_headers(trace))
+    return json_response(body, trace.status, {**route_headers(trace), **error_headers(exc)})
 
 
 async def _stream(
@@ -176,6 +208,10 @@ async def _stream(
         await gw.recorder.finish(parsed, trace, parsed.endpoint)
         assert sink.response is not None
         return sink.response
+    except asyncio.CancelledError:
+        trace.status, trace.error = 499, "the client closed the connection"
+        await asyncio.shield(gw.recorder.finish(parsed, trace, parsed.endpoint))
+        raise
     except Exception as exc:
         if sink.response is None:
             return await _failed(gw, parsed, parsed.endpoint, trace, exc)

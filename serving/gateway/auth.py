@@ -58,7 +58,8 @@ def _is_loopback(host: str) -> bool:
 def _bearer(request: web.Request) -> bytes:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
-    return token.strip().encode() if scheme.lower() == "bearer" else b""
+    # surrogateescape: a header that was not UTF-8 on the wire is just a key that matches none
+    return token.strip().encode("utf-8", "surrogateescape") if scheme.lower() == "bearer" else b""
 
 
 def _matches(presented: bytes, keys: tuple[bytes, ...]) -> bool:

@@ -5,8 +5,14 @@ probe it again after a cool-down. A pure state machine over an injected clock.
       ▲                                  ▲                              │
       └──────────── probe succeeds ──────┼──────── probe fails ─────────┘
 
-While open, `allow()` is False and the gateway goes straight to the fallback, costing the
-client nothing. In half-open exactly one request (the probe) is let through at a time.
+    permit = breaker.allow()          # None: open (the gateway goes straight to fallback)
+    ...the whole attempt, a stream to its end...
+    breaker.record_success(permit) | record_failure(permit) | release(permit)
+
+A verdict is about one admitted attempt, judged on its whole outcome (a stream's too, not its
+headers). Each time the breaker opens it starts a new epoch; a verdict from an attempt admitted
+in an earlier epoch is stale and ignored, so a slow request that started before the engine
+broke cannot close the breaker, and in half-open only the probe's verdict counts.
 """
 
 from __future__ import annotations
@@ -19,6 +25,14 @@ State = Literal["closed", "open", "half_open"]
 STATE_VALUE: dict[State, int] = {"closed": 0, "half_open": 1, "open": 2}
 
 
+@dataclass(frozen=True, slots=True)
+class Permit:
+    """One attempt let through: the epoch it was let through in, and whether it is the probe."""
+
+    epoch: int
+    probe: bool = False
+
+
 @dataclass
 class CircuitBreaker:
     failure_threshold: int
@@ -27,6 +41,7 @@ class CircuitBreaker:
     state: State = "closed"
     consecutive_failures: int = 0
     opened_at: float = 0.0
+    epoch: int = 0  # +1 each time the breaker opens
     probe_in_flight: bool = field(default=False)
 
     def __post_init__(self) -> None:
@@ -42,28 +57,42 @@ class CircuitBreaker:
             self.probe_in_flight = False
         return self.state
 
-    def allow(self) -> bool:
-        """May a request go to this engine now? In half-open, True once (the probe)."""
+    def allow(self) -> Permit | None:
+        """May a request go to this engine now? In half-open, once (the probe)."""
         state = self.current_state()
         if state == "closed":
-            return True
+            return Permit(self.epoch)
         if state == "half_open" and not self.probe_in_flight:
             self.probe_in_flight = True
-            return True
-        return False
+            return Permit(self.epoch, probe=True)
+        return None
 
-    def record_success(self) -> None:
+    def _counts(self, permit: Permit) -> bool:
+        """Whether a verdict on `permit` may change the state (not stale, and in half-open
+        only the probe's)."""
+        if permit.epoch != self.epoch:
+            return False
+        return permit.probe or self.current_state() == "closed"
+
+    def record_success(self, permit: Permit) -> None:
+        if not self._counts(permit):
+            return
         self.state = "closed"
         self.consecutive_failures = 0
         self.probe_in_flight = False
 
-    def record_failure(self) -> None:
+    def record_failure(self, permit: Permit) -> None:
+        if not self._counts(permit):
+            return
         self.consecutive_failures += 1
-        if self.state == "half_open" or self.consecutive_failures >= self.failure_threshold:
+        if permit.probe or self.consecutive_failures >= self.failure_threshold:
             self.state = "open"
             self.opened_at = self.clock()
+            self.epoch += 1
             self.probe_in_flight = False
 
-    def release_probe(self) -> None:
-        """A probe ended without a verdict on the engine (the client's own 4xx, a cancel)."""
-        self.probe_in_flight = False
+    def release(self, permit: Permit) -> None:
+        """An attempt ended without a verdict on the engine (the client's own 4xx, a cancel):
+        a probe's slot is free again."""
+        if permit.probe and permit.epoch == self.epoch:
+            self.probe_in_flight = False

@@ -71,6 +71,24 @@ class UpstreamUnavailable(GatewayError):
     error_type = "service_unavailable"
 
 
+class Overloaded(GatewayError):
+    """A concurrency budget is spent: refused at once, to be retried after `retry_after_s`."""
+
+    status = 503
+    error_type = "service_unavailable"
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message, code="overloaded")
+        self.retry_after_s = retry_after_s
+
+
+def error_headers(exc: BaseException) -> dict[str, str]:
+    """The headers an error answer carries besides its body (Retry-After for a refusal)."""
+    if isinstance(exc, Overloaded):
+        return {"retry-after": str(exc.retry_after_s)}
+    return {}
+
+
 def error_body(exc: BaseException) -> tuple[int, dict[str, Any]]:
     """(HTTP status, OpenAI error JSON) for any exception; the single mapping point."""
     if isinstance(exc, GatewayError):

@@ -42,9 +42,12 @@ FALLBACK_REASONS = (
     "timeout",
     "connection",
     "upstream_5xx",
+    "engine_4xx",
+    "engine_rejected",
     "circuit_open",
     NO_LOGPROBS,
 )
+SHED_BUDGETS = ("gateway", "teacher")
 MIRROR_OUTCOMES = ("ok", "error", "dropped")
 SWAP_ROLES = STUDENT_ROLES  # the teacher is not swapped by alias moves
 SWAP_OUTCOMES = ("ok", "start_failed", "drain_timeout", "removed")
@@ -118,8 +121,31 @@ class GatewayMetrics:
         )
         self.engine_failures = Counter(
             "stillhouse_gateway_engine_failures",
-            "Failed engine calls (timeouts, connection errors, 5xx), by engine.",
+            "Failed engine attempts (timeouts, stalled streams, connection errors, 5xx, an "
+            "engine-side 4xx), by engine: what its circuit breaker counts.",
             ["engine"],
+            registry=r,
+        )
+        self.engine_rejections = Counter(
+            "stillhouse_gateway_engine_rejections",
+            "Requests an engine rejected as invalid (400, 413, 422), by engine and status; not "
+            "held against the engine, but a student's are retried on the teacher.",
+            ["engine", "status"],
+            registry=r,
+        )
+        self.shed = Counter(
+            "stillhouse_gateway_shed",
+            "Requests refused at once (503 with Retry-After) because a concurrency budget was "
+            "spent, by budget: gateway (all requests) or teacher (fallbacks).",
+            ["budget"],
+            registry=r,
+        )
+        for budget in SHED_BUDGETS:
+            self.shed.labels(budget)
+        self.in_flight = Gauge(
+            "stillhouse_gateway_in_flight",
+            "Requests in flight against each concurrency budget.",
+            ["budget"],
             registry=r,
         )
 

@@ -25,6 +25,7 @@ from stillhouse.common.errors import ConfigError
 from stillhouse.common.roles import ROLES, Role
 from stillhouse.common.traffic import AbChange, TrafficLogReader
 from stillhouse.serving.gateway.caller import EngineCaller
+from stillhouse.serving.gateway.load import Shedder
 from stillhouse.serving.gateway.metrics import GatewayMetrics
 from stillhouse.serving.gateway.mirror import Mirror
 from stillhouse.serving.gateway.recorder import Recorder
@@ -59,9 +60,12 @@ class Gateway:
     path: RequestPath
     mirror: Mirror
     shadow: ShadowScorer | None
+    shedder: Shedder
 
     async def start(self) -> None:
         self.client.session = aiohttp.ClientSession(
+            # No pool limit: the budgets in load.py bound the requests, and a pool limit
+            # would queue silently behind them.
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
             timeout=aiohttp.ClientTimeout(total=None),
         )
@@ -153,13 +157,21 @@ def build_gateway(
     rng, clock = random.Random(), time.monotonic
     ab = AbState(gws.ab.challenger_share, gws.ab.seed, gws.ab.mirror_share)
     router = Router(engines, ab, writer, metrics)
-    caller = EngineCaller(gws.fallback, client, metrics, clock)
+    caller = EngineCaller(gws.fallback, client, metrics, clock, rng)
     recorder = Recorder(gws, metrics, writer, shadow, rng, clock)
     student = StudentStep(gws.confidence.top_k, recorder)
+    shedder = Shedder(gws.fallback, metrics)
     path = RequestPath(
-        router, caller, student, recorder, gws.model_name, gws.confidence.hold_tokens
+        router,
+        caller,
+        student,
+        recorder,
+        shedder,
+        gws.model_name,
+        gws.confidence.hold_tokens,
+        gws.max_tokens_limit,
     )
     mirror = Mirror(gws, router, student, client, recorder, metrics, rng, clock)
     return Gateway(
-        settings, metrics, writer, client, router, caller, recorder, path, mirror, shadow
+        settings, metrics, writer, client, router, caller, recorder, path, mirror, shadow, shedder
     )

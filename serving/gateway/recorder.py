@@ -113,6 +113,16 @@ class Recorder:
         """The teacher is asked instead (`trace.fallback_reason` says why)."""
         self.metrics.fallbacks.labels(trace.fallback_reason).inc()
 
+    def rejected(self, role: str, status: int) -> None:
+        """An engine rejected a request as invalid (its 400, 413, 422)."""
+        self.metrics.engine_rejections.labels(role, str(status)).inc()
+
+    def served_unsure(self, trace: Trace) -> None:
+        """The policy wanted the teacher but it had no room: the student's answer is served
+        (counted as shed on the teacher's budget, by load.py)."""
+        trace.served_by = trace.arm
+        trace.fallback_reason = None
+
     def wants_shadow(self) -> bool:
         """Whether to shadow-score this request's student answer (sampled when it starts)."""
         fraction = self._shadow_fraction

@@ -120,7 +120,7 @@ def _check_messages(messages: Any) -> None:
         if not isinstance(message, dict):
             raise InvalidRequest(f"messages[{i}] must be an object", param=f"messages[{i}]")
         role = message.get("role")
-        if role not in MESSAGE_ROLES:
+        if not isinstance(role, str) or role not in MESSAGE_ROLES:
             raise InvalidRequest(
                 f"messages[{i}].role must be one of {sorted(MESSAGE_ROLES)}, got {role!r}",
                 param=f"messages[{i}].role",
@@ -151,6 +151,77 @@ def _check_stop(stop: Any) -> None:
     raise InvalidRequest("'stop' must be a string or a list of at most 4 strings", param="stop")
 
 
+MAX_DEPTH = 32  # nesting in a request body; orjson cannot write past 255, no request needs 32
+MAX_METADATA_PAIRS = 16  # OpenAI's limits on `metadata`
+RESPONSE_FORMATS = frozenset({"text", "json_object", "json_schema"})
+
+
+def _check_depth(body: Any) -> None:
+    """Refuse a body nested deeper than `MAX_DEPTH` (iterative: no recursion to exhaust)."""
+    stack: list[tuple[Any, int]] = [(body, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise InvalidRequest(f"the request body is nested deeper than {MAX_DEPTH} levels")
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+
+
+def _check_metadata(metadata: Any) -> None:
+    if metadata is None:
+        return
+    ok = isinstance(metadata, dict) and len(metadata) <= MAX_METADATA_PAIRS
+    ok = ok and all(
+        len(k) <= 64 and isinstance(v, str) and len(v) <= 512 for k, v in metadata.items()
+    )
+    if not ok:
+        raise InvalidRequest(
+            f"'metadata' must be an object of at most {MAX_METADATA_PAIRS} string values "
+            "(keys up to 64 characters, values up to 512)",
+            param="metadata",
+        )
+
+
+def _check_logit_bias(bias: Any) -> None:
+    if bias is None:
+        return
+    ok = isinstance(bias, dict) and len(bias) <= 300
+    ok = ok and all(
+        k.isdigit() and len(k) <= 9 and _is_number(v) and -100 <= v <= 100
+        for k, v in bias.items()
+    )
+    if not ok:
+        raise InvalidRequest(
+            "'logit_bias' must map token ids (strings of digits) to numbers in [-100, 100]",
+            param="logit_bias",
+        )
+
+
+def _check_response_format(fmt: Any) -> None:
+    if fmt is None:
+        return
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if not isinstance(kind, str) or kind not in RESPONSE_FORMATS:
+        raise InvalidRequest(
+            "'response_format' must be an object whose 'type' is one of "
+            f"{sorted(RESPONSE_FORMATS)}",
+            param="response_format",
+        )
+    if kind == "json_schema" and not isinstance(fmt.get("json_schema"), dict):
+        raise InvalidRequest(
+            "'response_format' of type json_schema needs a 'json_schema' object",
+            param="response_format",
+        )
+
+
+def _string(body: dict[str, Any], name: str) -> None:
+    value = body.get(name)
+    if value is not None and not isinstance(value, str):
+        raise InvalidRequest(f"'{name}' must be a string", param=name)
+
+
 def decode_json(raw: bytes) -> dict[str, Any]:
     try:
         body = orjson.loads(raw)
@@ -158,6 +229,7 @@ def decode_json(raw: bytes) -> dict[str, Any]:
         raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
+    _check_depth(body)
     return body
 
 
@@ -198,6 +270,12 @@ def parse_request(
     _number(body, "frequency_penalty", -2.0, 2.0)
     _number(body, "repetition_penalty", 0.0, 2.0)
     _check_stop(body.get("stop"))
+    _check_metadata(body.get("metadata"))
+    _check_logit_bias(body.get("logit_bias"))
+    _check_response_format(body.get("response_format"))
+    _boolean(body, "store")
+    _boolean(body, "echo")
+    _string(body, "suffix")
     if body.get("top_p") == 0:
         raise InvalidRequest("'top_p' must be greater than 0", param="top_p")
     user = body.get("user")
@@ -209,7 +287,7 @@ def parse_request(
         raise InvalidRequest(
             "'stream_options' must be an object and needs 'stream': true", param="stream_options"
         )
-    include_usage = bool(options and options.get("include_usage"))
+    include_usage = bool(options) and _boolean(options, "include_usage")
     if endpoint == "chat":
         wants = _boolean(body, "logprobs")
         top = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)

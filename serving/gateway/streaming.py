@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import orjson
@@ -20,8 +21,13 @@ from stillhouse.common.roles import Role
 from stillhouse.serving.gateway import responses
 from stillhouse.serving.gateway.caller import EngineStream, Events
 from stillhouse.serving.gateway.confidence import TokenLogprobs
-from stillhouse.serving.gateway.errors import UpstreamUnavailable, error_body
-from stillhouse.serving.gateway.request_path import RequestPath, no_engine_answered
+from stillhouse.serving.gateway.errors import UpstreamClientError, UpstreamUnavailable, error_body
+from stillhouse.serving.gateway.load import Slot
+from stillhouse.serving.gateway.request_path import (
+    RequestPath,
+    judged_on_teacher,
+    no_engine_answered,
+)
 from stillhouse.serving.gateway.requests import UPSTREAM_PATHS, ParsedRequest
 from stillhouse.serving.gateway.student import StudentCall
 from stillhouse.serving.gateway.trace import Trace, route_headers
@@ -81,35 +87,48 @@ async def stream_answer(
     path = UPSTREAM_PATHS[request.endpoint]
     collected = StudentStream()
     stream: EngineStream | None = None
+    slot: Slot | None = None
+    student_failure: str | None = None
     try:
         try:
-            stream = await p.caller.open_stream(
-                call.engine, trace, path, call.body, retry_timeouts=False
-            )
+            stream = await p.caller.open_stream(call.engine, trace, path, call.body)
             await _hold(p, stream, collected, trace, request.endpoint)
             tokens = collected.tokens if collected.saw_logprobs else None
             if p.student.decide(call, trace, tokens).fall_back:
-                trace.student_answer = "".join(
-                    responses.answer_text(e, request.endpoint) for e in collected.held
-                )
-                # The held tokens; the stream is cut here, so that is what the student spent
-                # (give or take the few it generated before it saw the cancel).
-                trace.student_completion_tokens = len(collected.tokens)
+                stream.succeeded()  # it answered in time; the policy, not the engine, says no
+                slot = p.teacher_slot(trace, has_student_answer=True)
+                if slot is None:
+                    p.recorder.served_unsure(trace)  # the teacher is full: keep the student
+                else:
+                    trace.student_answer = "".join(
+                        responses.answer_text(e, request.endpoint) for e in collected.held
+                    )
+                    # The held tokens; the stream is cut here, so that is what the student
+                    # spent (give or take the few it generated before it saw the cancel).
+                    trace.student_completion_tokens = len(collected.tokens)
         except UpstreamFailure as failure:
-            trace.fallback_reason = failure.reason
+            trace.fallback_reason = student_failure = failure.reason
+        except UpstreamClientError as rejection:
+            p.recorder.rejected(call.engine.role, rejection.status)
+            trace.fallback_reason = student_failure = "engine_rejected"
         if trace.fallback_reason is None:
             assert stream is not None
             return await _serve_student(p, request, trace, sink, stream, collected, call)
     finally:
         if stream is not None:
             stream.close()
-    return await _stream_teacher(p, request, trace, sink)
+    if slot is None:
+        slot = p.teacher_slot(trace, has_student_answer=False)
+        assert slot is not None
+    with slot:
+        return await _stream_teacher(p, request, trace, sink, student_failure)
 
 
 async def _hold(
     p: RequestPath, stream: EngineStream, collected: StudentStream, trace: Trace, endpoint: str
 ) -> None:
-    """Read the student's stream until `hold_tokens` tokens are in or it ends."""
+    """Read the student's stream until `hold_tokens` tokens are in or it ends: within the
+    attempt timeout, or the attempt is a failure of the engine."""
     caller, student = p.caller, stream.engine
     timeout = caller.attempt_timeout(trace)  # a passed deadline is no fault of the engine
     started = caller.clock()
@@ -125,10 +144,10 @@ async def _hold(
                 collected.held.append(event)
                 collected.take(event, endpoint)
     except TimeoutError:
-        caller.failed(student)
+        stream.failed()
         raise UpstreamFailure("timeout", f"{student.role} held no answer in time") from None
     except UpstreamFailure:
-        caller.failed(student)
+        stream.failed()
         raise
     finally:
         trace.upstream_s += caller.clock() - started
@@ -151,9 +170,10 @@ async def _serve_student(
         try:
             await _pipe(p, request, trace, sink, stream.events, collected, added_logprobs=True)
         except UpstreamFailure as failure:
-            p.caller.failed(stream.engine)  # the engine it picked: routing may have moved on
+            stream.failed()  # the engine it picked: routing may have moved on
             await _break_off(trace, sink, failure)
             return False
+    stream.succeeded()
     p.student.served(
         call, trace, collected.prompt_ids, collected.answer_ids, collected.tokens, collected.top
     )
@@ -161,12 +181,17 @@ async def _serve_student(
 
 
 async def _stream_teacher(
-    p: RequestPath, request: ParsedRequest, trace: Trace, sink: StreamSink
+    p: RequestPath,
+    request: ParsedRequest,
+    trace: Trace,
+    sink: StreamSink,
+    student_failure: str | None,
 ) -> bool:
     teacher, body = p.teacher(request, trace)
     path = UPSTREAM_PATHS[request.endpoint]
+    judged = partial(judged_on_teacher, student_failure)
     try:
-        stream = await p.caller.open_stream(teacher, trace, path, body, retry_timeouts=True)
+        stream = await p.caller.open_stream(teacher, trace, path, body, judged=judged)
     except UpstreamFailure as failure:
         raise no_engine_answered(trace, failure) from None
     trace.served_by = Role.TEACHER
@@ -176,9 +201,10 @@ async def _stream_teacher(
         try:
             await _pipe(p, request, trace, sink, stream.events, None, added_logprobs=False)
         except UpstreamFailure as failure:
-            p.caller.failed(teacher)
+            stream.failed()
             await _break_off(trace, sink, failure)
             return False
+        stream.succeeded()
         return True
 
 

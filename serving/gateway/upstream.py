@@ -4,10 +4,12 @@ keeps ~2,300 requests/s at 16 clients where Starlette + httpx falls to ~310).
 
 Foreign errors are translated here, at the boundary, into two kinds:
 
-- `UpstreamFailure(reason)`: the engine failed (timeout, connection error, 5xx, a broken
-  stream); it counts against the engine's circuit breaker and the gateway falls back.
-- `UpstreamClientError`: the engine rejected the request as the client's mistake (a 4xx such
-  as a prompt longer than the context); passed on to the client, not held against the engine.
+- `UpstreamFailure(reason)`: the engine failed (timeout, connection error, 5xx, a broken or
+  stalled stream, or a 4xx that says the engine is misconfigured or overloaded: 401, 403, 404,
+  405, 408, 429); it counts against the engine's circuit breaker and the gateway falls back.
+- `UpstreamClientError`: the engine rejected this request (400, 413, 422: a prompt longer than
+  the context, a template error); not held against the engine, but a student's rejection is
+  retried on the teacher, whose own rejection the client then gets.
 """
 
 from __future__ import annotations
@@ -81,10 +83,25 @@ def new_engine(
     return Engine(role, base_url.rstrip("/"), served_name, ref, breaker, policy)
 
 
+# An engine's 4xx that no request of the client's could cause: the wrong served name, an
+# engine key mismatch, an engine that sheds load. Every request would fail the same way.
+ENGINE_FAULT_4XX = frozenset({401, 403, 404, 405, 408, 429})
+
+
 class UpstreamFailure(Exception):
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+
+
+def _status_error(engine: Engine, status: int, raw: bytes) -> Exception:
+    """The exception for an engine's error status (>= 400)."""
+    if status >= 500:
+        return UpstreamFailure("upstream_5xx", f"{engine.role} answered {status}")
+    if status in ENGINE_FAULT_4XX:
+        message = _client_error(status, raw).message[:200]
+        return UpstreamFailure("engine_4xx", f"{engine.role} answered {status}: {message}")
+    return _client_error(status, raw)
 
 
 def _client_error(status: int, raw: bytes) -> UpstreamClientError:
@@ -93,8 +110,8 @@ def _client_error(status: int, raw: bytes) -> UpstreamClientError:
         payload = json.loads(raw)
         error = payload.get("error", payload) if isinstance(payload, dict) else {}
         if isinstance(error, dict) and isinstance(error.get("message"), str):
-            message = error["message"]
-    except (json.JSONDecodeError, UnicodeDecodeError):
+            message = error["message"][:2000]
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         pass
     return UpstreamClientError(status, message)
 
@@ -131,10 +148,8 @@ class UpstreamClient:
             raise UpstreamFailure("timeout", f"{engine.role} took over {timeout_s:.1f}s") from None
         except aiohttp.ClientError as exc:
             raise UpstreamFailure("connection", f"{engine.role}: {exc}") from None
-        if status >= 500:
-            raise UpstreamFailure("upstream_5xx", f"{engine.role} answered {status}")
         if status >= 400:
-            raise _client_error(status, raw)
+            raise _status_error(engine, status, raw)
         try:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -158,11 +173,14 @@ class UpstreamClient:
         except aiohttp.ClientError as exc:
             raise UpstreamFailure("connection", f"{engine.role}: {exc}") from None
         if resp.status >= 400:
-            raw = await resp.read()
-            resp.release()
-            if resp.status >= 500:
-                raise UpstreamFailure("upstream_5xx", f"{engine.role} answered {resp.status}")
-            raise _client_error(resp.status, raw)
+            try:
+                async with asyncio.timeout(timeout_s):
+                    raw = await resp.read()
+            except (TimeoutError, aiohttp.ClientError):
+                raw = b""
+            finally:
+                resp.release()
+            raise _status_error(engine, resp.status, raw)
         return resp
 
     async def get_ok(self, url: str, timeout_s: float) -> bool:
@@ -175,23 +193,55 @@ class UpstreamClient:
             return False
 
 
-async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any] | None]:
+async def sse_events(
+    resp: aiohttp.ClientResponse, idle_timeout_s: float, max_event_bytes: int
+) -> AsyncIterator[dict[str, Any] | None]:
     """The `data:` payloads of a server-sent-event stream as dicts; None for `[DONE]`.
-    A broken connection or a payload that is not JSON raises `UpstreamFailure`."""
+
+    Raises `UpstreamFailure`: "timeout" when no byte came for `idle_timeout_s` (a stalled
+    stream), "upstream_5xx" for a payload that is not a JSON object or a line over
+    `max_event_bytes`, "connection" when the connection broke. Lines are split here rather than
+    by aiohttp's `readline`, whose fixed limit raises on a long line.
+    """
+    buffer = bytearray()
+    content = resp.content
     try:
-        async for line in resp.content:
-            if not line.startswith(b"data:"):
-                continue
-            payload = line[5:].strip()
-            if payload == b"[DONE]":
-                yield None
-                return
+        while True:
             try:
-                event = orjson.loads(payload)
-            except orjson.JSONDecodeError:
-                raise UpstreamFailure("upstream_5xx", "a stream event is not JSON") from None
-            if not isinstance(event, dict):
-                raise UpstreamFailure("upstream_5xx", "a stream event is not an object")
-            yield event
+                async with asyncio.timeout(idle_timeout_s):
+                    chunk = await content.readany()
+            except TimeoutError:
+                raise UpstreamFailure(
+                    "timeout", f"the stream sent nothing for {idle_timeout_s:.1f}s"
+                ) from None
+            if not chunk:
+                return  # the connection ended: the caller decides whether [DONE] was due
+            buffer += chunk
+            start = 0
+            while (end := buffer.find(b"\n", start)) >= 0:
+                line = bytes(buffer[start:end])
+                start = end + 1
+                if not line.startswith(b"data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == b"[DONE]":
+                    yield None
+                    return
+                yield _event(payload)
+            del buffer[:start]
+            if len(buffer) > max_event_bytes:
+                raise UpstreamFailure(
+                    "upstream_5xx", f"a stream line exceeds {max_event_bytes} bytes"
+                )
     except aiohttp.ClientError as exc:
         raise UpstreamFailure("connection", f"stream broke: {exc}") from None
+
+
+def _event(payload: bytes) -> dict[str, Any]:
+    try:
+        event = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        raise UpstreamFailure("upstream_5xx", "a stream event is not JSON") from None
+    if not isinstance(event, dict):
+        raise UpstreamFailure("upstream_5xx", "a stream event is not an object")
+    return event

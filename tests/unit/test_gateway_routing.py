@@ -95,7 +95,8 @@ def test_a_dead_student_falls_back_and_its_circuit_opens(gw):
             model="stillhouse", messages=MSG, max_tokens=4
         )
         reasons.append(served(raw)[2])
-    # Three failed requests (each retried once) open the breaker; then no more calls go out.
+    # A refused connection is retried once: two requests make the three failures that open the
+    # breaker; then no more calls go out.
     assert reasons[:2] == ["connection", "connection"]
     assert reasons[-1] == "circuit_open"
     assert gw.gateway.router.engines["champion"].breaker.state == "open"
@@ -105,8 +106,9 @@ def test_the_breaker_probes_again_after_its_cool_down(gw):
     student = gw.engines["champion"]
     student.mode = "error500"
     client = gw.client()
-    for _ in range(2):
+    for _ in range(3):  # a 5xx is not retried on the engine that gave it: one failure each
         client.chat.completions.create(model="stillhouse", messages=MSG, max_tokens=4)
+    assert len(student.requests) == 3
     assert gw.gateway.router.engines["champion"].breaker.state == "open"
     calls = len(student.requests)
     client.chat.completions.create(model="stillhouse", messages=MSG, max_tokens=4)
@@ -134,14 +136,41 @@ def test_both_engines_down_is_a_503_in_openai_shape_within_the_deadline(gw):
     assert (record.status, record.served_by) == (503, "none")
 
 
-def test_an_engine_4xx_is_the_clients_mistake_and_passes_through(gw):
+def test_a_students_4xx_is_retried_on_the_teacher_and_not_held_against_it(gw):
     gw.engines["champion"].mode = "reject400"
+    raw = gw.client().chat.completions.with_raw_response.create(
+        model="stillhouse", messages=MSG, max_tokens=4
+    )
+    assert served(raw) == ("champion", "teacher", "engine_rejected")
+    assert gw.gateway.router.engines["champion"].breaker.consecutive_failures == 0
+    metrics = gw.http.get(gw.url + "/metrics").text
+    assert 'stillhouse_gateway_engine_rejections_total{engine="champion",status="400"} 1.0' in (
+        metrics
+    )
+
+
+def test_a_4xx_from_both_engines_is_the_clients_mistake_and_passes_through(gw):
+    gw.engines["champion"].mode = "reject400"
+    gw.engines["teacher"].mode = "reject400"
     with pytest.raises(APIStatusError) as err:
         gw.client().chat.completions.create(model="stillhouse", messages=MSG, max_tokens=4)
     assert err.value.status_code == 400
     assert "maximum context length" in err.value.body["message"]
-    assert gw.engines["teacher"].requests == []
-    assert gw.gateway.router.engines["champion"].breaker.consecutive_failures == 0
+    for role in ("champion", "teacher"):
+        assert gw.gateway.router.engines[role].breaker.consecutive_failures == 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_engine_side_4xx_counts_against_the_engine_and_falls_back(gw, stream):
+    # A wrong served name (the engine's 404) fails every request: the engine's fault.
+    gw.gateway.router.engines["champion"].served_name = "not-what-it-serves"
+    raw = gw.client().chat.completions.with_raw_response.create(
+        model="stillhouse", messages=MSG, max_tokens=4, stream=stream
+    )
+    if stream:
+        assert "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
+    assert served(raw) == ("champion", "teacher", "engine_4xx")
+    assert gw.gateway.router.engines["champion"].breaker.consecutive_failures == 1
 
 
 def test_streaming_serves_the_student_in_one_piece(gw):

@@ -150,7 +150,7 @@ def test_an_open_challenger_circuit_drops_mirrors(tmp_path):
     with gateway_harness(tmp_path, ROLES, ab=MIRRORED) as gw:
         breaker = gw.gateway.router.engines["challenger"].breaker
         for _ in range(3):
-            breaker.record_failure()  # as user traffic on the challenger arm would
+            breaker.record_failure(breaker.allow())  # as user traffic on the challenger arm would
         gw.client().chat.completions.create(model="stillhouse", messages=MSG, max_tokens=4)
         deadline = time.monotonic() + 5
         while mirror_count(gw, "dropped") < 1 and time.monotonic() < deadline:
