@@ -151,9 +151,7 @@ async def completions(endpoint: Endpoint, request: web.Request) -> web.StreamRes
         return await _completions(gw, endpoint, request)
 
 
-async def _completions(
-    gw: Gateway, endpoint: Endpoint, request: web.Request
-) -> web.StreamResponse:
+async def _completions(gw: Gateway, endpoint: Endpoint, request: web.Request) -> web.StreamResponse:
     raw = await _read_body(request)
     request_id = _request_id(request)
     header_user = _header_user(request)

@@ -189,8 +189,7 @@ def _check_logit_bias(bias: Any) -> None:
         return
     ok = isinstance(bias, dict) and len(bias) <= 300
     ok = ok and all(
-        k.isdigit() and len(k) <= 9 and _is_number(v) and -100 <= v <= 100
-        for k, v in bias.items()
+        k.isdigit() and len(k) <= 9 and _is_number(v) and -100 <= v <= 100 for k, v in bias.items()
     )
     if not ok:
         raise InvalidRequest(

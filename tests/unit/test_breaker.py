@@ -63,9 +63,7 @@ def test_the_probes_verdict_decides_the_next_state(verdict, state, allowed):
     fail(b)
     clock.now = 5
     probe = admitted(b)
-    {"success": b.record_success, "failure": b.record_failure, "release": b.release}[verdict](
-        probe
-    )
+    {"success": b.record_success, "failure": b.record_failure, "release": b.release}[verdict](probe)
     assert b.current_state() == state and (b.allow() is not None) is allowed
 
 
