@@ -15,6 +15,9 @@ from stillhouse.common.config import DemoSettings, EngineSettings, Settings
 
 REPO = Path(__file__).resolve().parents[1]
 
+# `start_gateway` (a real `stillhouse serve` process), for the integration and fault tests.
+pytest_plugins = ("serve_process",)
+
 # A small, fast-to-build variant of the demo world: same code path, minutes become seconds.
 TINY_DEMO = DemoSettings(
     n_train=600,

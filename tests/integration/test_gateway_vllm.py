@@ -5,101 +5,33 @@ the student's own log-probabilities, which pins their alignment token by token."
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-import yaml
-from openai import APIStatusError, OpenAI
+from openai import APIStatusError
+from serve_process import KEY
 
 from stillhouse.common.prompts import triage_user_message
 from stillhouse.common.traffic import TrafficLogReader
-from stillhouse.serving.engines.vllm import VllmEngine, free_port
+from stillhouse.serving.engines.vllm import VllmEngine
 
 pytestmark = pytest.mark.slow
 
-KEY = "sk-integration"
 MSG = [{"role": "user", "content": triage_user_message("I was charged twice for my order")}]
-STARTUP_S = 60
 
 
 @pytest.fixture(scope="module")
 def student_engine(tiny_world, tiny_settings, vllm_server) -> Iterator[VllmEngine]:
     with vllm_server(tiny_world.teacher_dir, "student", tiny_settings) as engine:
         yield engine
-
-
-class GatewayProcess:
-    def __init__(self, state: Path, gateway: dict[str, Any]):
-        self.state = state
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = {"state_dir": str(state), "gateway": {**gateway, "port": self.port}}
-        state.mkdir(parents=True, exist_ok=True)
-        (state / "stillhouse.yaml").write_text(yaml.safe_dump(config))
-        self.log = open(state / "serve.log", "w")  # noqa: SIM115
-        env = {**os.environ, "STILLHOUSE_API_KEYS": KEY, "STILLHOUSE_ADMIN_KEY": "sk-admin"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "stillhouse", "--config", str(state / "stillhouse.yaml"),
-             "serve"],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-        )  # fmt: skip
-        deadline = time.monotonic() + STARTUP_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"serve exited: {(state / 'serve.log').read_text()}")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        self.kill()
-        raise AssertionError("the gateway did not become healthy in time")
-
-    def client(self) -> OpenAI:
-        return OpenAI(base_url=self.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
-
-    def interrupt(self) -> int:
-        self.proc.send_signal(signal.SIGINT)
-        return self.proc.wait(30)
-
-    def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(30)
-        self.log.close()
-
-    @property
-    def log_path(self) -> Path:
-        return self.state / "traffic.db"
-
-
-@pytest.fixture
-def start_gateway(tmp_path, group_processes) -> Iterator[Callable[..., GatewayProcess]]:
-    started: list[GatewayProcess] = []
-
-    def start(**gateway: Any) -> GatewayProcess:
-        gp = GatewayProcess(tmp_path / f"gw{len(started)}", gateway)
-        started.append(gp)
-        return gp
-
-    yield start
-    for gp in started:
-        if gp.proc.poll() is None:
-            assert gp.interrupt() == 0, "Ctrl-C must stop `stillhouse serve` cleanly"
-        gp.kill()
-        assert group_processes(gp.proc.pid) == []
 
 
 def engines(teacher: VllmEngine, student: VllmEngine) -> dict[str, Any]:
