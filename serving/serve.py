@@ -46,7 +46,7 @@ from stillhouse.serving.engines.watcher import (
     RegistryView,
     WatchedRole,
 )
-from stillhouse.serving.gateway.app import GATEWAY, build_app
+from stillhouse.serving.gateway.app import GATEWAY, MalformedRequestLog, build_app
 from stillhouse.serving.gateway.auth import load_keys
 from stillhouse.serving.gateway.parts import EngineEndpoint
 
@@ -206,7 +206,11 @@ def start_engines(
 
 
 def log_to_stderr() -> None:
-    """Stillhouse's own log lines (swaps, thresholds, A/B changes) on stderr, once."""
+    """Stillhouse's own log lines (swaps, thresholds, A/B changes) on stderr, once; aiohttp's
+    tracebacks for unparseable requests become one counted line a minute."""
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, MalformedRequestLog) for f in server_log.filters):
+        server_log.addFilter(MalformedRequestLog())
     logger = logging.getLogger("stillhouse")
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)

@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from functools import partial
 from typing import Any
 
 import aiohttp
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -81,6 +83,38 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         log.exception("unhandled error on %s %s", request.method, request.path)
         status, body = error_body(exc)
         return json_response(body, status)
+
+
+class MalformedRequestLog(logging.Filter):
+    """For aiohttp's `aiohttp.server` logger. A request aiohttp cannot parse (a control byte in
+    a header, a broken request line) is answered 400 by aiohttp itself, which logs a traceback
+    for each one: anyone could fill the error log without a key. This keeps one line per
+    `interval_s` with the count instead."""
+
+    def __init__(self, interval_s: float = 60.0, clock: Callable[[], float] = time.monotonic):
+        super().__init__()
+        self.interval_s = interval_s
+        self.clock = clock
+        self.unreported = 0
+        self.last_report = -math.inf
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        self.unreported += 1
+        now = self.clock()
+        if now - self.last_report < self.interval_s:
+            return False
+        reason = str(exc.message).strip().splitlines()[0] if exc.message else type(exc).__name__
+        record.msg, record.args = (
+            "answered 400 to %d malformed HTTP request(s) since the last report, e.g. %s",
+            (self.unreported, reason[:200]),
+        )
+        record.exc_info = record.exc_text = None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        self.unreported, self.last_report = 0, now
+        return True
 
 
 def _from_http(exc: web.HTTPException) -> GatewayError:

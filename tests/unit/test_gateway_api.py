@@ -230,3 +230,28 @@ def test_prompt_logging_can_be_turned_off(tmp_path):
         (record,) = h.records(1)
         assert record.prompt is None and record.answer is None
         assert record.completion_tokens is not None
+
+
+def test_unparseable_requests_are_one_counted_line_per_interval_not_a_traceback_each():
+    import logging
+
+    from aiohttp.http_exceptions import BadHttpMessage
+
+    from stillhouse.serving.gateway.app import MalformedRequestLog
+
+    now = [0.0]
+    quiet = MalformedRequestLog(interval_s=60, clock=lambda: now[0])
+
+    def record(exc: BaseException | None) -> logging.LogRecord:
+        info = (type(exc), exc, None) if exc else None
+        return logging.LogRecord("aiohttp.server", logging.ERROR, "", 0, "Error handling", (), info)
+
+    first = record(BadHttpMessage("Invalid header value char"))
+    assert quiet.filter(first) and first.exc_info is None
+    assert first.getMessage().startswith("answered 400 to 1 malformed HTTP request(s)")
+    assert not any(quiet.filter(record(BadHttpMessage("again"))) for _ in range(50))
+    now[0] = 61.0
+    later = record(BadHttpMessage("later"))
+    assert quiet.filter(later) and "51 malformed" in later.getMessage()
+    other = record(RuntimeError("a real bug"))
+    assert quiet.filter(other) and other.exc_info is not None  # untouched
