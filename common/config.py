@@ -286,7 +286,19 @@ class TrafficLogSettings(_Section):
     path: Path | None = None  # default: <state_dir>/traffic.db
     flush_interval_ms: int = Field(default=200, ge=1, le=10_000)
     sync: Literal["group", "strict"] = "group"
+    # Prompts and answers are what the weekly re-distillation trains on, so they are kept, for
+    # `retention_days` (0: forever); off, the log keeps routing, scores and counts only.
     log_prompts: bool = True
+    retention_days: float = Field(default=30.0, ge=0.0)
+    # What may wait for the writer; past either bound a record is dropped (and counted).
+    max_pending_records: int = Field(default=100_000, ge=1)
+    max_pending_bytes: int = Field(default=64 << 20, ge=1 << 16)
+    # Strict mode: how long a response waits for its record's commit before it is refused.
+    strict_timeout_s: float = Field(default=5.0, gt=0.0)
+    # The secret that keys the user hash (HMAC-SHA256 of the user id), from this environment
+    # variable; unset, a random key kept in <state_dir>/secrets/user-hash.key (0600). Gateways
+    # sharing one traffic store must share the key, or their users do not line up.
+    user_hash_key_env: str = "STILLHOUSE_USER_HASH_KEY"
 
 
 class GatewaySettings(_Section):

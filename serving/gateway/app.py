@@ -37,7 +37,13 @@ from prometheus_client import (
 from stillhouse.common.config import Settings
 from stillhouse.common.roles import Role
 from stillhouse.serving.gateway.assignment import USER_HEADER, user_key
-from stillhouse.serving.gateway.auth import KEYS, authorize_admin, authorize_client, load_keys
+from stillhouse.serving.gateway.auth import (
+    KEYS,
+    authorize_admin,
+    authorize_client,
+    load_keys,
+    load_user_hash_key,
+)
 from stillhouse.serving.gateway.errors import (
     ClientError,
     GatewayError,
@@ -50,7 +56,7 @@ from stillhouse.serving.gateway.errors import (
 from stillhouse.serving.gateway.metrics import engine_sd_targets
 from stillhouse.serving.gateway.parts import EngineEndpoint, Gateway, build_gateway
 from stillhouse.serving.gateway.requests import Endpoint, ParsedRequest, decode_json, parse_request
-from stillhouse.serving.gateway.streaming import SSE_DONE, StreamSink, stream_answer
+from stillhouse.serving.gateway.streaming import SSE_DONE, StreamSink, sse, stream_answer
 from stillhouse.serving.gateway.trace import Trace, route_headers
 
 log = logging.getLogger("stillhouse.gateway")
@@ -250,7 +256,12 @@ async def _stream(
         log.error("stream %s failed", trace.request_id, exc_info=exc)
         gw.recorder.fail(trace, exc)
         complete = False
-    await _answered(gw, parsed, trace)
+    try:
+        await _answered(gw, parsed, trace)
+    except GatewayError as exc:  # strict mode, not recorded: the stream ends in an error
+        _, body = error_body(exc)
+        await sink.send(sse(body))
+        complete = False
     assert sink.response is not None
     try:
         if complete:
@@ -379,8 +390,10 @@ def build_app(
     """The composition root: the gateway's parts (`parts.build_gateway`) behind its routes.
     `endpoints` needs `teacher` and `champion`; `challenger` is optional."""
     disable_created_metrics()  # `*_created` series double the scrape for nothing a panel uses
-    gw = build_gateway(settings, endpoints, metrics_registry)  # checks the endpoints first
     keys = load_keys(settings, environ)
+    user_hash_key = load_user_hash_key(settings, environ)
+    # build_gateway checks the endpoints first
+    gw = build_gateway(settings, endpoints, metrics_registry, user_hash_key)
     app = web.Application(
         client_max_size=settings.gateway.max_body_bytes, middlewares=[error_middleware]
     )

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import os
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -44,6 +46,31 @@ def load_keys(settings: Settings, environ: Mapping[str, str]) -> Keys:
             "set client API keys before listening beyond loopback"
         )
     return Keys(clients, admin)
+
+
+def load_user_hash_key(settings: Settings, environ: Mapping[str, str]) -> bytes:
+    """The secret the user hash is keyed with: from `traffic_log.user_hash_key_env`, else a
+    random key made once and kept in <state_dir>/secrets/user-hash.key (readable by the owner
+    only), so hashes stay stable across restarts of this gateway."""
+    given = environ.get(settings.gateway.traffic_log.user_hash_key_env, "").strip()
+    if given:
+        return given.encode()
+    path = settings.state_dir / "secrets" / "user-hash.key"
+    try:
+        return path.read_bytes().strip()
+    except FileNotFoundError:
+        pass
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        key = secrets.token_hex(32).encode()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(key)
+        return key
+    except FileExistsError:  # another gateway made it first
+        return path.read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot keep the user-hash key at {path}: {exc.strerror}") from None
 
 
 def _is_loopback(host: str) -> bool:

@@ -71,6 +71,13 @@ class UpstreamUnavailable(GatewayError):
     error_type = "service_unavailable"
 
 
+class TrafficLogUnavailable(GatewayError):
+    """Strict mode: the request's record could not be committed, so its answer is withheld."""
+
+    status = 503
+    error_type = "service_unavailable"
+
+
 class Overloaded(GatewayError):
     """A concurrency budget is spent: refused at once, to be retried after `retry_after_s`."""
 

@@ -205,7 +205,8 @@ class GatewayMetrics:
         """The durable traffic log's writer."""
         self.traffic_log_write_errors = Counter(
             "stillhouse_traffic_log_write_errors",
-            "Traffic-log records that could not be written (failed commits, a full queue).",
+            "Traffic-log records lost, one for one: in a failed commit (a full disk, an "
+            "unwritable file) or dropped because the writer's queue was full.",
             registry=r,
         )
         self.traffic_log_pending = Gauge(

@@ -136,7 +136,10 @@ def traffic_log_writer(settings: Settings, metrics: GatewayMetrics) -> TrafficLo
         flush_interval_s=log_settings.flush_interval_ms / 1000,
         strict=log_settings.sync == "strict",
         on_commit=committed,
-        on_error=lambda exc: metrics.traffic_log_write_errors.inc(),
+        on_lost=metrics.traffic_log_write_errors.inc,
+        max_pending=log_settings.max_pending_records,
+        max_pending_bytes=log_settings.max_pending_bytes,
+        retention_days=log_settings.retention_days,
     )
 
 
@@ -144,6 +147,7 @@ def build_gateway(
     settings: Settings,
     endpoints: Mapping[str, EngineEndpoint],
     metrics_registry: CollectorRegistry | None = None,
+    user_hash_key: bytes = b"",
 ) -> Gateway:
     gws = settings.gateway
     engines = engines_from(endpoints, gws)
@@ -158,7 +162,7 @@ def build_gateway(
     ab = AbState(gws.ab.challenger_share, gws.ab.seed, gws.ab.mirror_share)
     router = Router(engines, ab, writer, metrics)
     caller = EngineCaller(gws.fallback, client, metrics, clock, rng)
-    recorder = Recorder(gws, metrics, writer, shadow, rng, clock)
+    recorder = Recorder(gws, metrics, writer, shadow, rng, clock, user_hash_key)
     student = StudentStep(gws.confidence.top_k, recorder)
     shedder = Shedder(gws.fallback, metrics)
     path = RequestPath(

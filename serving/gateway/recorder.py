@@ -12,17 +12,17 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import hmac
 import random
 import time
 from collections.abc import Callable
 from typing import Any
 
 from stillhouse.common.config import GatewaySettings
-from stillhouse.common.traffic import MIRROR, TrafficRecord
+from stillhouse.common.traffic import MIRROR, TrafficLogError, TrafficRecord
 from stillhouse.serving.gateway.assignment import Arm
 from stillhouse.serving.gateway.confidence import TokenLogprobs
-from stillhouse.serving.gateway.errors import error_body
+from stillhouse.serving.gateway.errors import TrafficLogUnavailable, error_body
 from stillhouse.serving.gateway.metrics import GatewayMetrics
 from stillhouse.serving.gateway.policy import Decision
 from stillhouse.serving.gateway.requests import ParsedRequest
@@ -86,6 +86,7 @@ class Recorder:
         shadow: ShadowScorer | None,
         rng: random.Random,
         clock: Callable[[], float],
+        user_hash_key: bytes = b"",
     ) -> None:
         self.metrics = metrics
         self.writer = writer
@@ -94,11 +95,18 @@ class Recorder:
         self.clock = clock
         self._keep_text = settings.traffic_log.log_prompts
         self._strict = settings.traffic_log.sync == "strict"
+        self._strict_timeout_s = settings.traffic_log.strict_timeout_s
+        self._user_hash_key = user_hash_key
         self._shadow_fraction = settings.shadow.fraction if shadow is not None else 0.0
 
     def new_trace(self, request_id: str, key: str, arm: Arm) -> Trace:
-        user_hash = hashlib.sha256(key.encode()).hexdigest()[:16]
-        return Trace(request_id, time.time(), self.clock(), arm, user_hash)
+        return Trace(request_id, time.time(), self.clock(), arm, self.user_hash(key))
+
+    def user_hash(self, key: str) -> str:
+        """The user as the traffic log keeps them: keyed with a secret, so an e-mail address
+        cannot be found again by hashing a list of them."""
+        digest = hmac.new(self._user_hash_key, key.encode("utf-8", "surrogateescape"), "sha256")
+        return digest.hexdigest()[:16]
 
     # --- during the request ------------------------------------------------------------------
 
@@ -172,7 +180,13 @@ class Recorder:
         record = traffic_record(trace, request, endpoint, latency, self._keep_text)
         future = self.writer.submit(record)
         if self._strict:
-            await asyncio.wrap_future(future)
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(future), self._strict_timeout_s)
+            except (TimeoutError, TrafficLogError) as exc:
+                raise TrafficLogUnavailable(
+                    "the traffic log could not record this request (strict mode), so its "
+                    f"answer is withheld: {exc or 'no commit in time'}"
+                ) from None
 
     def record_mirror(self, request: ParsedRequest, trace: Trace) -> None:
         """A mirrored answer's record; the user-facing metrics never count a mirror."""

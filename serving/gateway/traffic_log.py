@@ -9,11 +9,17 @@
 One daemon thread owns the connection and commits everything queued in one transaction. Group
 mode commits at most every `flush_interval_s`; strict mode as soon as anything is queued,
 fsynced before the futures resolve. What a crash loses in each: docs/gateway.md.
+
+What waits is bounded by count (`max_pending`) and by size (`max_pending_bytes`); past either a
+record is dropped. Every lost record (dropped, or in a failed commit) is counted one for one
+(`on_lost`) and summed up in one log line per `loss_log_interval_s`. Records older than
+`retention_days` are deleted once an hour (and at start), and the freed pages returned.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import sqlite3
 import threading
 import time
@@ -35,7 +41,9 @@ from stillhouse.common.traffic import (
 
 log = logging.getLogger(__name__)
 
-_Entry = tuple[TrafficItem, "Future[None]"]
+_Entry = tuple[TrafficItem, "Future[None]", int]  # the item, its future, its size estimate
+PRUNE_INTERVAL_S = 3600.0
+_RECORD_OVERHEAD_BYTES = 512  # the fixed fields of a record, roughly, on top of its texts
 # Errors that come from one item's values, not from the database: retry item by item.
 _SQLITE_DATA_ERRORS = (sqlite3.InterfaceError, sqlite3.ProgrammingError, sqlite3.IntegrityError)
 _DATA_ERRORS = (OverflowError, TypeError, ValueError, *_SQLITE_DATA_ERRORS)
@@ -61,19 +69,31 @@ class TrafficLogWriter:
         strict: bool = False,
         on_commit: Callable[[int, float], None] | None = None,
         on_error: Callable[[BaseException], None] | None = None,
+        on_lost: Callable[[int], None] | None = None,
         max_pending: int = 100_000,
+        max_pending_bytes: int = 64 << 20,
+        retention_days: float = 0.0,
+        loss_log_interval_s: float = 60.0,
     ) -> None:
         self.path = Path(path)
         self.flush_interval_s = flush_interval_s
         self.strict = strict
         self.max_pending = max_pending
+        self.max_pending_bytes = max_pending_bytes
+        self.retention_days = retention_days  # 0: keep forever
+        self.loss_log_interval_s = loss_log_interval_s
         self._on_commit = on_commit
         self._on_error = on_error
+        self._on_lost = on_lost
         self._cond = threading.Condition()
         self._queue: deque[_Entry] = deque()
         self._pending = 0  # queued + the batch being written
+        self._pending_bytes = 0
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._lost_since_log = 0
+        self._last_loss_log = -math.inf
+        self._last_prune = -math.inf
 
     @property
     def pending(self) -> int:
@@ -107,21 +127,27 @@ class TrafficLogWriter:
         fut: Future[None] = Future()
         # RUNNING: asyncio.wrap_future's cancellation (a client hang-up) cannot cancel it.
         fut.set_running_or_notify_cancel()
+        size = item_bytes(item)
         with self._cond:
             if self._closed:
                 raise RuntimeError("traffic log writer is closed")
-            full = self._pending >= self.max_pending
+            full = (
+                self._pending >= self.max_pending
+                or self._pending_bytes + size > self.max_pending_bytes
+            )
             if not full:
-                self._queue.append((item, fut))
+                self._queue.append((item, fut, size))
                 self._pending += 1
+                self._pending_bytes += size
                 self._cond.notify()
         if full:
             exc = TrafficLogFullError(
-                f"traffic log queue is full ({self.max_pending} records waiting): "
-                f"record dropped; is {self.path} writable and fast enough?"
+                f"traffic log queue is full ({self._pending} records, {self._pending_bytes} "
+                f"bytes waiting): record dropped; is {self.path} writable and fast enough?"
             )
             fut.set_exception(exc)
             self._report_error(exc)
+            self._lost(1, exc)
         return fut
 
     def close(self, timeout: float = 5.0) -> None:
@@ -151,10 +177,11 @@ class TrafficLogWriter:
         with self._cond:
             entries = list(self._queue)
             self._queue.clear()
-            self._pending = 0
-        for _, fut in entries:
+            self._pending = self._pending_bytes = 0
+        for _, fut, _ in entries:
             _resolve(fut, exc)
         self._report_error(exc)
+        self._lost(len(entries), exc)
 
     # --- the writer thread ---------------------------------------------------------------
 
@@ -167,17 +194,38 @@ class TrafficLogWriter:
         opened.set_result(None)
         try:
             last_flush = float("-inf")
+            self._maybe_prune(conn)
             while (batch := self._next_batch(last_flush)) is not None:
                 last_flush = time.monotonic()
                 self._write(conn, batch)
+                self._maybe_prune(conn)
         finally:
             conn.close()
+
+    def _maybe_prune(self, conn: sqlite3.Connection) -> None:
+        """Delete what is older than the retention, at most once per PRUNE_INTERVAL_S."""
+        now = time.monotonic()
+        if self.retention_days <= 0 or now - self._last_prune < PRUNE_INTERVAL_S:
+            return
+        self._last_prune = now
+        try:
+            deleted = prune(conn, time.time() - self.retention_days * 86400)
+        except sqlite3.Error as exc:
+            log.warning("traffic log: pruning records older than %g days failed: %s",
+                        self.retention_days, exc)  # fmt: skip
+            return
+        if deleted:
+            log.info("traffic log: deleted %d records older than %g days", deleted,
+                     self.retention_days)  # fmt: skip
 
     def _open(self) -> sqlite3.Connection:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # Autocommit mode: transactions are the explicit BEGIN/COMMIT in _write.
             conn = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)
+            # A new database returns the pages that retention frees (prune); an old one
+            # reuses them.
+            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode.lower() != "wal":
                 conn.close()
@@ -220,7 +268,7 @@ class TrafficLogWriter:
         values (by index). Raises when the transaction itself fails."""
         by_sql: dict[str, list[tuple[object, ...]]] = {}
         failed: dict[int, BaseException] = {}
-        for i, (item, _) in enumerate(batch):
+        for i, (item, _, _) in enumerate(batch):
             try:
                 by_sql.setdefault(INSERT_SQL[type(item)], []).append(to_row(item))
             except Exception as exc:
@@ -234,7 +282,7 @@ class TrafficLogWriter:
                 # One bad value must not cost the whole batch: redo it row by row.
                 conn.execute("ROLLBACK")
                 conn.execute("BEGIN IMMEDIATE")
-                for i, (item, _) in enumerate(batch):
+                for i, (item, _, _) in enumerate(batch):
                     if i not in failed:
                         try:
                             conn.execute(INSERT_SQL[type(item)], to_row(item))
@@ -259,6 +307,7 @@ class TrafficLogWriter:
     ) -> None:
         with self._cond:
             self._pending -= len(batch)
+            self._pending_bytes -= sum(size for _, _, size in batch)
         committed = 0 if error is not None else len(batch) - len(failed)
         if committed and self._on_commit is not None:
             try:
@@ -267,17 +316,63 @@ class TrafficLogWriter:
                 log.exception("traffic log on_commit callback failed")
         for exc in ([error] if error is not None else []) + list(failed.values()):
             self._report_error(exc)
-        for i, (_, fut) in enumerate(batch):
+        lost = len(batch) if error is not None else len(failed)
+        if lost:
+            self._lost(lost, error or next(iter(failed.values())))
+        for i, (_, fut, _) in enumerate(batch):
             _resolve(fut, error if error is not None else failed.get(i))
 
     def _report_error(self, exc: BaseException) -> None:
         if self._on_error is None:
-            log.error("traffic log write failed: %s", exc)
             return
         try:
             self._on_error(exc)
         except Exception:
             log.exception("traffic log on_error callback failed")
+
+    def _lost(self, n: int, exc: BaseException) -> None:
+        """`n` records will never be in the log: counted one for one, logged once per
+        interval (a full disk must not also fill the error log)."""
+        if self._on_lost is not None:
+            try:
+                self._on_lost(n)
+            except Exception:
+                log.exception("traffic log on_lost callback failed")
+        with self._cond:
+            self._lost_since_log += n
+            now = time.monotonic()
+            if now - self._last_loss_log < self.loss_log_interval_s:
+                return
+            lost, self._lost_since_log, self._last_loss_log = self._lost_since_log, 0, now
+        log.error("traffic log: %d records lost since the last report; last error: %s", lost, exc)
+
+
+def item_bytes(item: TrafficItem) -> int:
+    """A record's size, roughly: its texts plus a fixed overhead (the byte budget's unit)."""
+    if isinstance(item, TrafficRecord):
+        texts = (item.prompt, item.answer, item.student_answer, item.error)
+        return _RECORD_OVERHEAD_BYTES + sum(len(t) for t in texts if t)
+    if isinstance(item, ShadowRecord):
+        return _RECORD_OVERHEAD_BYTES + 64 * len(item.token_ids)
+    return _RECORD_OVERHEAD_BYTES
+
+
+def prune(conn: sqlite3.Connection, before_ts: float) -> int:
+    """Delete requests and shadow scores older than `before_ts` (the A/B changes stay: they
+    are few, and the sample-ratio check needs the share in force); returns how many."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        deleted = conn.execute("DELETE FROM requests WHERE ts < ?", (before_ts,)).rowcount
+        deleted += conn.execute("DELETE FROM shadow WHERE ts < ?", (before_ts,)).rowcount
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    if deleted:
+        # executescript steps it to the end (execute() would free one page per call)
+        conn.executescript("PRAGMA incremental_vacuum;")
+    return deleted
 
 
 def _resolve(fut: Future[None], exc: BaseException | None) -> None:

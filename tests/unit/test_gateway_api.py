@@ -255,3 +255,23 @@ def test_unparseable_requests_are_one_counted_line_per_interval_not_a_traceback_
     assert quiet.filter(later) and "51 malformed" in later.getMessage()
     other = record(RuntimeError("a real bug"))
     assert quiet.filter(other) and other.exc_info is not None  # untouched
+
+
+def test_the_user_hash_is_keyed_with_a_secret_kept_across_restarts(tmp_path):
+    import hashlib
+
+    from stillhouse.common.config import Settings
+    from stillhouse.serving.gateway.auth import load_user_hash_key
+
+    settings = Settings(state_dir=tmp_path)
+    key = load_user_hash_key(settings, {})
+    assert len(key) == 64 and load_user_hash_key(settings, {}) == key  # made once, then kept
+    path = tmp_path / "secrets" / "user-hash.key"
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert load_user_hash_key(settings, {"STILLHOUSE_USER_HASH_KEY": "shared"}) == b"shared"
+
+    with gateway_harness(tmp_path / "gw") as h:
+        h.post("/v1/chat/completions", {**OK, "user": "alice@example.com"})
+        (record,) = h.records(1)
+    unsalted = hashlib.sha256(b"alice@example.com").hexdigest()[:16]
+    assert record.user_hash and record.user_hash != unsalted

@@ -476,3 +476,55 @@ def test_kill_9_in_strict_mode_loses_no_acknowledged_record(tmp_path):
     committed = {int(r.request_id.removeprefix("req-")) for r in assert_intact(db)}
     assert acknowledged - committed == set()
     assert len(committed - acknowledged) <= 4  # at most the in-flight one per child thread
+
+
+# --- bounds, loss accounting and retention ---------------------------------------------------
+
+
+def test_the_queue_is_bounded_by_bytes_too(writer_factory, db):
+    lost: list[int] = []
+    writer = writer_factory(max_pending_bytes=8_000, on_lost=lost.append)  # thread not started
+    kept = writer.submit(make_record(0, prompt="p" * 5_000))
+    dropped = writer.submit(make_record(1, prompt="p" * 5_000))
+    assert isinstance(dropped.exception(timeout=0), TrafficLogFullError)
+    assert lost == [1] and writer.pending == 1
+    writer.start()
+    writer.close()
+    assert kept.exception(timeout=0) is None and rows_in(db) == 1
+
+
+def test_a_failed_commit_counts_every_record_it_loses_and_logs_once(writer_factory, db, caplog):
+    lost: list[int] = []
+    writer = writer_factory(flush_interval_s=0.05, on_lost=lost.append, loss_log_interval_s=60)
+    writer.start()
+    other = sqlite3.connect(db, isolation_level=None)
+    other.execute("DROP TABLE requests")  # every insert fails now, as on a full disk
+    with caplog.at_level("ERROR", logger="stillhouse.serving.gateway.traffic_log"):
+        for batch in range(3):
+            futures = [writer.submit(make_record(10 * batch + i)) for i in range(4)]
+            for future in futures:
+                assert future.exception(timeout=5) is not None
+    other.close()
+    assert sum(lost) == 12  # one for one, not one per batch
+    assert len([r for r in caplog.records if "records lost" in r.getMessage()]) == 1
+
+
+def test_records_older_than_the_retention_are_deleted_and_their_pages_freed(db):
+    from stillhouse.serving.gateway.traffic_log import prune
+
+    now = time.time()
+    writer = TrafficLogWriter(db)
+    writer.start()
+    for i in range(200):
+        age_days = 40 if i < 150 else 1
+        writer.submit(make_record(i, ts=now - age_days * 86400, prompt="x" * 2000))
+    writer.close()
+    conn = sqlite3.connect(db, isolation_level=None)
+    pages_before = conn.execute("PRAGMA page_count").fetchone()[0]
+    assert prune(conn, now - 30 * 86400) == 150
+    assert conn.execute("PRAGMA page_count").fetchone()[0] < pages_before / 2
+    conn.close()
+    assert rows_in(db) == 50
+    # The writer prunes by itself at start with `retention_days`.
+    TrafficLogWriter(db, retention_days=0.5).start()
+    wait_for(lambda: rows_in(db) == 0, timeout=5)
