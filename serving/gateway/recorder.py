@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from stillhouse.common.config import GatewaySettings
-from stillhouse.common.traffic import MIRROR, TrafficLogError, TrafficRecord
+from stillhouse.common.traffic import MIRROR, TrafficRecord
 from stillhouse.serving.gateway.assignment import Arm
 from stillhouse.serving.gateway.confidence import TokenLogprobs
 from stillhouse.serving.gateway.errors import TrafficLogUnavailable, error_body
@@ -182,7 +182,7 @@ class Recorder:
         if self._strict:
             try:
                 await asyncio.wait_for(asyncio.wrap_future(future), self._strict_timeout_s)
-            except (TimeoutError, TrafficLogError) as exc:
+            except Exception as exc:  # any commit error (sqlite3's own), or no commit in time
                 raise TrafficLogUnavailable(
                     "the traffic log could not record this request (strict mode), so its "
                     f"answer is withheld: {exc or 'no commit in time'}"
