@@ -59,6 +59,10 @@ class EngineSettings(_Section):
     cpu_kvcache_space_gib: int = Field(default=1, ge=1)
     cpu_omp_threads_bind: str = "auto"
     api_key: SecretStr | None = None
+    # Environment variables a vLLM server inherits beyond the built-in allow-list (names, or
+    # prefixes ending in `*`); nothing else of the starting process's environment, so the
+    # gateway's own keys never reach an engine.
+    env_allow: tuple[str, ...] = ()
 
 
 class DemoSettings(_Section):

@@ -73,9 +73,31 @@ def build_engine_command(
     return cmd
 
 
+# What a vLLM server needs of its parent's environment: the system's basics, the Python it
+# runs, and the GPU, compiler, thread and model-cache settings of its libraries.
+ENV_ALLOWED = frozenset(
+    {"PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TERM", "SHELL",
+     "HOSTNAME", "LD_LIBRARY_PATH", "LD_PRELOAD", "PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV",
+     "CC", "CXX", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy",
+     "no_proxy", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE"}
+)  # fmt: skip
+ENV_ALLOWED_PREFIXES = ("LC_", "VLLM_", "CUDA_", "NVIDIA_", "NCCL_", "HF_", "HUGGINGFACE_",
+                        "TRANSFORMERS_", "TORCH", "PYTORCH_", "TRITON_", "OMP_", "MKL_", "KMP_",
+                        "XDG_", "PYTHON")  # fmt: skip
+
+
+def allowed_env(base: Mapping[str, str], extra: Sequence[str] = ()) -> dict[str, str]:
+    """The part of `base` an engine may see: the allow-list plus `extra` (names, or prefixes
+    ending in `*`). A secret of the parent's (the gateway's API keys) is never passed on."""
+    names = ENV_ALLOWED | {e for e in extra if not e.endswith("*")}
+    prefixes = ENV_ALLOWED_PREFIXES + tuple(e[:-1] for e in extra if e.endswith("*"))
+    return {k: v for k, v in base.items() if k in names or k.startswith(prefixes)}
+
+
 def build_engine_env(settings: EngineSettings, base: Mapping[str, str]) -> dict[str, str]:
-    """The server's environment: the caller's, plus the CPU backend's settings and the API key."""
-    env = dict(base)
+    """The server's environment: the allow-listed part of the caller's, plus the CPU backend's
+    settings and the API key."""
+    env = allowed_env(base, settings.env_allow)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kvcache_space_gib))
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", settings.cpu_omp_threads_bind)
     # vLLM must not try a model hub: this machine (and most clusters' pods) cannot reach one.

@@ -36,16 +36,38 @@ def load_keys(settings: Settings, environ: Mapping[str, str]) -> Keys:
     """Client keys (comma-separated) and the admin key from the environment, never from YAML.
     Without client keys the gateway only listens on loopback."""
     gw = settings.gateway
-    clients = tuple(
-        k.strip().encode() for k in environ.get(gw.api_keys_env, "").split(",") if k.strip()
+    client_keys = [k.strip() for k in environ.get(gw.api_keys_env, "").split(",") if k.strip()]
+    admin_key = environ.get(gw.admin_key_env, "").strip()
+    engine_key = settings.engine.api_key.get_secret_value() if settings.engine.api_key else ""
+    refuse_placeholders(
+        {
+            gw.api_keys_env: client_keys,
+            gw.admin_key_env: [admin_key],
+            "engine.api_key": [engine_key],
+            gw.traffic_log.user_hash_key_env: [environ.get(gw.traffic_log.user_hash_key_env, "")],
+        }
     )
-    admin = environ.get(gw.admin_key_env, "").strip().encode() or None
+    clients = tuple(k.encode() for k in client_keys)
+    admin = admin_key.encode() or None
     if not clients and not _is_loopback(gw.host):
         raise ConfigError(
             f"gateway.host is {gw.host}, but ${gw.api_keys_env} is empty: "
             "set client API keys before listening beyond loopback"
         )
     return Keys(clients, admin)
+
+
+PLACEHOLDER_PREFIX = "change-me"  # what the shipped deploy files hold until an operator sets keys
+
+
+def refuse_placeholders(secrets_by_name: Mapping[str, list[str]]) -> None:
+    """Raise `ConfigError` (one line) when a secret still holds a shipped placeholder."""
+    for name, values in secrets_by_name.items():
+        if any(v.strip().lower().startswith(PLACEHOLDER_PREFIX) for v in values):
+            raise ConfigError(
+                f"{name} still holds a placeholder ('{PLACEHOLDER_PREFIX}-...'): set a real "
+                "secret before starting (deploy/README.md, Security)"
+            )
 
 
 def load_user_hash_key(settings: Settings, environ: Mapping[str, str]) -> bytes:

@@ -81,3 +81,24 @@ def test_log_tail_returns_the_last_lines(tmp_path):
     tail = read_log_tail(log, lines=3)
     assert tail.splitlines() == ["line 97", "line 98", "line 99"]
     assert "no log" in read_log_tail(tmp_path / "missing.log")
+
+
+def test_an_engine_inherits_only_the_allow_listed_environment():
+    parent = {
+        "PATH": "/bin",
+        "HOME": "/root",
+        "LC_ALL": "C.UTF-8",
+        "CUDA_VISIBLE_DEVICES": "0",
+        "HF_HOME": "/cache",
+        "STILLHOUSE_API_KEYS": "sk-client",
+        "STILLHOUSE_ADMIN_KEY": "sk-admin",
+        "AWS_SECRET_ACCESS_KEY": "secret",
+        "MY_TEAM_FLAG": "1",
+        "MY_TEAM_OTHER": "2",
+    }
+    env = build_engine_env(EngineSettings(api_key="sk-engine"), parent)
+    assert {"PATH", "HOME", "LC_ALL", "CUDA_VISIBLE_DEVICES", "HF_HOME"} <= set(env)
+    assert not {k for k in env if k.startswith(("STILLHOUSE_", "AWS_", "MY_TEAM"))}
+    assert env["VLLM_API_KEY"] == "sk-engine"  # its own key, and no other
+    widened = build_engine_env(EngineSettings(env_allow=("MY_TEAM_*",)), parent)
+    assert {"MY_TEAM_FLAG", "MY_TEAM_OTHER"} <= set(widened)

@@ -275,3 +275,24 @@ def test_the_user_hash_is_keyed_with_a_secret_kept_across_restarts(tmp_path):
         (record,) = h.records(1)
     unsalted = hashlib.sha256(b"alice@example.com").hexdigest()[:16]
     assert record.user_hash and record.user_hash != unsalted
+
+
+@pytest.mark.parametrize(
+    "environ,engine_key,named",
+    [
+        ({"STILLHOUSE_API_KEYS": "sk-real,change-me-client-key"}, None, "STILLHOUSE_API_KEYS"),
+        ({"STILLHOUSE_ADMIN_KEY": "change-me-admin-key"}, None, "STILLHOUSE_ADMIN_KEY"),
+        ({}, "change-me-engine-key", "engine.api_key"),
+    ],
+)
+def test_placeholder_secrets_are_refused_at_start_with_one_line(
+    tmp_path, environ, engine_key, named
+):
+    from stillhouse.common.config import Settings
+    from stillhouse.common.errors import ConfigError
+    from stillhouse.serving.gateway.auth import load_keys
+
+    settings = Settings(state_dir=tmp_path, engine={"api_key": engine_key})
+    with pytest.raises(ConfigError, match=f"^{named} still holds a placeholder") as err:
+        load_keys(settings, environ)
+    assert "\n" not in str(err.value)
