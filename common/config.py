@@ -314,6 +314,10 @@ class GatewaySettings(_Section):
     model_name: str = Field(default="stillhouse", min_length=1)
     api_keys_env: str = API_KEYS_ENV
     admin_key_env: str = ADMIN_KEY_ENV
+    # The admin API (/admin/*) on a port of its own (e.g. 127.0.0.1:8001, or a port only the
+    # controller's NetworkPolicy reaches); the client port then answers 404 there. None: one port.
+    admin_port: int | None = Field(default=None, ge=0, le=65535)
+    admin_host: str | None = None  # default: `host`
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     max_tokens_limit: int = Field(default=4096, ge=1)
     engines: EnginesSettings = EnginesSettings()

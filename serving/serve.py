@@ -234,21 +234,27 @@ def check_port_free(host: str, port: int) -> None:
 
 
 async def run_gateway(
-    app: web.Application, host: str, port: int, on_ready: Callable[[str], None]
+    app: web.Application,
+    host: str,
+    port: int,
+    on_ready: Callable[[str], None],
+    admin: tuple[str, int] | None = None,
 ) -> None:
-    """Serve `app` until SIGINT or SIGTERM, then shut down gracefully."""
+    """Serve `app` until SIGINT or SIGTERM, then shut down gracefully; also on `admin`
+    (host, port) when the admin API has a port of its own."""
     # handler_cancellation: a client that goes away cancels its request's handler, and with
     # it the engine call (and any teacher fallback) it was waiting on.
     runner = web.AppRunner(app, handle_signals=False, access_log=None, handler_cancellation=True)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, shutdown_timeout=10.0)
-        try:
-            await site.start()
-        except OSError as exc:  # taken since the check before the engines started
-            raise UsageError(
-                f"the gateway cannot listen on {host}:{port} ({exc.strerror})"
-            ) from None
+        for site_host, site_port in [(host, port), *([admin] if admin else [])]:
+            site = web.TCPSite(runner, site_host, site_port, shutdown_timeout=10.0)
+            try:
+                await site.start()
+            except OSError as exc:  # taken since the check before the engines started
+                raise UsageError(
+                    f"the gateway cannot listen on {site_host}:{site_port} ({exc.strerror})"
+                ) from None
         bound = runner.addresses[0][1] if runner.addresses else port
         # Everything imported so far (aiohttp, pydantic, maybe torch via the demo) lives for the
         # whole process: frozen, it is out of the garbage collector's full passes, which
@@ -277,6 +283,10 @@ def serve(
     # User mistakes in the gateway's own settings end here, before minutes of engine start-up.
     load_keys(settings, environ)
     check_port_free(settings.gateway.host, settings.gateway.port)
+    if settings.gateway.admin_port is not None:
+        check_port_free(
+            settings.gateway.admin_host or settings.gateway.host, settings.gateway.admin_port
+        )
     log_to_stderr()
     with ExitStack() as stack:
         pool = EnginePool(vllm_factory(settings))
@@ -301,5 +311,6 @@ def serve(
             console.print("Ctrl-C stops the gateway and every engine.")
 
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(run_gateway(app, gw.host, gw.port, ready))
+            admin = None if gw.admin_port is None else (gw.admin_host or gw.host, gw.admin_port)
+            runner.run(run_gateway(app, gw.host, gw.port, ready, admin))
         console.print("gateway stopped; stopping engines")

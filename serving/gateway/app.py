@@ -123,6 +123,20 @@ class MalformedRequestLog(logging.Filter):
         return True
 
 
+def admin_port_guard(admin_port: int) -> Callable:
+    """With the admin API on its own port: /admin/* answers only there (404 elsewhere)."""
+
+    @web.middleware
+    async def guard(request: web.Request, handler) -> web.StreamResponse:
+        if request.path.startswith("/admin"):
+            sockname = request.transport.get_extra_info("sockname") if request.transport else None
+            if not sockname or sockname[1] != admin_port:
+                raise NotFound("unknown path; the admin API listens on its own port")
+        return await handler(request)
+
+    return guard
+
+
 def _from_http(exc: web.HTTPException) -> GatewayError:
     if exc.status == 404:
         return NotFound("unknown path; see /v1/chat/completions, /v1/completions, /v1/models")
@@ -394,9 +408,10 @@ def build_app(
     user_hash_key = load_user_hash_key(settings, environ)
     # build_gateway checks the endpoints first
     gw = build_gateway(settings, endpoints, metrics_registry, user_hash_key)
-    app = web.Application(
-        client_max_size=settings.gateway.max_body_bytes, middlewares=[error_middleware]
-    )
+    middlewares = [error_middleware]
+    if settings.gateway.admin_port is not None:
+        middlewares.append(admin_port_guard(settings.gateway.admin_port))
+    app = web.Application(client_max_size=settings.gateway.max_body_bytes, middlewares=middlewares)
     app[GATEWAY] = gw
     app[KEYS] = keys
     app[STARTED] = time.time()
