@@ -4,6 +4,7 @@ stillhouse calibrate [VERSION]        # default: the challenger; starts the engi
 stillhouse promote VERSION [--yes]    # by hand (admin): champion → VERSION, recorded
 stillhouse rollback [--yes]           # champion → previous-champion, recorded
 stillhouse controller                 # the rollout loop against a running gateway
+stillhouse rollout pause|resume|abort  # tell the controller to hold, go on, or roll back now
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from collections.abc import Mapping
 from contextlib import ExitStack
 from typing import Annotated
@@ -30,6 +32,13 @@ from stillhouse.rollout.gateway_admin import GatewayAdmin, GatewayAdminError
 def register(app: typer.Typer) -> None:
     for command in (calibrate, promote, rollback, controller):
         app.command()(command)
+    operator = typer.Typer(
+        help="Tell the rollout controller to pause, resume or abort the rollout under way.",
+        no_args_is_help=True,
+    )
+    for command in (pause, resume, abort):
+        operator.command()(command)
+    app.add_typer(operator, name="rollout")
 
 
 ReasonOption = Annotated[str, typer.Option(help="Why, recorded with the decision.")]
@@ -69,6 +78,37 @@ def controller(ctx: typer.Context) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     run_controller_command(settings_of(ctx), Console(), stop)
+
+
+def pause(ctx: typer.Context, reason: ReasonOption = "") -> None:
+    """Hold the rollout where it is: no step advances, and a share you set by hand stands."""
+    run_operator_request(settings_of(ctx), "pause", reason, Console())
+
+
+def resume(ctx: typer.Context, reason: ReasonOption = "") -> None:
+    """Go on with a paused rollout (the current step's clock starts again)."""
+    run_operator_request(settings_of(ctx), "resume", reason, Console())
+
+
+def abort(ctx: typer.Context, reason: ReasonOption = "", yes: YesOption = False) -> None:
+    """Roll the challenger under rollout back now: share 0, recorded in the registry."""
+    _confirm("Roll the challenger under rollout back now?", yes)
+    run_operator_request(settings_of(ctx), "abort", reason, Console())
+
+
+def run_operator_request(settings: Settings, command: str, reason: str, console: Console) -> None:
+    """Queue the request in the controller's store; the controller takes it at its next tick."""
+    from stillhouse.rollout.controller.core import OperatorRequest
+    from stillhouse.rollout.controller.store import ControllerStore
+    from stillhouse.rollout.promotion import admin_actor
+
+    store = ControllerStore.open(settings.controller_dir)
+    store.request(OperatorRequest(command, admin_actor(), reason), time.time())
+    tick = settings.rollout.controller.tick_s
+    console.print(
+        f"{command} queued for the rollout controller ({settings.controller_dir}); it takes "
+        f"effect at its next tick (every {tick:g} s) and is logged there"
+    )
 
 
 def resolve_version(registry: RegistryClient, version: str | None) -> VersionInfo:
@@ -226,6 +266,7 @@ def run_controller_command(
             stop=stop or threading.Event(),
             log=log,
             on_locked=serve_metrics,
+            abandon=runtime.abandon,
         )
     finally:
         admin.close()

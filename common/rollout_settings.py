@@ -90,6 +90,10 @@ class ControllerSettings(_Section):
     min_step_s: float = Field(default=3600.0, ge=0.0)
     max_inconclusive_s: float = Field(default=86_400.0, gt=0.0)
     tick_s: float = Field(default=60.0, gt=0.0)
+    # A journaled calibration still failing this long after its decision (the engine never
+    # comes up: corrupt weights) is recorded as not certified, so the version is rolled back
+    # rather than wedging the journal.
+    calibrate_timeout_s: float = Field(default=1800.0, gt=0.0)
     gateway_url: str = "http://127.0.0.1:8000"
     judge_sample: int = Field(default=100, ge=1)  # judged requests per arm per evaluation
     # Its Prometheus endpoint (/metrics): the rollout's state and the batch jobs' gauges

@@ -96,6 +96,7 @@ class ControllerThread:
                 self.settings.rollout.controller,
                 stop=self._stop,
                 log=self.runtime.log,
+                abandon=self.runtime.abandon,
             )
         except BaseException as exc:  # reported by the demo's main thread
             self.error = exc

@@ -228,6 +228,26 @@ def rollback_champion(
     return PromotionRecord("rollback", demoted, restored, actor, reason, when, {}, run_id)
 
 
+def moved_by_hand_since(registry: RegistryClient, at: datetime | float) -> str | None:
+    """A promotion or rollback made by hand (an `admin:` actor) at or after `at`, described in
+    one line; None when there is none. A journaled controller promotion replayed after such a
+    move would undo the operator's decision."""
+    since = _when(at)
+    for info in registry.list_versions():
+        for action in ("rollback", "promotion"):
+            by = info.tags.get(f"stillhouse.{action}.by", "")
+            when = info.tags.get(f"stillhouse.{action}.at")
+            if not (by.startswith("admin:") and when):
+                continue
+            try:
+                moved = datetime.fromisoformat(when)
+            except ValueError:
+                continue
+            if moved >= since:
+                return f"{action} of v{info.version} by {by} at {when}"
+    return None
+
+
 def record_challenger_rollback(
     registry: RegistryClient,
     tracker: RunTracker,

@@ -84,6 +84,25 @@ class Observation:
     gates: GateLook | None = None
     # The gateway's (challenger share, mirror share) as it reports them now; None: not read.
     gateway_split: tuple[float, float] | None = None
+    # An operator's `stillhouse rollout pause | resume | abort`, taken this tick (the oldest
+    # one waiting); None: none waiting.
+    operator: OperatorRequest | None = None
+
+
+OPERATOR_COMMANDS = ("pause", "resume", "abort")
+
+
+@dataclass(frozen=True)
+class OperatorRequest:
+    """What an operator asked the controller to do, by hand."""
+
+    command: str  # one of OPERATOR_COMMANDS
+    actor: str
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        if self.command not in OPERATOR_COMMANDS:
+            raise ValueError(f"operator command must be one of {OPERATOR_COMMANDS}")
 
 
 # -- what the controller does ----------------------------------------------------------------
@@ -190,6 +209,8 @@ class ControllerState:
     last_action: str = ""
     reason: str = ""
     decided: frozenset[int] = frozenset()
+    # An operator paused the rollout: nothing moves, and a share they set by hand stands.
+    paused: bool = False
 
     def to_json(self) -> str:
         data = {"schema": STATE_SCHEMA, **asdict(self), "decided": sorted(self.decided)}
@@ -254,7 +275,12 @@ def decide(
     """The next state and the actions to execute, in order. No transition, no actions.
 
     A gateway whose split differs from the state's (it restarted and fell back to its config)
-    gets the state's split again, unless this tick sets it anyway."""
+    gets the state's split again, unless this tick sets it anyway. An operator's request comes
+    first; while paused nothing else happens (not even that repair)."""
+    if obs.operator is not None:
+        return _by_operator(state, obs, cfg, obs.operator)
+    if state.paused:
+        return state, []
     new_state, actions = _transition(state, obs, cfg)
     split = obs.gateway_split
     if split is None or any(isinstance(a, SetShare | SetMirror) for a in actions):
@@ -439,6 +465,48 @@ def _roll_back(
         RollBack(state.version, reason, metrics, label, obs.now),
         note,
     ]
+
+
+def _by_operator(
+    state: ControllerState, obs: Observation, cfg: ControllerSettings, req: OperatorRequest
+) -> tuple[ControllerState, list[ControllerAction]]:
+    """pause: hold everything as it is; resume: go on, the current step's clock restarted and
+    the state's split set again; abort: roll the challenger back now."""
+    why = f" ({req.reason})" if req.reason else ""
+    where = describe_briefly(state, cfg)
+    if req.command == "pause":
+        if state.paused:
+            return state, [Note(f"pause by {req.actor}{why}: already paused ({where})")]
+        paused = replace(state, paused=True, last_action="pause", reason=f"paused by {req.actor}")
+        return paused, [
+            Note(
+                f"paused by {req.actor}{why} at {where}: nothing moves and a share set by hand "
+                "stands until `stillhouse rollout resume`"
+            )
+        ]
+    if req.command == "resume":
+        if not state.paused:
+            return state, [Note(f"resume by {req.actor}{why}: not paused ({where})")]
+        resumed = replace(
+            state,
+            paused=False,
+            step_started_at=obs.now,
+            inconclusive_since=None,
+            last_action="resume",
+            reason=f"resumed by {req.actor}",
+        )
+        note = Note(f"resumed by {req.actor}{why} at {where}; the step's clock starts again")
+        return resumed, [note, *actions_to_restore(resumed)]
+    unpaused = replace(state, paused=False)
+    if state.phase not in ACTIVE:
+        return unpaused, [Note(f"abort by {req.actor}{why}: no rollout under way ({where})")]
+    return _roll_back(unpaused, obs, cfg, f"aborted by {req.actor}{why}", {})
+
+
+def describe_briefly(state: ControllerState, cfg: ControllerSettings) -> str:
+    if state.version is None:
+        return str(state.phase)
+    return f"v{state.version} {step_label(state, cfg)}, share {pct(state.share)}"
 
 
 def _stopped(

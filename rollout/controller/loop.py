@@ -16,6 +16,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 
 from stillhouse.common.errors import StillhouseError
@@ -29,7 +30,7 @@ from stillhouse.rollout.controller.core import (
     decide,
     step_label,
 )
-from stillhouse.rollout.controller.store import ControllerStore, controller_lock
+from stillhouse.rollout.controller.store import ControllerStore, DecisionRow, controller_lock
 
 
 def _stderr(msg: str) -> None:
@@ -81,19 +82,36 @@ class _Failures:
         self.repeats = 0
 
 
+Abandon = Callable[[DecisionRow, Exception], bool]
+
+
 def _flush(
-    store: ControllerStore, execute: Callable[[ControllerAction], None], failures: _Failures
+    store: ControllerStore,
+    execute: Callable[[ControllerAction], None],
+    failures: _Failures,
+    abandon: Abandon | None = None,
 ) -> bool:
     """Run the journal's pending actions in order; stop at the first failure (a later action
-    must not overtake an earlier one: an old share would win). True when none is left."""
+    must not overtake an earlier one: an old share would win). True when none is left.
+    `abandon(row, exc)` True: that failed action is given up (it can never succeed, and has
+    recorded why), so the journal moves on."""
     for row in store.pending():
         try:
             execute(row.to_action())
         except Exception as exc:
-            failures.failed(f"{row.action} (decided at {row.ts:.0f})", exc)
-            return False
+            if abandon is None or not _abandoned(abandon, row, exc, failures):
+                failures.failed(f"{row.action} (decided at {row.ts:.0f})", exc)
+                return False
         store.mark_done(row.id)
     return True
+
+
+def _abandoned(abandon: Abandon, row: DecisionRow, exc: Exception, failures: _Failures) -> bool:
+    try:
+        return abandon(row, exc)
+    except Exception as during:  # the registry is down too: try again next tick
+        failures.failed(f"giving up {row.action}", during)
+        return False
 
 
 def run_controller(
@@ -108,6 +126,7 @@ def run_controller(
     log: Callable[[str], None] = _stderr,
     max_ticks: int | None = None,
     on_locked: Callable[[], object] | None = None,
+    abandon: Abandon | None = None,
 ) -> ControllerState:
     """Run until `stop` is set or `max_ticks` ticks passed (None: forever); return the state.
 
@@ -134,8 +153,8 @@ def run_controller(
         ticks = 0
         try:
             while stop is None or not stop.is_set():
-                if _flush(store, execute, failures):
-                    state = _tick(store, observe, execute, cfg, state, failures, log)
+                if _flush(store, execute, failures, abandon):
+                    state = _tick(store, observe, execute, cfg, state, failures, log, abandon)
                 ticks += 1
                 if max_ticks is not None and ticks >= max_ticks:
                     break
@@ -154,20 +173,25 @@ def _tick(
     state: ControllerState,
     failures: _Failures,
     log: Callable[[str], None],
+    abandon: Abandon | None = None,
 ) -> ControllerState:
     try:
         obs = observe(state)
     except Exception as exc:
         failures.failed("observe", exc)
         return state
+    waiting = store.waiting_request()
+    if waiting is not None:
+        obs = replace(obs, operator=waiting[1])
     new, actions = decide(state, obs, cfg)
     if new == state and not actions:  # a quiet tick writes nothing
         failures.ok()
         return state
-    store.commit(new, actions, obs.now)  # before any side effect: see `store`
+    # before any side effect: see `store`
+    store.commit(new, actions, obs.now, taken=waiting[0] if waiting else None)
     for action in actions:
         if isinstance(action, Note):
             log(action.line)
-    if _flush(store, execute, failures):
+    if _flush(store, execute, failures, abandon):
         failures.ok()
     return new

@@ -49,10 +49,12 @@ from stillhouse.rollout.controller.core import (
     SetShare,
     gates_due,
 )
+from stillhouse.rollout.controller.store import DecisionRow
 from stillhouse.rollout.gateway_admin import GatewayAdmin, engine_entry
 from stillhouse.rollout.promotion import (
     PromotionRecord,
     controller_actor,
+    moved_by_hand_since,
     promote,
     record_challenger_rollback,
 )
@@ -173,12 +175,31 @@ class ControllerRuntime:
         elif isinstance(action, Calibrate):
             self.calibrate(action.version)
         elif isinstance(action, Promote):
+            moved = moved_by_hand_since(self.registry, action.at) if action.at else None
+            if moved is not None:  # a replay after an operator's move must not undo it
+                self.log(f"not promoting v{action.version} as decided: {moved}, after the decision")
+                return
             self.log(self._record(promote, action).summary_line())
             self.admin.refresh()  # the gateway swaps the champion now, not at its next poll
         elif isinstance(action, RollBack):
             self.log(self._record(record_challenger_rollback, action).summary_line())
         elif isinstance(action, Note):
             self.log(action.line)
+
+    def abandon(self, row: DecisionRow, exc: Exception) -> bool:
+        """Give up a journaled calibration that has failed for `calibrate_timeout_s` since its
+        decision (its engine never comes up): recorded as not certified, with why, so the
+        controller rolls the version back. Any other action is retried as long as it takes."""
+        action = row.to_action()
+        waited = time.time() - row.ts
+        if not isinstance(action, Calibrate):
+            return False
+        if waited < self.settings.rollout.controller.calibrate_timeout_s:
+            return False
+        reason = f"calibration could not run for {waited:.0f} s: {exc}"
+        self.registry.set_version_tags(action.version, uncertified_tags(self.settings, reason))
+        self.log(f"version {action.version}: {reason}; recorded as not certified (rolled back)")
+        return True
 
     def _record(
         self, record: Callable[..., PromotionRecord], action: Promote | RollBack

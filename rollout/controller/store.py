@@ -27,6 +27,7 @@ from stillhouse.rollout.controller.core import (
     ControllerAction,
     ControllerState,
     Note,
+    OperatorRequest,
     Promote,
     RollBack,
     SetMirror,
@@ -57,6 +58,14 @@ CREATE TABLE IF NOT EXISTS decisions (
     done INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS decisions_pending ON decisions (done, id);
+CREATE TABLE IF NOT EXISTS operator_requests (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    command TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    taken_at REAL
+);
 """
 
 
@@ -165,13 +174,19 @@ class ControllerStore:
         actions: Sequence[ControllerAction],
         ts: float,
         reason: str = "",
+        taken: int | None = None,
     ) -> None:
         """Write `state` and journal `actions` in one transaction, every action but notes
-        pending. `reason` labels the share/mirror rows (default: the state's reason)."""
+        pending. `reason` labels the share/mirror rows (default: the state's reason); `taken`
+        is the operator request this decision answers (marked taken in the same transaction)."""
         why = reason or state.reason
         with self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
             try:
+                if taken is not None:
+                    db.execute(
+                        "UPDATE operator_requests SET taken_at = ? WHERE id = ?", (ts, taken)
+                    )
                 db.execute(
                     "INSERT INTO state (id, json, updated_at) VALUES (1, ?, ?) "
                     "ON CONFLICT (id) DO UPDATE SET json = excluded.json, "
@@ -199,6 +214,24 @@ class ControllerStore:
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
+
+    def request(self, req: OperatorRequest, ts: float) -> int:
+        """Queue an operator's request for the running controller (or the next one)."""
+        with self._connect() as db:
+            cur = db.execute(
+                "INSERT INTO operator_requests (ts, command, actor, reason) VALUES (?, ?, ?, ?)",
+                (ts, req.command, req.actor, req.reason),
+            )
+            return int(cur.lastrowid or 0)
+
+    def waiting_request(self) -> tuple[int, OperatorRequest] | None:
+        """The oldest operator request not yet taken, with its id."""
+        with self._connect() as db:
+            row = db.execute(
+                "SELECT id, command, actor, reason FROM operator_requests "
+                "WHERE taken_at IS NULL ORDER BY id LIMIT 1"
+            ).fetchone()
+        return None if row is None else (row[0], OperatorRequest(row[1], row[2], row[3]))
 
     def pending(self) -> list[DecisionRow]:
         """Journaled actions that have not (verifiably) run, oldest first."""

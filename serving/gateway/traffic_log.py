@@ -211,12 +211,10 @@ class TrafficLogWriter:
         try:
             deleted = prune(conn, time.time() - self.retention_days * 86400)
         except sqlite3.Error as exc:
-            log.warning("traffic log: pruning records older than %g days failed: %s",
-                        self.retention_days, exc)  # fmt: skip
+            log.warning("traffic log: pruning past %g days failed: %s", self.retention_days, exc)
             return
         if deleted:
-            log.info("traffic log: deleted %d records older than %g days", deleted,
-                     self.retention_days)  # fmt: skip
+            log.info("traffic log: deleted %d records past %g days", deleted, self.retention_days)
 
     def _open(self) -> sqlite3.Connection:
         try:

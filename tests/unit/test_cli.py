@@ -127,3 +127,18 @@ def test_evaluation_commands_without_traffic_or_with_a_bad_window_are_one_line(t
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and expected in lines[0], (args, result.stderr)
         assert "Traceback" not in result.stderr
+
+
+def test_rollout_pause_queues_the_request_for_the_controller(tmp_path):
+    from stillhouse.common.config import Settings
+    from stillhouse.rollout.controller.store import ControllerStore
+
+    result = run(["rollout", "pause", "--reason", "incident 42"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "pause queued for the rollout controller" in result.stdout
+    controller_dir = Settings(state_dir=tmp_path / ".stillhouse").controller_dir
+    _, request = ControllerStore.open(controller_dir).waiting_request()
+    assert (request.command, request.reason) == ("pause", "incident 42")
+    assert request.actor.startswith("admin:")
+    unknown = run(["rollout", "restart"], tmp_path)
+    assert unknown.returncode == 2 and "Traceback" not in unknown.stderr

@@ -502,3 +502,57 @@ def test_a_second_controller_is_refused_with_one_line_naming_the_holder(tmp_path
     assert isinstance(err.value, StillhouseError)
     with controller_lock(tmp_path):  # released on exit
         pass
+
+
+# -- an operator's pause, resume and abort -----------------------------------------------------
+
+
+def by_operator(command: str, now: float = DUE, **kw: Any) -> Observation:
+    from stillhouse.rollout.controller.core import OperatorRequest
+
+    return replace(obs(now, **kw), operator=OperatorRequest(command, "admin:ops", "incident 42"))
+
+
+def test_a_paused_rollout_holds_and_a_share_set_by_hand_stands():
+    paused, actions = decide(RAMP2, by_operator("pause"), CFG)
+    assert paused.paused and shape(actions) == []
+    assert "paused by admin:ops (incident 42)" in actions[0].line
+    # Gates pass and the gateway runs 0 (set by hand): nothing advances, nothing is set again.
+    held = replace(by_operator("pause"), operator=None, gates=PASS, gateway_split=(0.0, 0.0))
+    assert decide(paused, held, CFG) == (paused, [])
+
+
+def test_resume_restarts_the_steps_clock_and_sets_the_states_split_again():
+    paused = replace(RAMP2_HELD, paused=True)
+    resumed, actions = decide(paused, by_operator("resume", now=DUE + 5000), CFG)
+    assert not resumed.paused and resumed.step_started_at == DUE + 5000
+    assert resumed.inconclusive_since is None
+    assert shape(actions) == ["mirror 0", "share 0.05"]
+
+
+def test_abort_rolls_the_challenger_back_now_with_the_operators_reason():
+    aborted, actions = decide(replace(RAMP2, paused=True), by_operator("abort"), CFG)
+    assert (aborted.phase, aborted.share, aborted.paused) == (Phase.ROLLED_BACK, 0.0, False)
+    assert shape(actions) == [*OFF, "rollback v7 at ramp-2/4"]
+    rollback = next(a for a in actions if isinstance(a, RollBack))
+    assert rollback.reason == "aborted by admin:ops (incident 42)"
+
+
+@pytest.mark.parametrize("state,command", [(IDLE, "abort"), (RAMP2, "resume")])
+def test_an_operator_request_with_nothing_to_do_is_only_a_note(state, command):
+    new, actions = decide(state, by_operator(command), CFG)
+    assert new == state and shape(actions) == [] and len(actions) == 1
+
+
+def test_an_operator_request_is_taken_once_with_the_decision_it_caused(tmp_path):
+    from stillhouse.rollout.controller.core import OperatorRequest
+
+    store = ControllerStore.open(tmp_path)
+    first = store.request(OperatorRequest("pause", "admin:a"), T0)
+    store.request(OperatorRequest("resume", "admin:b"), T0 + 1)
+    rid, req = store.waiting_request()
+    assert (rid, req.command, req.actor) == (first, "pause", "admin:a")
+    store.commit(replace(RAMP2, paused=True), [], T0 + 2, taken=rid)
+    assert store.waiting_request()[1].command == "resume"
+    with pytest.raises(ValueError, match="operator command"):
+        OperatorRequest("restart", "admin:a")

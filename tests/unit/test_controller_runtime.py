@@ -219,3 +219,59 @@ def test_an_engine_entry_is_read_from_the_admin_answer_or_the_role_map_itself():
     assert engine_entry({"engines": {"teacher": teacher}}, "challenger") is None
     assert engine_entry({"engines": {"challenger": None}}, "challenger") is None
     assert engine_entry({"engines": []}, "teacher") is None
+
+
+def test_a_journaled_promotion_is_not_replayed_after_an_operators_rollback(tmp_path):
+    import time
+
+    from stillhouse.common.tracking import RunTracker
+    from stillhouse.rollout.promotion import admin_actor, promote, rollback_champion
+
+    settings = Settings(state_dir=tmp_path)
+    registry = RegistryClient.from_settings(settings)
+    experiment = registry.ensure_experiment(settings.mlflow.experiment)
+    from mlflow import MlflowClient
+
+    client = MlflowClient(settings.tracking_uri, registry_uri=settings.tracking_uri)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text('{"model_type": "llama"}')
+    for i in range(3):
+        run_id = client.create_run(experiment).info.run_id
+        registry.register_version(run_id, tmp_path / "model", {"n": str(i)}, alias=None)
+    tracker = RunTracker(registry, settings.mlflow.experiment)
+    decided_at = time.time() - 60  # the controller journaled "promote v3", then was killed
+    promote(registry, tracker, 1, actor=admin_actor("ops"), reason="first", at=decided_at - 60)
+    promote(registry, tracker, 2, actor=admin_actor("ops"), reason="second", at=decided_at - 30)
+    rollback_champion(registry, tracker, actor=admin_actor("ops"), reason="bad v2")
+    lines: list[str] = []
+    rt = runtime(settings, RecordingAdmin(), lines)
+    rt.execute(Promote(3, "ramp-4/4 passed", {}, "ramp-4/4", at=decided_at))  # the replay
+    assert registry.get_alias("champion").version == 1  # the operator's rollback stands
+    assert "not promoting v3 as decided: rollback of v2 by admin:ops" in lines[-1]
+    rt.execute(Promote(3, "ramp-4/4 passed", {}, "ramp-4/4", at=time.time() + 1))  # a new one
+    assert registry.get_alias("champion").version == 3
+
+
+def test_a_calibration_that_cannot_run_is_given_up_after_its_timeout(registry_settings):
+    import time
+
+    from stillhouse.common.calibration_tags import read_calibration
+    from stillhouse.rollout.controller.store import DecisionRow
+
+    def journaled(action, age_s: float) -> DecisionRow:
+        from stillhouse.rollout.controller.core import action_to_dict
+
+        return DecisionRow(1, time.time() - age_s, 3, "calibrating", 0, action.kind, "", {},
+                           action_to_dict(action), False)  # fmt: skip
+
+    lines: list[str] = []
+    rt = runtime(registry_settings, RecordingAdmin(), lines)
+    limit = registry_settings.rollout.controller.calibrate_timeout_s
+    stuck = ChallengerNotServing("waiting for the gateway to serve version 3 as the challenger")
+    assert not rt.abandon(journaled(Calibrate(3), limit - 60), stuck)  # still within its time
+    assert not rt.abandon(journaled(SetShare(0.1), 10 * limit), stuck)  # retried for ever
+    assert rt.abandon(journaled(Calibrate(3), limit + 60), stuck)
+    tags = RegistryClient.from_settings(registry_settings).resolve("3").tags
+    found, _ = read_calibration(tags, registry_settings.gateway.confidence)
+    assert found is not None and not found.certified  # so the controller rolls it back
+    assert "calibration could not run for" in lines[-1] and "waiting for the gateway" in lines[-1]
