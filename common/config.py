@@ -59,6 +59,13 @@ class EngineSettings(_Section):
     cpu_kvcache_space_gib: int = Field(default=1, ge=1)
     cpu_omp_threads_bind: str = "auto"
     api_key: SecretStr | None = None
+    # A server `stillhouse serve` started that dies is restarted after restart_backoff_s,
+    # doubled per failed try up to restart_backoff_max_s, at most restart_max_attempts times
+    # in a row; supervise_interval_s is how often its process is looked at.
+    supervise_interval_s: float = Field(default=1.0, gt=0)
+    restart_backoff_s: float = Field(default=1.0, ge=0)
+    restart_backoff_max_s: float = Field(default=60.0, ge=0)
+    restart_max_attempts: int = Field(default=10, ge=1)
     # Environment variables a vLLM server inherits beyond the built-in allow-list (names, or
     # prefixes ending in `*`); nothing else of the starting process's environment, so the
     # gateway's own keys never reach an engine.

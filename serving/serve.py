@@ -39,6 +39,7 @@ from stillhouse.serving.engines.pool import (
     pool_key,
     vllm_factory,
 )
+from stillhouse.serving.engines.supervisor import EngineSupervisor
 from stillhouse.serving.engines.vllm import EngineSpec, validate_model_dir
 from stillhouse.serving.engines.watcher import (
     MlflowRegistryView,
@@ -300,7 +301,8 @@ def serve(
         gateway = app[GATEWAY]
         registry = MlflowRegistryView(settings)
         watcher = ModelWatcher(gateway.router, gateway.metrics, pool, registry, roles, settings)
-        install_watcher(app, watcher)
+        supervisor = EngineSupervisor(pool, gateway.router, gateway.metrics, settings.engine)
+        install_watcher(app, watcher, supervisor)
         gw = settings.gateway
 
         def ready(url: str) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from stillhouse.common.roles import ROLES, Role
+from stillhouse.serving.engines.supervisor import EngineSupervisor
 from stillhouse.serving.engines.watcher import ModelWatcher
 from stillhouse.serving.gateway.app import json_response
 from stillhouse.serving.gateway.auth import authorize_admin
@@ -27,17 +28,27 @@ from stillhouse.serving.gateway.errors import InvalidRequest
 from stillhouse.serving.gateway.requests import decode_json
 
 WATCHER = web.AppKey("watcher", ModelWatcher)
+SUPERVISOR = web.AppKey("supervisor", EngineSupervisor)
 
 
-def install_watcher(app: web.Application, watcher: ModelWatcher) -> None:
-    """Run `watcher` for the app's lifetime and serve its admin routes."""
+def install_watcher(
+    app: web.Application, watcher: ModelWatcher, supervisor: EngineSupervisor | None = None
+) -> None:
+    """Run `watcher` (and `supervisor`, which restarts a dead server) for the app's lifetime
+    and serve their admin routes."""
     app[WATCHER] = watcher
+    if supervisor is not None:
+        app[SUPERVISOR] = supervisor
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         await watcher.start()
+        if supervisor is not None:
+            await supervisor.start()
         try:
             yield
         finally:
+            if supervisor is not None:
+                await supervisor.stop()
             await watcher.stop()
 
     app.cleanup_ctx.append(lifetime)  # after build_app's: started after it, stopped before
@@ -45,9 +56,12 @@ def install_watcher(app: web.Application, watcher: ModelWatcher) -> None:
     app.router.add_post("/admin/engines/refresh", admin_refresh)
 
 
-def engines_state(watcher: ModelWatcher) -> dict[str, Any]:
+def engines_state(
+    watcher: ModelWatcher, supervisor: EngineSupervisor | None = None
+) -> dict[str, Any]:
     now = watcher.clock()
     engines: dict[str, Any] = {}
+    by_url = {entry.base_url: entry for entry in watcher.pool.entries()}
     for role in ROLES:
         engine = watcher.router.engines.get(role)
         state = watcher.roles.get(role)
@@ -66,6 +80,15 @@ def engines_state(watcher: ModelWatcher) -> dict[str, Any]:
                 item.update(
                     threshold=engine.policy.threshold, threshold_source=engine.threshold_source
                 )
+            managed = by_url.get(engine.base_url)
+            if managed is not None:  # a server this gateway started: its process, truly
+                status = supervisor.status(managed.key) if supervisor is not None else None
+                alive = managed.engine.returncode is None
+                item["process"] = {
+                    "pid": managed.engine.pid,
+                    "alive": alive,
+                    **(status.as_dict() if status is not None else {}),
+                }
         if state is not None:
             entry = watcher.pool.get(state.pool_key) if state.pool_key is not None else None
             swapping = None
@@ -91,7 +114,7 @@ def engines_state(watcher: ModelWatcher) -> dict[str, Any]:
 
 async def admin_engines(request: web.Request) -> web.Response:
     authorize_admin(request)
-    return json_response(engines_state(request.app[WATCHER]))
+    return json_response(engines_state(request.app[WATCHER], request.app.get(SUPERVISOR)))
 
 
 async def admin_refresh(request: web.Request) -> web.Response:
@@ -107,4 +130,5 @@ async def admin_refresh(request: web.Request) -> web.Response:
     watcher = request.app[WATCHER]
     await watcher.refresh(wait)
     status = 200 if wait else 202
-    return json_response({"refreshed": wait, **engines_state(watcher)}, status)
+    state = engines_state(watcher, request.app.get(SUPERVISOR))
+    return json_response({"refreshed": wait, **state}, status)

@@ -39,7 +39,10 @@ class ManagedEngine(Protocol):
     @property
     def pid(self) -> int | None: ...
 
-    def start(self) -> None: ...
+    @property
+    def returncode(self) -> int | None: ...
+
+    def start(self, *, append_log: bool = False) -> None: ...
 
     def wait_ready(self, timeout_s: float | None = None) -> None: ...
 
@@ -85,6 +88,11 @@ class EnginePool:
     def keys(self) -> set[PoolKey]:
         with self._lock:
             return set(self._running)
+
+    def entries(self) -> list[PoolEntry]:
+        """The running servers, a snapshot."""
+        with self._lock:
+            return list(self._running.values())
 
     def launch(self, spec: EngineSpec) -> ManagedEngine:
         """Start a server's process (it boots in the background); `finish` waits for it."""

@@ -198,11 +198,18 @@ class VllmEngine:
         """True once the server process has ended (or was never started)."""
         return self._proc is None or self._proc.poll() is not None
 
-    def start(self) -> None:
+    @property
+    def returncode(self) -> int | None:
+        """The exit status of a server process that ended by itself; None while it runs."""
+        return None if self._proc is None else self._proc.poll()
+
+    def start(self, *, append_log: bool = False) -> None:
+        """Start the server process (a restart appends to the log rather than losing it)."""
         validate_model_dir(self.spec.model_path)
         cmd = build_engine_command(self.spec, self.settings, self.port)
         env = build_engine_env(self.settings, self._environ)
-        self._proc = start_group(cmd, self.log_path, env)  # stop() reaches every worker
+        # stop() reaches every worker
+        self._proc = start_group(cmd, self.log_path, env, append=append_log)
 
     def wait_ready(self, timeout_s: float | None = None) -> None:
         """Poll `/v1/models` until it answers 200; raise with the log tail if the server dies

@@ -91,6 +91,14 @@ class CircuitBreaker:
             self.epoch += 1
             self.probe_in_flight = False
 
+    def reset(self) -> None:
+        """The engine was restarted and is ready: closed, with a new epoch (every verdict on
+        an attempt to the old process is stale)."""
+        self.state = "closed"
+        self.consecutive_failures = 0
+        self.epoch += 1
+        self.probe_in_flight = False
+
     def release(self, permit: Permit) -> None:
         """An attempt ended without a verdict on the engine (the client's own 4xx, a cancel):
         a probe's slot is free again."""

@@ -126,6 +126,20 @@ class GatewayMetrics:
             ["engine"],
             registry=r,
         )
+        self.engine_restarts = Counter(
+            "stillhouse_engine_restarts",
+            "vLLM servers this gateway started that died and were restarted, by role and "
+            "outcome (ok: serving again; failed: gave up after its attempts).",
+            ["engine", "outcome"],
+            registry=r,
+        )
+        self.engine_process_up = Gauge(
+            "stillhouse_engine_process_up",
+            "Whether the vLLM server this gateway started for a role runs (1) or is down or "
+            "restarting (0).",
+            ["engine"],
+            registry=r,
+        )
         self.engine_rejections = Counter(
             "stillhouse_gateway_engine_rejections",
             "Requests an engine rejected as invalid (400, 413, 422), by engine and status; not "

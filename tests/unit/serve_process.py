@@ -31,7 +31,13 @@ STARTUP_S = 60
 
 
 class GatewayProcess:
-    def __init__(self, state: Path, gateway: dict[str, Any], top: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        state: Path,
+        gateway: dict[str, Any],
+        top: dict[str, Any] | None = None,
+        startup_s: float = STARTUP_S,
+    ):
         self.state = state
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -46,7 +52,7 @@ class GatewayProcess:
              "serve"],
             stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )  # fmt: skip
-        deadline = time.monotonic() + STARTUP_S
+        deadline = time.monotonic() + startup_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"serve exited: {(state / 'serve.log').read_text()}")
@@ -96,8 +102,10 @@ class GatewayProcess:
 def start_gateway(tmp_path, group_processes) -> Iterator[Callable[..., GatewayProcess]]:
     started: list[GatewayProcess] = []
 
-    def start(top: dict[str, Any] | None = None, **gateway: Any) -> GatewayProcess:
-        gp = GatewayProcess(tmp_path / f"gw{len(started)}", gateway, top)
+    def start(
+        top: dict[str, Any] | None = None, startup_s: float = STARTUP_S, **gateway: Any
+    ) -> GatewayProcess:
+        gp = GatewayProcess(tmp_path / f"gw{len(started)}", gateway, top, startup_s)
         started.append(gp)
         return gp
 

@@ -200,7 +200,11 @@ class FakeServer:
     def pid(self) -> int | None:
         return None
 
-    def start(self) -> None:
+    @property
+    def returncode(self) -> int | None:
+        return None
+
+    def start(self, *, append_log: bool = False) -> None:
         async def serve() -> web.AppRunner:
             app = engine_app(self.behaviour, self.spec.served_model_name)
             runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
