@@ -232,6 +232,9 @@ class AbSettings(_Section):
     # Mirror phase: the share of champion-arm requests also sent, in the background, to the
     # challenger; no user sees its answer (traffic records `served_by: mirror`).
     mirror_share: float = Field(default=0.0, ge=0.0, le=1.0)
+    # A challenger version tagged rolled back (its rollout failed) is not served, even while it
+    # still holds the `challenger` alias; true serves it anyway (an operator's override).
+    serve_rolled_back: bool = False
 
 
 class ConfidenceSettings(_Section):

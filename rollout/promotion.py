@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from stillhouse.common.errors import StillhouseError
 from stillhouse.common.registry import RegistryClient, VersionInfo
 from stillhouse.common.roles import Alias
+from stillhouse.common.rollout_tags import OUTCOME_TAG, PROMOTED, ROLLED_BACK, rolled_back
 from stillhouse.common.tracking import MAX_PARAM_VALUE, RunTracker
 
 MAX_TAG_VALUE = 5000  # MLflow's limit on a model-version tag value (reasons are cut to fit)
@@ -169,7 +170,7 @@ def promote(
         "stillhouse.promotion.reason": _clip(reason),
         "stillhouse.promotion.run_id": run_id,
         **_gate_tags("stillhouse.promotion", gates),
-        "stillhouse.rollout.outcome": "promoted",
+        OUTCOME_TAG: PROMOTED,
         "stillhouse.rollout.reason": _clip(reason),
         "stillhouse.rollout.by": actor,
         "stillhouse.rollout.at": _iso(when),
@@ -267,7 +268,7 @@ def record_challenger_rollback(
     info = registry.resolve_version(version)
     if (
         at is not None
-        and info.tags.get("stillhouse.rollout.outcome") == "rolled_back"
+        and rolled_back(info.tags)
         and info.tags.get("stillhouse.rollout.at") == _iso(when)
     ):
         run_id = info.tags.get("stillhouse.rollout.run_id")
@@ -282,7 +283,7 @@ def record_challenger_rollback(
         "stillhouse.rollout.by": actor,
         "stillhouse.rollout.run_id": run_id,
         **_gate_tags("stillhouse.rollout", gates),
-        "stillhouse.rollout.outcome": "rolled_back",
+        OUTCOME_TAG: ROLLED_BACK,
         "stillhouse.rollout.at": _iso(when),  # last: its presence means "fully recorded"
     }
     registry.set_version_tags(version, tags)

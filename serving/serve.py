@@ -46,6 +46,7 @@ from stillhouse.serving.engines.watcher import (
     ModelWatcher,
     RegistryView,
     WatchedRole,
+    not_served,
 )
 from stillhouse.serving.gateway.app import GATEWAY, MalformedRequestLog, build_app
 from stillhouse.serving.gateway.auth import load_keys
@@ -107,6 +108,9 @@ def resolve_engine(
             if role == Role.CHALLENGER:
                 return None
             raise RegistryError(f"no version of {parsed.name} has alias '{parsed.alias}'")
+        if role == Role.CHALLENGER and not_served(info.tags, settings):
+            log.warning("challenger v%s was rolled back: not served", info.version)
+            return None
         model_dir = registry.download(info.uri)
         watch = ref.model if parsed.alias is not None else None
         return ResolvedEngine(

@@ -26,6 +26,7 @@ from stillhouse.common.config import ConfidenceSettings, Settings
 from stillhouse.common.errors import StillhouseError
 from stillhouse.common.registry import RegistryClient, VersionInfo, parse_ref
 from stillhouse.common.roles import Role
+from stillhouse.common.rollout_tags import rolled_back
 from stillhouse.serving.engines.pool import EnginePool, PoolEntry, PoolKey, pool_key
 from stillhouse.serving.engines.swap_plan import RoleView, SwapAction, plan, retry_delay
 from stillhouse.serving.engines.vllm import EngineSpec
@@ -74,6 +75,11 @@ class MlflowRegistryView:
         parsed = parse_ref(uri, self._settings.mlflow.registered_model)
         cache = self._settings.state_dir / "cache" / "models"
         return self._client(parsed.name).download(uri, cache)
+
+
+def not_served(tags: Mapping[str, str] | None, settings: Settings) -> bool:
+    """A challenger version no gateway serves: rolled back, and no operator override."""
+    return rolled_back(tags) and not settings.gateway.ab.serve_rolled_back
 
 
 def threshold_for(
@@ -228,7 +234,14 @@ class ModelWatcher:
         errors: dict[str, str] = {}
         for role, ref in followed.items():
             try:
-                answers[role] = self.registry.lookup(ref)
+                info = self.registry.lookup(ref)
+                if (
+                    role == Role.CHALLENGER
+                    and info is not None
+                    and not_served(info.tags, self.settings)
+                ):
+                    info = None  # its rollout failed: as if the alias were unset (removed)
+                answers[role] = info
             except StillhouseError as exc:  # unreachable registry: try again next time
                 errors[role] = f"{role}: {exc}"
                 log.warning("cannot look up %s for the %s: %s", ref, role, exc)

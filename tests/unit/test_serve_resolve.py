@@ -90,3 +90,22 @@ def test_a_model_directory_is_neither_followed_nor_tagged(tmp_path):
     (model / "config.json").write_text("{}")
     _, roles = resolve(tmp_path, {}, champion=EngineRef(model=str(model)))
     assert roles["champion"].follow is None and roles["champion"].tags is None
+
+
+class RolledBackRegistry(Registry):
+    def lookup(self, ref: str) -> VersionInfo | None:
+        info = super().lookup(ref)
+        if info is not None and info.version == 2:
+            info.tags["stillhouse.rollout.outcome"] = "rolled_back"
+        return info
+
+
+def test_a_rolled_back_challenger_still_holding_its_alias_is_not_started(tmp_path):
+    given = refs(tmp_path, champion=CHAMPION, challenger=CHALLENGER)
+    registry = RolledBackRegistry(tmp_path, {"champion": 1, "challenger": 2})
+    engines = resolve_engines(given, Settings(state_dir=tmp_path), registry)
+    assert "challenger" not in engines
+    roles = {r.role: r for r in watched_roles(engines, given)}
+    assert roles["challenger"].serving is None  # followed: a new challenger is served
+    forced = Settings(state_dir=tmp_path, gateway={"ab": {"serve_rolled_back": True}})
+    assert "challenger" in resolve_engines(given, forced, registry)
