@@ -220,7 +220,10 @@ async def label_prompts(
     out = Labelled()
     if not prompts:
         return out
-    async with httpx.AsyncClient(timeout=_TIMEOUT_S) as client:
+    key = settings.engine.api_key
+    # The engines' own key (vLLM's --api-key); without one they take any request.
+    headers = {"authorization": f"Bearer {key.get_secret_value()}"} if key else {}
+    async with httpx.AsyncClient(timeout=_TIMEOUT_S, headers=headers) as client:
         sem = asyncio.Semaphore(cal.concurrency)
         student = ("student", ends.student_url, ends.student_name)
         students = asyncio.gather(*(_ask(client, sem, settings, student, m) for m in prompts))

@@ -76,8 +76,9 @@ class EngineSupervisor:
         self._restarts: dict[PoolKey, asyncio.Task[None]] = {}
         self._task: asyncio.Task[None] | None = None
 
-    def status(self, key: PoolKey) -> ProcessStatus | None:
-        return self.statuses.get(key)
+    def status(self, key: PoolKey) -> ProcessStatus:
+        """The server's status (running, for one not looked at yet)."""
+        return self.statuses.get(key) or ProcessStatus()
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._watch(), name="engine-supervisor")

@@ -139,3 +139,88 @@ def kept(job: dict[str, Any], targets: Iterable[dict[str, str]]) -> list[dict[st
 def promtool_check(config: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["promtool", "check", "config", str(config)],
                           capture_output=True, text=True, timeout=60)  # fmt: skip
+
+
+# -- hardening -----------------------------------------------------------------------------
+
+
+def security_problems(
+    where: str, template: dict[str, Any], writable_root: frozenset[str] = frozenset()
+) -> list[str]:
+    """What a pod template lacks of the hardening every workload must have: pod-level
+    RuntimeDefault seccomp; per container (init containers too) no privilege escalation, every
+    capability dropped, non-root (pod or container level, and no uid 0), and a read-only root
+    filesystem unless its name is in `writable_root`."""
+    spec = template["spec"]
+    pod = spec.get("securityContext", {})
+    found = []
+    if pod.get("seccompProfile", {}).get("type") != "RuntimeDefault":
+        found.append(f"{where}: no pod-level seccompProfile RuntimeDefault")
+    for c in spec.get("initContainers", []) + spec["containers"]:
+        name, own = f"{where}:{c['name']}", c.get("securityContext", {})
+        merged = {**pod, **own}
+        if own.get("allowPrivilegeEscalation") is not False:
+            found.append(f"{name}: allowPrivilegeEscalation is not false")
+        if own.get("capabilities", {}).get("drop") != ["ALL"] or own["capabilities"].get("add"):
+            found.append(f"{name}: capabilities are not drop [ALL]")
+        if merged.get("runAsNonRoot") is not True or merged.get("runAsUser") == 0:
+            found.append(f"{name}: may run as root")
+        if own.get("privileged"):
+            found.append(f"{name}: privileged")
+        if own.get("readOnlyRootFilesystem") is not True and c["name"] not in writable_root:
+            found.append(f"{name}: root filesystem is writable")
+    return found
+
+
+def _image_env(name: str) -> str | None:
+    found = re.findall(rf"\b{name}=(\S+)", (REPO / "deploy" / "Dockerfile").read_text())
+    return found[-1] if found else None
+
+
+# HOME as each image sets it (the container's env wins).
+IMAGE_HOME = {"stillhouse": _image_env("HOME")}
+
+
+def writable_mounts(container: dict[str, Any], pod_spec: dict[str, Any]) -> list[str]:
+    """Mount paths a container can write to: emptyDirs and claims not mounted read-only
+    (a StatefulSet's volumeClaimTemplates are the names the pod's volumes do not list)."""
+    volumes = {v["name"]: v for v in pod_spec.get("volumes", [])}
+    paths = []
+    for m in container.get("volumeMounts", []):
+        v = volumes.get(m["name"], {"persistentVolumeClaim": {}})
+        kind_ok = "emptyDir" in v or (
+            "persistentVolumeClaim" in v and not v["persistentVolumeClaim"].get("readOnly")
+        )
+        if kind_ok and not m.get("readOnly"):
+            paths.append(m["mountPath"])
+    return paths
+
+
+def under(path: str, mounts: Iterable[str]) -> bool:
+    return any(path == m or path.startswith(m.rstrip("/") + "/") for m in mounts)
+
+
+def secret_source(c: Container, var: str, raw_compose: dict[str, Any]) -> str | None:
+    """The secret an env var is taken from: a k8s secretKeyRef's key, or the compose variable a
+    required interpolation (${VAR:?...}) reads. None: a literal, or missing."""
+    if c.where.startswith("compose:"):
+        svc = raw_compose["services"][c.where.split(":", 1)[1]]
+        m = re.fullmatch(r"\$\{(\w+):\?[^}]*\}", str((svc.get("environment") or {}).get(var)))
+        return m[1] if m else None
+    for item in c.spec.get("env", []):
+        if item["name"] == var:
+            ref = item.get("valueFrom", {}).get("secretKeyRef")
+            return ref["key"] if ref and not ref.get("optional") else None
+    return None
+
+
+def published_hosts(service: dict[str, Any]) -> list[str]:
+    """The host addresses a compose service's ports are published on ("0.0.0.0": all)."""
+    hosts = []
+    for p in service.get("ports", []):
+        if isinstance(p, dict):
+            hosts.append(p.get("host_ip", "0.0.0.0"))
+        else:
+            parts = str(p).rsplit(":", 2)
+            hosts.append(parts[0] if len(parts) == 3 else "0.0.0.0")
+    return hosts

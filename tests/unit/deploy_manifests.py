@@ -300,3 +300,84 @@ def scrape(job: Mapping[str, Any], labels: Mapping[str, str]) -> dict | None:
     start = {"job": job["job_name"], "__metrics_path__": job.get("metrics_path", "/metrics"),
              **labels}  # fmt: skip
     return relabel(start, job.get("relabel_configs", []))
+
+
+# -- NetworkPolicy (ingress) ---------------------------------------------------------------
+
+NAMESPACE = "stillhouse"
+NAMESPACE_LABELS = {"kubernetes.io/metadata.name": NAMESPACE}
+
+
+def label_selector_matches(selector: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
+    """A LabelSelector (matchLabels, matchExpressions); `{}` selects everything."""
+    if not selects(selector.get("matchLabels", {}), labels):
+        return False
+    for e in selector.get("matchExpressions", []):
+        key, op, values = e["key"], e["operator"], e.get("values", [])
+        ok = {"In": labels.get(key) in values, "NotIn": labels.get(key) not in values,
+              "Exists": key in labels, "DoesNotExist": key not in labels}  # fmt: skip
+        assert op in ok, f"unknown selector operator {op}"
+        if not ok[op]:
+            return False
+    return True
+
+
+def allowed(
+    policies: Sequence[Mapping[str, Any]],
+    from_labels: Mapping[str, str] | None,
+    to_labels: Mapping[str, str],
+    port: int,
+    *,
+    from_namespace: Mapping[str, str] = NAMESPACE_LABELS,
+) -> bool:
+    """Whether the NetworkPolicies of the stillhouse namespace let a TCP connection from a pod
+    (`from_labels`, in the namespace labelled `from_namespace`; None: a client outside the
+    cluster) reach `port` of a stillhouse pod labelled `to_labels`. A pod no Ingress policy
+    selects accepts everything; a selected pod accepts what one of their rules admits."""
+    selecting = [
+        p["spec"] for p in policies
+        if "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
+        and label_selector_matches(p["spec"]["podSelector"], to_labels)
+    ]  # fmt: skip
+    if not selecting:
+        return True
+    return any(
+        _rule_admits(rule, from_labels, from_namespace, port)
+        for spec in selecting
+        for rule in spec.get("ingress", [])
+    )
+
+
+def _rule_admits(
+    rule: Mapping[str, Any],
+    from_labels: Mapping[str, str] | None,
+    from_namespace: Mapping[str, str],
+    port: int,
+) -> bool:
+    if not any(_port_matches(p, port) for p in rule.get("ports") or [{}]):
+        return False
+    peers = rule.get("from")
+    return not peers or any(_peer_matches(p, from_labels, from_namespace) for p in peers)
+
+
+def _port_matches(entry: Mapping[str, Any], port: int) -> bool:
+    assert entry.get("protocol", "TCP") == "TCP", "only TCP is modelled"
+    if "port" not in entry:
+        return True
+    assert isinstance(entry["port"], int), "named ports are not modelled: use numbers"
+    return entry["port"] <= port <= entry.get("endPort", entry["port"])
+
+
+def _peer_matches(
+    peer: Mapping[str, Any], labels: Mapping[str, str] | None, namespace: Mapping[str, str]
+) -> bool:
+    assert "ipBlock" not in peer, "ipBlock peers are not modelled"
+    if labels is None:  # outside the cluster: only a rule without `from` admits it
+        return False
+    pods, namespaces = peer.get("podSelector"), peer.get("namespaceSelector")
+    in_namespace = (
+        label_selector_matches(namespaces, namespace)
+        if namespaces is not None
+        else namespace.get("kubernetes.io/metadata.name") == NAMESPACE
+    )
+    return in_namespace and (pods is None or label_selector_matches(pods, labels))

@@ -463,3 +463,291 @@ def test_compose_variables_are_listed_in_env_example_and_secrets_are_required():
     assert dm.compose_variables() <= set(example)
     with pytest.raises(KeyError, match="STILLHOUSE_ADMIN_KEY"):
         dm.load_compose({k: v for k, v in example.items() if k != "STILLHOUSE_ADMIN_KEY"})
+
+
+# -- hardening: securityContext ------------------------------------------------------------------
+
+# Containers that cannot run on a read-only root filesystem (each says why in its manifest):
+# none, every one writes only to its volumes and emptyDirs.
+WRITABLE_ROOT: frozenset[str] = frozenset()
+
+
+def test_every_k8s_container_runs_without_privileges_as_non_root_on_a_read_only_root():
+    templates = list(dm.pod_templates(dm.rendered()))
+    assert len(templates) == 7
+    assert [
+        p for where, t in templates for p in dc.security_problems(where, t, WRITABLE_ROOT)
+    ] == []
+
+
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        (lambda pod, c: c["securityContext"].pop("allowPrivilegeEscalation"), "Escalation"),
+        (lambda pod, c: c["securityContext"]["capabilities"].update(add=["NET_ADMIN"]), "capab"),
+        (lambda pod, c: c["securityContext"].pop("capabilities"), "capabilities"),
+        (lambda pod, c: pod["securityContext"].pop("runAsNonRoot"), "root"),
+        (lambda pod, c: c["securityContext"].update(runAsUser=0), "root"),
+        (lambda pod, c: c["securityContext"].update(readOnlyRootFilesystem=False), "writable"),
+        (lambda pod, c: pod["securityContext"].pop("seccompProfile"), "seccomp"),
+    ],
+)
+def test_the_security_check_catches_each_missing_restriction(change, problem):
+    template = copy.deepcopy(workload("Deployment", "stillhouse-gateway")["spec"]["template"])
+    change(template["spec"], template["spec"]["containers"][0])
+    found = dc.security_problems("gateway", template)
+    assert len(found) == 1 and problem in found[0], found
+
+
+def test_the_teacher_no_longer_runs_as_root_but_as_the_gateways_user():
+    teacher = workload("Deployment", "vllm-teacher")["spec"]["template"]["spec"]
+    gateway = workload("Deployment", "stillhouse-gateway")["spec"]["template"]["spec"]
+    for key in ("runAsUser", "runAsGroup"):
+        assert teacher["securityContext"][key] == gateway["securityContext"][key] == 10001
+    assert all("runAsUser" not in c.get("securityContext", {}) for c in teacher["containers"])
+
+
+def test_read_only_containers_have_writable_tmp_and_home_for_their_caches():
+    checked = 0
+    for where, template in dm.pod_templates(dm.rendered()):
+        spec = template["spec"]
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            if c["name"] in WRITABLE_ROOT:
+                continue
+            mounts = dc.writable_mounts(c, spec)
+            assert dc.under("/tmp", mounts), (where, c["name"])
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            home = env.get("HOME") or dc.IMAGE_HOME.get(dm.image_repository(c["image"]))
+            if dm.image_repository(c["image"]) in (dm.STILLHOUSE_IMAGE, dm.VLLM_IMAGE):
+                # torch, Triton, vLLM and Hugging Face cache under HOME.
+                assert home and dc.under(f"{home}/.cache", mounts), (where, c["name"], home)
+                checked += 1
+            if dm.image_repository(c["image"]) == dm.VLLM_IMAGE:
+                # vLLM's image has no passwd entry for uid 10001: torch's cache needs a name.
+                assert env.get("USER"), where
+            if "PGDATA" in env:
+                assert dc.under(env["PGDATA"], mounts) and dc.under("/var/run/postgresql", mounts)
+    assert checked == 5  # mlflow, teacher, gateway, controller, redistill
+
+
+def test_the_writable_mount_check_ignores_read_only_mounts_and_volumes():
+    pod = {"volumes": [{"name": "m", "persistentVolumeClaim": {"claimName": "x", "readOnly": True}},
+                       {"name": "c", "configMap": {"name": "y"}},
+                       {"name": "t", "emptyDir": {}}]}  # fmt: skip
+    c = {"volumeMounts": [{"name": "m", "mountPath": "/models"},
+                          {"name": "c", "mountPath": "/etc/x"},
+                          {"name": "t", "mountPath": "/tmp", "readOnly": True}]}  # fmt: skip
+    assert dc.writable_mounts(c, pod) == []
+    c["volumeMounts"][2]["readOnly"] = False
+    assert dc.writable_mounts(c, pod) == ["/tmp"] and not dc.under("/tmpx", ["/tmp"])
+
+
+# -- hardening: NetworkPolicies ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def policies() -> list[dict[str, Any]]:
+    return list(dm.by_kind(dm.rendered(), "NetworkPolicy").values())
+
+
+@pytest.fixture(scope="module")
+def pods() -> dict[str, dict[str, str]]:
+    """Pod labels by component, as the manifests set them."""
+    labels = {w: t["metadata"]["labels"] for w, t in dm.pod_templates(dm.rendered())}
+    return {
+        "gateway": labels["Deployment/stillhouse-gateway"],
+        "controller": labels["Deployment/stillhouse-controller"],
+        "redistill": labels["CronJob/stillhouse-redistill"],
+        "teacher": labels["Deployment/vllm-teacher"],
+        "mlflow": labels["Deployment/mlflow"],
+        "postgres": labels["StatefulSet/postgres"],
+        "minio": labels["StatefulSet/minio"],
+        "stranger": {"app.kubernetes.io/name": "debug"},  # any other pod in the namespace
+    }
+
+
+PROMETHEUS = (
+    {"app.kubernetes.io/name": "prometheus"},
+    {"kubernetes.io/metadata.name": "monitoring"},
+)
+STUDENT_PORT = 41234  # a port the kernel may pick for a student's vLLM server in the gateway pod
+
+# (from, to, port, allowed). "client": outside the cluster; "prometheus": its pod elsewhere;
+# "other-ns": a pod of another namespace that is not Prometheus.
+TRAFFIC = [
+    ("client", "gateway", 8000, True),  # the OpenAI API
+    ("client", "gateway", STUDENT_PORT, False),  # the students are not public
+    ("client", "teacher", 8000, False),
+    ("client", "mlflow", 5000, False),
+    ("client", "controller", 9401, False),
+    ("gateway", "teacher", 8000, True),  # routing, fallback, shadow scoring
+    ("controller", "teacher", 8000, True),  # calibration's teacher answers, the judge
+    ("redistill", "teacher", 8000, True),  # teacher targets, the judge
+    ("mlflow", "teacher", 8000, False),
+    ("stranger", "teacher", 8000, False),
+    ("other-ns", "teacher", 8000, False),
+    ("controller", "gateway", 8000, True),  # the admin API
+    ("controller", "gateway", STUDENT_PORT, True),  # calibration against the students
+    ("controller", "gateway", 32768, True),
+    ("controller", "gateway", 60999, True),
+    ("controller", "gateway", 61000, False),
+    ("redistill", "gateway", STUDENT_PORT, False),
+    ("stranger", "gateway", STUDENT_PORT, False),
+    ("controller", "mlflow", 5000, True),  # promotion, rollback, calibration tags
+    ("redistill", "mlflow", 5000, True),  # registers challengers
+    ("gateway", "mlflow", 5000, True),  # reads the aliases, downloads versions to hot-swap
+    ("teacher", "mlflow", 5000, False),
+    ("stranger", "mlflow", 5000, False),
+    ("prometheus", "mlflow", 5000, False),
+    ("controller", "gateway", 5000, False),  # the gateway pod takes no MLflow-only traffic
+    ("controller", "redistill", 8000, False),  # the job accepts nothing
+    ("mlflow", "postgres", 5432, True),
+    ("gateway", "postgres", 5432, False),
+    ("controller", "postgres", 5432, False),
+    ("mlflow", "minio", 9000, True),
+    ("mlflow", "minio", 9001, False),  # MinIO's console: nobody
+    ("gateway", "minio", 9000, False),
+    ("redistill", "minio", 9000, False),
+    ("prometheus", "gateway", 8000, True),
+    ("prometheus", "gateway", STUDENT_PORT, True),  # the students' /metrics
+    ("prometheus", "teacher", 8000, True),
+    ("prometheus", "controller", 9401, True),
+    ("other-ns", "controller", 9401, False),
+    ("gateway", "controller", 9401, False),
+]
+
+
+@pytest.mark.parametrize("source, target, port, expected", TRAFFIC,
+                         ids=[f"{s}->{t}:{p}" for s, t, p, _ in TRAFFIC])  # fmt: skip
+def test_network_policies_allow_exactly_the_traffic_each_component_needs(
+    policies, pods, source, target, port, expected
+):
+    namespace = dm.NAMESPACE_LABELS
+    if source == "client":
+        labels = None
+    elif source == "prometheus":
+        labels, namespace = PROMETHEUS
+    elif source == "other-ns":
+        labels, namespace = {"app": "web"}, {"kubernetes.io/metadata.name": "default"}
+    else:
+        labels = pods[source]
+    assert dm.allowed(policies, labels, pods[target], port, from_namespace=namespace) is expected
+
+
+def test_the_policies_ports_are_the_ports_the_pods_serve_and_their_selectors_match_pods(
+    policies, pods
+):
+    templates = [t for _, t in dm.pod_templates(dm.rendered())]
+    (deny,) = [p for p in policies if not p["spec"].get("ingress")]
+    assert deny["spec"] == {"podSelector": {}, "policyTypes": ["Ingress"]}
+    for policy in policies:
+        spec, name = policy["spec"], policy["metadata"]["name"]
+        selector = spec["podSelector"]
+        selected = [
+            t for t in templates if dm.label_selector_matches(selector, t["metadata"]["labels"])
+        ]
+        assert selected, f"NetworkPolicy {name} selects no pod"
+        served = {p["containerPort"] for t in selected for c in t["spec"]["containers"]
+                  for p in c.get("ports", [])}  # fmt: skip
+        for rule in spec.get("ingress", []):
+            for port in rule["ports"]:
+                assert "endPort" in port or port["port"] in served, (name, port)
+            for peer in rule.get("from", []):
+                if "namespaceSelector" not in peer:  # a peer in this namespace must exist
+                    assert any(dm.label_selector_matches(peer["podSelector"], p)
+                               for p in pods.values()), (name, peer)  # fmt: skip
+
+
+def test_allowed_follows_network_policy_semantics():
+    deny = {"spec": {"podSelector": {}, "policyTypes": ["Ingress"]}}
+    egress = {"spec": {"podSelector": {}, "policyTypes": ["Egress"]}}
+    a, b = {"app": "a"}, {"app": "b"}
+    assert dm.allowed([], a, b, 80) and dm.allowed([egress], a, b, 80)
+    assert not dm.allowed([deny], a, b, 80) and not dm.allowed([deny], None, b, 80)
+    from_a = {"spec": {"podSelector": {"matchLabels": b},
+                       "ingress": [{"from": [{"podSelector": {"matchLabels": a}}],
+                                    "ports": [{"port": 80, "endPort": 90}]}]}}  # fmt: skip
+    assert dm.allowed([deny, from_a], a, b, 85) and not dm.allowed([deny, from_a], a, b, 91)
+    assert not dm.allowed([deny, from_a], b, b, 80) and not dm.allowed([from_a], None, b, 80)
+    # from_a does not select a: a accepts everything, unless the default deny holds it.
+    assert dm.allowed([from_a], b, a, 80) and not dm.allowed([deny, from_a], b, a, 80)
+    assert not dm.allowed([deny, from_a], a, b, 80, from_namespace={"x": "other"})
+    anywhere = {"spec": {"podSelector": {}, "ingress": [{"ports": [{"port": 80}]}]}}
+    assert dm.allowed([deny, anywhere], None, a, 80) and not dm.allowed([anywhere], None, a, 81)
+    any_ns = {"spec": {"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {}}]}]}}
+    assert dm.allowed([any_ns], a, b, 1, from_namespace={"x": "other"})
+    assert not dm.allowed([any_ns], None, b, 1)
+
+
+# -- hardening: the engine key -------------------------------------------------------------------
+
+ENGINE_KEY = "STILLHOUSE_ENGINE__API_KEY"
+
+
+def test_every_container_that_calls_an_engine_sends_the_engine_key_and_the_teacher_requires_it(
+    containers, vllm_parser
+):
+    raw = dm.raw_compose()
+    callers = [c for c in containers
+               if any(h.startswith("vllm-teacher") for h, _ in dc.urls_in(c))]  # fmt: skip
+    # The gateway, controller and re-distillation, in compose (scheduler too) and in k8s.
+    assert sorted(c.where for c in callers) == sorted(
+        c.where for c in stillhouse_containers(containers) if c.argv[1] != "mlflow"
+    )
+    assert len(callers) == 7
+    for c in callers:
+        assert dc.secret_source(c, ENGINE_KEY, raw) == ENGINE_KEY, c.where
+        # The judge (the teacher) reads its key from the variable it names.
+        assert c.env["STILLHOUSE_EVALUATION__JUDGE__API_KEY_ENV"] == ENGINE_KEY, c.where
+        if c.argv[1] in ("redistill", "schedule"):  # teacher targets
+            assert dc.secret_source(c, "STILLHOUSE_REDISTILL__TEACHER__API_KEY", raw) == ENGINE_KEY
+    teachers = [c for c in containers if c.repository == dm.VLLM_IMAGE]
+    assert len(teachers) == 2
+    for c in teachers:
+        # vLLM guards /v1 with --api-key, or else with $VLLM_API_KEY.
+        args, _ = vllm_parser.parse_known_args(c.argv[2:])
+        assert not args.api_key, f"{c.where}: a key on the command line is visible in ps"
+        assert dc.secret_source(c, "VLLM_API_KEY", raw) == ENGINE_KEY, c.where
+
+
+def test_a_literal_or_optional_engine_key_is_not_taken_for_the_secret(containers):
+    raw = copy.deepcopy(dm.raw_compose())
+    raw["services"]["gateway"]["environment"][ENGINE_KEY] = "sk-hard-coded"
+    (gateway,) = [c for c in containers if c.where == "compose:gateway"]
+    assert dc.secret_source(gateway, ENGINE_KEY, raw) is None
+    (k8s,) = [c for c in containers if c.where == "Deployment/stillhouse-gateway:gateway"]
+    spec = copy.deepcopy(k8s.spec)
+    (var,) = [v for v in spec["env"] if v["name"] == ENGINE_KEY]
+    var["valueFrom"]["secretKeyRef"]["optional"] = True
+    assert (
+        dc.secret_source(dm.Container(k8s.where, k8s.image, [], {}, spec=spec), ENGINE_KEY, raw)
+        is None
+    )
+    assert (
+        dc.secret_source(dm.Container(k8s.where, k8s.image, [], {}, spec={}), ENGINE_KEY, raw)
+        is None
+    )
+
+
+def test_the_shipped_engine_key_is_a_placeholder_the_gateway_refuses():
+    from stillhouse.serving.gateway.auth import refuse_placeholders
+
+    for shipped in (dm.K8S_DIR / "config" / "secrets.env", dm.COMPOSE_DIR / ".env.example"):
+        key = dm.read_env_file(shipped)[ENGINE_KEY]
+        assert key.startswith("change-me"), shipped
+        with pytest.raises(ConfigError, match=r"engine\.api_key"):
+            refuse_placeholders({"engine.api_key": [key]})
+
+
+# -- hardening: what is published ----------------------------------------------------------------
+
+
+def test_mlflow_and_prometheus_are_published_on_loopback_only(compose):
+    # Neither has authentication; whoever reaches MLflow can move the registry's aliases.
+    for name in ("mlflow", "prometheus"):
+        hosts = dc.published_hosts(compose["services"][name])
+        assert hosts and set(hosts) == {"127.0.0.1"}, (name, hosts)
+    assert dc.published_hosts({"ports": ["5000:5000"]}) == ["0.0.0.0"]
+    assert dc.published_hosts({"ports": [{"target": 5000, "published": 5000}]}) == ["0.0.0.0"]
+    for name, svc in dm.by_kind(dm.rendered(), "Service").items():
+        assert svc["spec"].get("type", "ClusterIP") == "ClusterIP", name
