@@ -36,6 +36,7 @@ from stillhouse.serving.engines.pool import (
     EnginePool,
     ManagedEngine,
     PoolKey,
+    engine_notes,
     pool_key,
     vllm_factory,
 )
@@ -293,6 +294,8 @@ def serve(
             settings.gateway.admin_host or settings.gateway.host, settings.gateway.admin_port
         )
     log_to_stderr()
+    # A gateway of this state dir that was killed may have left its engines running.
+    engine_notes(settings).reap_orphans()
     with ExitStack() as stack:
         pool = EnginePool(vllm_factory(settings))
         stack.callback(pool.close)  # after the gateway has stopped: engines last

@@ -23,6 +23,7 @@ from typing import Protocol
 
 from stillhouse.common.config import Settings
 from stillhouse.common.errors import EngineStartError
+from stillhouse.serving.engines.leftovers import EngineNotes
 from stillhouse.serving.engines.vllm import EngineSpec, VllmEngine
 
 PoolKey = tuple[str, tuple[str, ...]]  # (model reference, extra vLLM arguments)
@@ -49,8 +50,14 @@ class ManagedEngine(Protocol):
     def stop(self, grace_s: float | None = None) -> None: ...
 
 
+def engine_notes(settings: Settings) -> EngineNotes:
+    """Where the servers this state dir's gateway starts are noted (leftovers.py)."""
+    return EngineNotes(settings.state_dir / "engines")
+
+
 def vllm_factory(settings: Settings) -> Callable[[EngineSpec], ManagedEngine]:
-    return lambda spec: VllmEngine(spec, settings.engine, settings.logs_dir)
+    notes = engine_notes(settings)
+    return lambda spec: VllmEngine(spec, settings.engine, settings.logs_dir, notes=notes)
 
 
 def pool_key(ref: str, extra_args: tuple[str, ...] = ()) -> PoolKey:

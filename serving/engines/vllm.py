@@ -21,12 +21,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import httpx
 import psutil
 
 from stillhouse.common.config import EngineSettings
 from stillhouse.common.errors import EngineStartError, UsageError
+
+if TYPE_CHECKING:  # leftovers.py imports this module
+    from stillhouse.serving.engines.leftovers import EngineNotes
 
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 LOG_TAIL_LINES = 25
@@ -177,8 +181,10 @@ class VllmEngine:
         settings: EngineSettings,
         log_dir: Path,
         environ: Mapping[str, str] | None = None,
+        notes: EngineNotes | None = None,
     ) -> None:
         self.spec = spec
+        self.notes = notes  # where its process group is noted while it runs
         self.settings = settings
         self.port = spec.port or settings.port or free_port(settings.host)
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -210,6 +216,8 @@ class VllmEngine:
         env = build_engine_env(self.settings, self._environ)
         # stop() reaches every worker
         self._proc = start_group(cmd, self.log_path, env, append=append_log)
+        if self.notes is not None:
+            self.notes.add(self._proc.pid)
 
     def wait_ready(self, timeout_s: float | None = None) -> None:
         """Poll `/v1/models` until it answers 200; raise with the log tail if the server dies
@@ -258,6 +266,8 @@ class VllmEngine:
             _signal_group(proc.pid, signal.SIGKILL)
             _wait_group_gone(proc.pid, time.monotonic() + KILL_WAIT_S)
         proc.wait()
+        if self.notes is not None:
+            self.notes.remove(proc.pid)
 
     def __enter__(self) -> VllmEngine:
         self.start()
