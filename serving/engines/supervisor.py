@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -133,10 +134,17 @@ class EngineSupervisor:
             )
             if self.pool.get(entry.key) is not entry:  # swapped away or shutting down meanwhile
                 return
+            log.info("restarting the vLLM server of %s: try %d", "/".join(roles), status.attempts)
             try:
-                await asyncio.to_thread(_start_again, entry)
+                # Its own thread: the loop's default executor may be busy with short jobs, and
+                # a restart blocks for minutes.
+                await _in_own_thread(_start_again, entry)
             except EngineStartError as exc:
                 status.last_error = str(exc).splitlines()[0]
+                continue
+            except Exception as exc:  # a bug: reported, and the next try still comes
+                log.exception("restarting the vLLM server of %s failed", "/".join(roles))
+                status.last_error = f"{type(exc).__name__}: {exc}"
                 continue
             self._serving_again(entry, status, roles, self.clock() - started)
             return
@@ -168,6 +176,31 @@ class EngineSupervisor:
             took_s,
             status.attempts,
         )
+
+
+async def _in_own_thread(fn: Callable[[PoolEntry], None], entry: PoolEntry) -> None:
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def run() -> None:
+        try:
+            fn(entry)
+        except BaseException as exc:  # handed to the loop, raised there
+            loop.call_soon_threadsafe(_settle, done, exc)
+        else:
+            loop.call_soon_threadsafe(_settle, done, None)
+
+    threading.Thread(target=run, name="engine-restart", daemon=True).start()
+    await done
+
+
+def _settle(done: asyncio.Future[None], exc: BaseException | None) -> None:
+    if done.done():
+        return
+    if exc is None:
+        done.set_result(None)
+    else:
+        done.set_exception(exc)
 
 
 def _start_again(entry: PoolEntry) -> None:

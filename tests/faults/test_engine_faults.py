@@ -73,6 +73,9 @@ def test_a_failing_student_opens_its_breaker_and_every_client_is_answered(faulty
         assert champion.stats()["requests"] == K
         assert circuit(gp) == 2
         failures = gp.metric('stillhouse_gateway_engine_failures_total{engine="champion"}', 0)
+        print(f"\n{fault} stream={stream}: statuses {sorted({s.status for s in seen})}, "
+              f"max {max(s.seconds for s in seen):.2f} s, engine failures "
+              f"{failures - failures_before:g}, circuit {circuit(gp):g}")  # fmt: skip
         assert failures - failures_before == K
         close_breaker(gp, champion)
     assert "Traceback" not in gp.output()

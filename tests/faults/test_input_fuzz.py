@@ -116,6 +116,7 @@ def test_generated_requests_never_get_a_5xx(faulty_gateway):
                 assert_openai_error(resp)
 
         one()
+    print(f"\nfuzz (JSON): {dict(sorted(statuses.items()))}")
     assert sum(statuses.values()) >= JSON_REQUESTS
     assert statuses.get(200, 0) > 0 and sum(n for s, n in statuses.items() if s >= 400) > 0
     assert "Traceback" not in gp.output()
@@ -173,6 +174,7 @@ def test_non_utf8_bytes_in_headers_and_body_never_get_a_5xx(faulty_gateway):
         assert status < 500, (status, name, value, body[-80:])
 
     one()
+    print(f"\nfuzz (raw socket): {dict(sorted(statuses.items()))}")
     assert sum(statuses.values()) >= RAW_REQUESTS
     output = gp.output()
     assert "Traceback" not in output

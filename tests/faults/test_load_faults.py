@@ -41,6 +41,8 @@ def test_the_teacher_budget_refuses_the_excess_at_once(faulty_gateway):
     assert max(s.seconds for s in refused) < min(s.seconds for s in admitted)
     assert max(s.seconds for s in admitted) < 2 * TEACHER_S
     shed = gp.metric('stillhouse_gateway_shed_total{budget="teacher"}')
+    print(f"\nteacher budget: {len(admitted)} admitted (max {max(s.seconds for s in admitted):.2f} s), "
+          f"{len(refused)} refused (max {max(s.seconds for s in refused):.2f} s), shed {shed:g}")  # fmt: skip
     assert shed == len(refused)
     assert gp.metric('stillhouse_gateway_in_flight{budget="teacher"}') == 0
 
@@ -67,5 +69,6 @@ def test_a_client_that_hangs_up_stops_the_engine_request(faulty_gateway):
         assert time.monotonic() < deadline, "the engine request ran on after the client left"
         time.sleep(0.05)
     (closed,) = champion.stats()["disconnects"]
+    print(f"\nclient hang-up: the engine's connection closed {closed - hung_up:.2f} s later")
     assert closed - hung_up < 1.0
     assert engines["teacher"].stats()["requests"] == 0  # and no fallback was started for it

@@ -62,6 +62,7 @@ def test_group_mode_keeps_answering_on_a_full_disk_and_counts_each_lost_record(
     lost = gp.metric("stillhouse_traffic_log_write_errors_total")
     committed = gp.metric("stillhouse_traffic_log_records_committed_total")
     (small_disk / "filler").unlink()  # room again: the count in the file can be read
+    print(f"\ndisk full (group): {REQUESTS} answered 200, lost {lost:g}, committed {committed:g}")
     assert lost > 0
     assert lost + committed == REQUESTS + 1 + 1  # + the first request, + the start's A/B change
     assert rows(db) == committed - 1
