@@ -259,7 +259,7 @@ class FallbackSettings(_Section):
     # `hold_tokens` within attempt_timeout_s and then never go quiet for stream_idle_timeout_s.
     attempt_timeout_s: float = Field(default=20.0, gt=0)
     min_tokens_per_s: float = Field(default=20.0, gt=0)
-    stream_idle_timeout_s: float = Field(default=15.0, gt=0)
+    stream_idle_timeout_s: float = Field(default=60.0, gt=0)
     deadline_s: float = Field(default=60.0, gt=0)
     # Retried on the same engine: connection errors only (a 5xx or a timeout is not replayed
     # on the engine that caused it), after retry_backoff_s, doubled each time, jittered.
