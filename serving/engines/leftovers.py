@@ -15,13 +15,11 @@ import contextlib
 import json
 import logging
 import os
-import signal
-import time
 from pathlib import Path
 
 import psutil
 
-from stillhouse.serving.engines.vllm import group_alive
+from stillhouse.serving.engines.vllm import stop_group_id
 
 log = logging.getLogger("stillhouse.serve")
 
@@ -62,7 +60,7 @@ class EngineNotes:
             if _same_process(owner, owner_created):
                 continue  # its gateway runs (another one on this state dir): not ours
             if _same_process(pgid, created):
-                _stop_group(pgid)
+                stop_group_id(pgid, REAP_WAIT_S)
                 reaped.append(pgid)
             path.unlink(missing_ok=True)
         if reaped:
@@ -82,14 +80,3 @@ def _same_process(pid: int, created: float) -> bool:
         return proc.status() != psutil.STATUS_ZOMBIE and abs(proc.create_time() - created) < 1.0
     except psutil.Error:
         return False
-
-
-def _stop_group(pgid: int) -> None:
-    """SIGTERM to the group, SIGKILL to what is left after REAP_WAIT_S."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGTERM)
-    deadline = time.monotonic() + REAP_WAIT_S
-    while group_alive(pgid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)

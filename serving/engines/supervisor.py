@@ -17,9 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +76,7 @@ class EngineSupervisor:
         self.statuses: dict[PoolKey, ProcessStatus] = {}
         self._restarts: dict[PoolKey, asyncio.Task[None]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._executor = ThreadPoolExecutor(thread_name_prefix="engine-restart")
 
     def status(self, key: PoolKey) -> ProcessStatus:
         """The server's status (running, for one not looked at yet)."""
@@ -91,6 +92,8 @@ class EngineSupervisor:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        # A restart still starting a server is not waited for: the pool's close stops it.
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def _watch(self) -> None:
         while True:
@@ -136,9 +139,11 @@ class EngineSupervisor:
                 return
             log.info("restarting the vLLM server of %s: try %d", "/".join(roles), status.attempts)
             try:
-                # Its own thread: the loop's default executor may be busy with short jobs, and
-                # a restart blocks for minutes.
-                await _in_own_thread(_start_again, entry)
+                # Its own threads: the loop's default executor serves short jobs, and a
+                # restart blocks for minutes.
+                await asyncio.get_running_loop().run_in_executor(
+                    self._executor, _start_again, entry
+                )
             except EngineStartError as exc:
                 status.last_error = str(exc).splitlines()[0]
                 continue
@@ -176,31 +181,6 @@ class EngineSupervisor:
             took_s,
             status.attempts,
         )
-
-
-async def _in_own_thread(fn: Callable[[PoolEntry], None], entry: PoolEntry) -> None:
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
-
-    def run() -> None:
-        try:
-            fn(entry)
-        except BaseException as exc:  # handed to the loop, raised there
-            loop.call_soon_threadsafe(_settle, done, exc)
-        else:
-            loop.call_soon_threadsafe(_settle, done, None)
-
-    threading.Thread(target=run, name="engine-restart", daemon=True).start()
-    await done
-
-
-def _settle(done: asyncio.Future[None], exc: BaseException | None) -> None:
-    if done.done():
-        return
-    if exc is None:
-        done.set_result(None)
-    else:
-        done.set_exception(exc)
 
 
 def _start_again(entry: PoolEntry) -> None:

@@ -331,6 +331,15 @@ def group_alive(pgid: int) -> bool:
     return False
 
 
+def stop_group_id(pgid: int, grace_s: float) -> None:
+    """SIGTERM to the process group `pgid`, SIGKILL to what is left after `grace_s`, and wait
+    until it is gone (a group whose leader is not our child: an orphan, say)."""
+    _signal_group(pgid, signal.SIGTERM)
+    if not _wait_group_gone(pgid, time.monotonic() + grace_s):
+        _signal_group(pgid, signal.SIGKILL)
+        _wait_group_gone(pgid, time.monotonic() + KILL_WAIT_S)
+
+
 def _wait_group_gone(pgid: int, deadline: float) -> bool:
     while group_alive(pgid):
         if time.monotonic() >= deadline:

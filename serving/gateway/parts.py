@@ -146,8 +146,8 @@ def traffic_log_writer(settings: Settings, metrics: GatewayMetrics) -> TrafficLo
 def build_gateway(
     settings: Settings,
     endpoints: Mapping[str, EngineEndpoint],
-    metrics_registry: CollectorRegistry | None = None,
-    user_hash_key: bytes = b"",
+    metrics_registry: CollectorRegistry | None,
+    user_hash_key: bytes,
 ) -> Gateway:
     gws = settings.gateway
     engines = engines_from(endpoints, gws)

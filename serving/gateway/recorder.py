@@ -86,7 +86,7 @@ class Recorder:
         shadow: ShadowScorer | None,
         rng: random.Random,
         clock: Callable[[], float],
-        user_hash_key: bytes = b"",
+        user_hash_key: bytes,
     ) -> None:
         self.metrics = metrics
         self.writer = writer

@@ -62,6 +62,18 @@ class RequestPath:
             )
         return slot
 
+    def student_failed(
+        self, engine: Engine, trace: Trace, exc: UpstreamFailure | UpstreamClientError
+    ) -> str:
+        """The student's attempt failed (the engine's fault) or it rejected the request (maybe
+        its own limit: the teacher decides): the fallback reason, on the trace too."""
+        if isinstance(exc, UpstreamClientError):
+            self.recorder.rejected(engine.role, exc.status)
+            trace.fallback_reason = "engine_rejected"
+        else:
+            trace.fallback_reason = exc.reason
+        return trace.fallback_reason
+
     async def complete(self, request: ParsedRequest, trace: Trace) -> Reply:
         """One non-streamed answer; raises `UpstreamUnavailable` when no engine answers."""
         path = UPSTREAM_PATHS[request.endpoint]
@@ -79,13 +91,8 @@ class RequestPath:
                 trace.student_completion_tokens = responses.usage_counts(data)[1]
             else:
                 trace.served_by = trace.arm
-        except UpstreamFailure as failure:
-            trace.fallback_reason = student_failure = failure.reason
-            data = None
-        except UpstreamClientError as rejection:
-            # Maybe the student's own limit (its context, its template): the teacher decides.
-            self.recorder.rejected(call.engine.role, rejection.status)
-            trace.fallback_reason = student_failure = "engine_rejected"
+        except (UpstreamFailure, UpstreamClientError) as exc:
+            student_failure = self.student_failed(call.engine, trace, exc)
             data = None
         if trace.fallback_reason is not None:
             slot = self.teacher_slot(trace, has_student_answer=data is not None)

@@ -106,11 +106,8 @@ async def stream_answer(
                     # The held tokens; the stream is cut here, so that is what the student
                     # spent (give or take the few it generated before it saw the cancel).
                     trace.student_completion_tokens = len(collected.tokens)
-        except UpstreamFailure as failure:
-            trace.fallback_reason = student_failure = failure.reason
-        except UpstreamClientError as rejection:
-            p.recorder.rejected(call.engine.role, rejection.status)
-            trace.fallback_reason = student_failure = "engine_rejected"
+        except (UpstreamFailure, UpstreamClientError) as exc:
+            student_failure = p.student_failed(call.engine, trace, exc)
         if trace.fallback_reason is None:
             assert stream is not None
             return await _serve_student(p, request, trace, sink, stream, collected, call)
