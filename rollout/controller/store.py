@@ -119,7 +119,11 @@ class ControllerStore:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            where = self.path.parent
+            raise ControllerStoreError(f"cannot create {where}: {exc.strerror}") from None
         with self._connect() as db:
             # WAL: a reader (the metrics endpoint, the demo) never blocks the controller.
             db.execute("PRAGMA journal_mode=WAL")

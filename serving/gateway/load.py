@@ -43,16 +43,14 @@ class Budget:
 class Slot:
     """A taken unit of a budget, given back once (`with`, or `close()`)."""
 
-    __slots__ = ("_budget", "_shedder")
+    __slots__ = ("_budget",)
 
-    def __init__(self, shedder: Shedder, budget: Budget) -> None:
-        self._shedder = shedder
+    def __init__(self, budget: Budget) -> None:
         self._budget: Budget | None = budget
 
     def close(self) -> None:
         if self._budget is not None:
             self._budget.give_back()
-            self._shedder.export(self._budget)
             self._budget = None
 
     def __enter__(self) -> Slot:
@@ -68,18 +66,18 @@ class Shedder:
         self.metrics = metrics
         self.gateway = Budget("gateway", settings.max_concurrency)
         self.teacher = Budget("teacher", settings.teacher_max_concurrency)
-        for budget in (self.gateway, self.teacher):
-            self.export(budget)
+        self.export_gauges()
 
-    def export(self, budget: Budget) -> None:
-        self.metrics.in_flight.labels(budget.name).set(budget.in_use)
+    def export_gauges(self) -> None:
+        """The budgets' use, read before each scrape (not set on every request)."""
+        for budget in (self.gateway, self.teacher):
+            self.metrics.in_flight.labels(budget.name).set(budget.in_use)
 
     def _take(self, budget: Budget) -> Slot | None:
         if not budget.try_take():
             self.metrics.shed.labels(budget.name).inc()
             return None
-        self.export(budget)
-        return Slot(self, budget)
+        return Slot(budget)
 
     @contextmanager
     def request(self) -> Iterator[None]:

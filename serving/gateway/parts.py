@@ -90,6 +90,7 @@ class Gateway:
         if self.shadow is not None:
             m.shadow_queue_depth.set(self.shadow.pool.depth)
         self.router.export_shares()
+        self.shedder.export_gauges()
         for engine in self.router.engines.values():
             self.caller.export_breaker(engine)
 

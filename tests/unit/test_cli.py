@@ -142,3 +142,11 @@ def test_rollout_pause_queues_the_request_for_the_controller(tmp_path):
     assert request.actor.startswith("admin:")
     unknown = run(["rollout", "restart"], tmp_path)
     assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
+
+
+def test_rollout_pause_with_an_unusable_state_dir_is_one_line(tmp_path):
+    (tmp_path / "blocker").write_text("")  # a file where the state dir should be
+    (tmp_path / "stillhouse.yaml").write_text(f"state_dir: {tmp_path / 'blocker'}\n")
+    result = run(["rollout", "pause"], tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "cannot create" in result.stderr
