@@ -59,6 +59,16 @@ class EngineSettings(_Section):
     cpu_kvcache_space_gib: int = Field(default=1, ge=1)
     cpu_omp_threads_bind: str = "auto"
     api_key: SecretStr | None = None
+
+    @property
+    def key(self) -> str | None:
+        """The engines' API key in clear (vLLM's --api-key), or None: they take any request."""
+        return self.api_key.get_secret_value() if self.api_key is not None else None
+
+    def auth_headers(self) -> dict[str, str]:
+        """The headers a call to one of our engines carries."""
+        return {"authorization": f"Bearer {self.key}"} if self.key else {}
+
     # A server `stillhouse serve` started that dies is restarted after restart_backoff_s,
     # doubled per failed try up to restart_backoff_max_s, at most restart_max_attempts times
     # in a row; supervise_interval_s is how often its process is looked at.

@@ -244,13 +244,12 @@ async def _plan(
     references: dict[str, str] = {}
     if settings.evaluation.judge.pairwise and reference_url is not None:
         ask = [r for r in records if r.served_by != Role.TEACHER]
-        key = settings.engine.api_key  # the teacher is one of our engines: its key
         references = await fetch_references(
             reference_url,
             reference_model,
             ask,
             settings.evaluation.judge.concurrency,
-            key.get_secret_value() if key else "unused",
+            settings.engine.key or "unused",  # the teacher is one of our engines: its key
         )
         result.references_failed = len(ask) - len(references)
     # A mirrored challenger answer that would have fallen back is judged as what the user would

@@ -220,9 +220,7 @@ async def label_prompts(
     out = Labelled()
     if not prompts:
         return out
-    key = settings.engine.api_key
-    # The engines' own key (vLLM's --api-key); without one they take any request.
-    headers = {"authorization": f"Bearer {key.get_secret_value()}"} if key else {}
+    headers = settings.engine.auth_headers()
     async with httpx.AsyncClient(timeout=_TIMEOUT_S, headers=headers) as client:
         sem = asyncio.Semaphore(cal.concurrency)
         student = ("student", ends.student_url, ends.student_name)

@@ -149,7 +149,7 @@ def build_engine_env(settings: EngineSettings, base: Mapping[str, str]) -> dict[
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     env.setdefault("DO_NOT_TRACK", "1")
     if settings.api_key is not None:
-        env["VLLM_API_KEY"] = settings.api_key.get_secret_value()
+        env["VLLM_API_KEY"] = settings.key or ""
     return env
 
 
@@ -224,10 +224,7 @@ class VllmEngine:
         or the deadline passes (and stop it, so nothing is left behind)."""
         timeout_s = self.settings.ready_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
-        headers = {}
-        if self.settings.api_key is not None:
-            headers["Authorization"] = f"Bearer {self.settings.api_key.get_secret_value()}"
-        with httpx.Client(timeout=2.0, headers=headers) as client:
+        with httpx.Client(timeout=2.0, headers=self.settings.auth_headers()) as client:
             while True:
                 proc = self._proc  # stop() from another thread may clear it at any moment
                 code = proc.poll() if proc is not None else -1

@@ -38,7 +38,7 @@ def load_keys(settings: Settings, environ: Mapping[str, str]) -> Keys:
     gw = settings.gateway
     client_keys = [k.strip() for k in environ.get(gw.api_keys_env, "").split(",") if k.strip()]
     admin_key = environ.get(gw.admin_key_env, "").strip()
-    engine_key = settings.engine.api_key.get_secret_value() if settings.engine.api_key else ""
+    engine_key = settings.engine.key or ""
     refuse_placeholders(
         {
             gw.api_keys_env: client_keys,

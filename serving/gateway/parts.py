@@ -154,7 +154,7 @@ def build_gateway(
     engines = engines_from(endpoints, gws)
     metrics = GatewayMetrics(metrics_registry)
     writer = traffic_log_writer(settings, metrics)
-    engine_key = settings.engine.api_key.get_secret_value() if settings.engine.api_key else None
+    engine_key = settings.engine.key
     client = UpstreamClient(None, engine_key)  # its session opens with the app, on its loop
     shadow = None
     if gws.shadow.fraction > 0:
