@@ -13,8 +13,9 @@ nothing back. Each gate's rule, and why, is in docs/rollout.md (Gates).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Literal
 
 from stillhouse.common.formatting import finite_or_none
@@ -35,6 +36,7 @@ P99_MIN_REQUESTS = 100
 # pairwise_summary's own mixing scale (score units), for the no-champion not-worse test when
 # the A/B results carry no tau.
 DEFAULT_PAIRWISE_TAU = 0.1
+FMT = "{:.3f}"  # divergence and fallback numbers in details
 
 
 @dataclass(frozen=True)
@@ -159,7 +161,7 @@ def _few(
     champion: tuple[str, int] | None = None,
 ) -> GateResult | None:
     """Inconclusive below `min_samples`: the challenger's count, then the champion's (None when
-    the gate needs none, or replaces a champion without data by the teacher)."""
+    the gate needs none, or lets the teacher stand in: `_against_teacher`)."""
     for what, n in (challenger, *([champion] if champion else [])):
         if n < cfg.min_samples:
             detail = f"{what}: n={n} < {cfg.min_samples}"
@@ -206,6 +208,24 @@ def _bounded(
         status, verdict = "inconclusive", f"> margin {margin:.3f}, intervals overlap"
     interval = (c_low - b_high, (c_ci[1] if c_ci else c) - (b_ci[0] if b_ci else b))
     return GateResult(name, status, excess, margin, n, f"{numbers} {verdict}", interval)
+
+
+def _against_teacher(
+    bounded: Callable[..., GateResult], champion: tuple[str, int], cfg: GateSettings
+) -> GateResult:
+    """The teacher stands in for a champion with fewer than `min_samples` samples. It bounds
+    every champion from below (a KL and a fallback rate are ≥ 0), so a pass against it is a pass
+    against any champion. A fail counts only when the champion has no samples at all: with a
+    few, more may come and show the champion just as far, so the gate waits. (An uncertified
+    champion at a strict threshold falls back on almost everything: without this rule its
+    handful of records held every challenger inconclusive until the time limit.)"""
+    what, n = champion
+    label = f"the teacher (no {what})" if n == 0 else f"the teacher ({what}: n={n})"
+    result = bounded((0.0, (0.0, 0.0)), base_label=label)
+    if n == 0 or result.status == "pass":
+        return result
+    wait = f"; not decided until {what} reach {cfg.min_samples} (n={n})"
+    return replace(result, status="inconclusive", detail=result.detail + wait)
 
 
 # ---- the gates -----------------------------------------------------------------------------
@@ -286,39 +306,31 @@ def gate_win_or_tie(ev: GateEvidence, cfg: GateSettings) -> GateResult:
 
 def gate_divergence(ev: GateEvidence, cfg: GateSettings) -> GateResult:
     name, c, b = "divergence", ev.challenger, ev.champion
-    champion = ("champion shadow records", b.divergence_n) if b.divergence_n else None
-    few = _few(
-        name, cfg.divergence_margin, cfg, ("challenger shadow records", c.divergence_n), champion
-    )
+    few = _few(name, cfg.divergence_margin, cfg, ("challenger shadow records", c.divergence_n))
     if few is not None:
         return few
-    if b.divergence_n == 0 or b.divergence_k3 is None:
-        base: tuple[float, Interval | None] = (0.0, (0.0, 0.0))
-        label = "the teacher (no champion shadow records)"
-    else:
-        base, label = (b.divergence_k3, b.divergence_ci), "champion"
     ch = (c.divergence_k3 or 0.0, c.divergence_ci)
-    return _bounded(
-        name, "mean k3 KL", c.divergence_n, ch, base, cfg.divergence_margin, label, "{:.3f}"
+    bounded = partial(
+        _bounded, name, "mean k3 KL", c.divergence_n, ch, margin=cfg.divergence_margin, fmt=FMT
     )
+    if b.divergence_n >= cfg.min_samples and b.divergence_k3 is not None:
+        return bounded((b.divergence_k3, b.divergence_ci), base_label="champion")
+    return _against_teacher(bounded, ("champion shadow records", b.divergence_n), cfg)
 
 
 def gate_fallback(ev: GateEvidence, cfg: GateSettings) -> GateResult:
     name, c, b = "fallback", ev.challenger, ev.champion
-    champion = ("champion requests", b.requests) if b.requests else None
-    few = _few(name, cfg.fallback_margin, cfg, ("challenger requests", c.requests), champion)
+    few = _few(name, cfg.fallback_margin, cfg, ("challenger requests", c.requests))
     if few is not None:
         return few
     ch = (c.fallback_rate or 0.0, _wilson(c.fallback_rate, c.requests, cfg.alpha))
-    if b.requests == 0:
-        base: tuple[float, Interval | None] = (0.0, (0.0, 0.0))
-        label = "the teacher (no champion requests)"
-    else:
-        base = (b.fallback_rate or 0.0, _wilson(b.fallback_rate, b.requests, cfg.alpha))
-        label = "champion"
-    return _bounded(
-        name, "fallback rate", c.requests, ch, base, cfg.fallback_margin, label, "{:.3f}"
+    bounded = partial(
+        _bounded, name, "fallback rate", c.requests, ch, margin=cfg.fallback_margin, fmt=FMT
     )
+    if b.requests >= cfg.min_samples:
+        base = (b.fallback_rate or 0.0, _wilson(b.fallback_rate, b.requests, cfg.alpha))
+        return bounded(base, base_label="champion")
+    return _against_teacher(bounded, ("champion requests", b.requests), cfg)
 
 
 def _not_applicable(name: str, n: int, limit: float | None) -> GateResult:

@@ -181,7 +181,20 @@ DIVERGENCE = [
         ev(challenger={"divergence_n": 0, "divergence_k3": None, "divergence_ci": None}),
         "inconclusive",
     ),
-    ("too_few_champion_records", ev(champion={"divergence_n": 10}), "inconclusive"),
+    # A thin champion: the teacher (KL 0) stands in; a pass stands, a fail waits.
+    (
+        "too_few_champion_records_and_far_from_the_teacher",
+        ev(champion={"divergence_n": 10}),
+        "inconclusive",
+    ),
+    (
+        "too_few_champion_records_and_close_to_the_teacher",
+        ev(
+            champion={"divergence_n": 1},
+            challenger={"divergence_k3": 0.03, "divergence_ci": (0.02, 0.04)},
+        ),
+        "pass",
+    ),
     (
         "no_champion_records_and_close_to_the_teacher",
         ev(
@@ -202,6 +215,12 @@ DIVERGENCE = [
 def test_divergence_allows_the_margin_over_the_champion(case, evidence, want):
     result = gate_divergence(evidence, CFG)
     assert result.status == want, result.detail
+
+
+def test_divergence_with_a_thin_champion_says_it_waits_for_the_champion():
+    result = gate_divergence(ev(champion={"divergence_n": 10}), CFG)
+    assert "the teacher (champion shadow records: n=10)" in result.detail
+    assert "not decided until champion shadow records reach 40" in result.detail
 
 
 def test_divergence_without_champion_records_compares_with_the_teacher():
@@ -227,6 +246,16 @@ FALLBACK = [
         "no_champion_requests_and_often_falls_back",
         ev(champion={"requests": 0, "fallback_rate": None}, challenger={"fallback_rate": 0.3}),
         "fail",
+    ),
+    (
+        "too_few_champion_requests_and_rarely_falls_back",
+        ev(champion={"requests": 5}, challenger={"fallback_rate": 0.03}),
+        "pass",
+    ),
+    (
+        "too_few_champion_requests_and_often_falls_back",
+        ev(champion={"requests": 5}, challenger={"fallback_rate": 0.3}),
+        "inconclusive",
     ),
 ]
 
