@@ -306,6 +306,8 @@ def test_a_kill_9_mid_ramp_resumes_at_the_same_step_and_share(tmp_path):
         assert store.load() == before  # same step, same step start, same inconclusive clock
         write_world(tmp_path, gates={"ramp-2/4": "pass"})
         wait_for("ramp-3/4", lambda: store.load().step == 2, [second])
+        # The decision is committed before it runs: wait for its actions too, not just the state.
+        wait_for("ramp-3/4's actions", lambda: len(executed(tmp_path, second.pid)) >= 4, [second])
     finally:
         stop(first)
         if second is not None:
