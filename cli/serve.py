@@ -31,7 +31,7 @@ def serve(
     port: Annotated[int | None, typer.Option(help="Gateway port (default: config, 8000).")] = None,
 ) -> None:
     """Start the engines (teacher, champion, challenger) and the gateway; Ctrl-C stops all."""
-    from stillhouse.common.registry import RegistryClient
+    from stillhouse.serving.engines.registry_view import RegistryCache
     from stillhouse.serving.serve import resolve_engines
     from stillhouse.serving.serve import serve as run_serve
     from stillhouse.serving.student_refs import engine_refs
@@ -41,9 +41,11 @@ def serve(
     if port is not None:
         gateway = settings.gateway.model_copy(update={"port": port})
         settings = settings.model_copy(update={"gateway": gateway})
-    refs = engine_refs(settings, RegistryClient.from_settings(settings), console.print)
-    engines = resolve_engines(refs, settings)
-    run_serve(settings, engines, os.environ, console, refs)
+    # One cache for start-up and the watcher: MLflow down, the last answers stand in.
+    registry = RegistryCache.for_settings(settings)
+    refs = engine_refs(settings, registry.at_start(), console.print)
+    engines = resolve_engines(refs, settings, registry.at_start())
+    run_serve(settings, engines, os.environ, console, refs, registry)
 
 
 def engines_serve(

@@ -49,6 +49,11 @@ class RegistryError(StillhouseError):
     """The registry is unreachable, or a model, version or alias does not exist."""
 
 
+class RegistryUnreachable(RegistryError):
+    """No answer from the registry at all (refused, timed out, no connection): what was true
+    before may still be; a `RegistryError` that is not this one is the registry's own answer."""
+
+
 @dataclass(frozen=True)
 class ModelRef:
     """A parsed model reference: exactly one of `version` and `alias` is set."""
@@ -89,6 +94,32 @@ class VersionInfo:
     @property
     def uri(self) -> str:
         return version_uri(self.name, self.version)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values (the gateway's registry cache keeps these)."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "aliases": list(self.aliases),
+            "created": self.created.isoformat(),
+            "run_id": self.run_id,
+            "source": self.source,
+            "tags": dict(self.tags),
+            "metrics": dict(self.metrics),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> VersionInfo:
+        return cls(
+            name=str(data["name"]),
+            version=int(data["version"]),
+            aliases=tuple(data.get("aliases", ())),
+            created=datetime.fromisoformat(data["created"]),
+            run_id=data.get("run_id"),
+            source=str(data.get("source", "")),
+            tags={str(k): str(v) for k, v in data.get("tags", {}).items()},
+            metrics={str(k): float(v) for k, v in data.get("metrics", {}).items()},
+        )
 
 
 def check_alias(alias: str) -> str:
@@ -215,7 +246,7 @@ class RegistryClient:
         except RegistryError:
             raise
         except (MlflowException, requests.RequestException, OSError) as e:
-            raise RegistryError(self._explain(e, doing, missing)) from e
+            raise self._translate(e, doing, missing) from e
         finally:
             for key in added:
                 os.environ.pop(key, None)
@@ -227,21 +258,22 @@ class RegistryClient:
         with self._call(doing):
             yield self._client()
 
-    def _explain(self, e: BaseException, doing: str, missing: str | None) -> str:
+    def _translate(self, e: BaseException, doing: str, missing: str | None) -> RegistryError:
         import requests
 
         chain = _causes(e)
+        unreachable = f"cannot reach MLflow at {self.tracking_uri}"
         if any(isinstance(c, ConnectionRefusedError) for c in chain):
-            return f"cannot reach MLflow at {self.tracking_uri}: connection refused"
+            return RegistryUnreachable(f"{unreachable}: connection refused")
         if any(isinstance(c, requests.Timeout) for c in chain):
             timeout = os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "?")
-            return f"cannot reach MLflow at {self.tracking_uri}: no answer within {timeout} s"
+            return RegistryUnreachable(f"{unreachable}: no answer within {timeout} s")
         if any(isinstance(c, requests.ConnectionError) for c in chain):
-            return f"cannot reach MLflow at {self.tracking_uri}: {_first_line(chain[-1])}"
+            return RegistryUnreachable(f"{unreachable}: {_first_line(chain[-1])}")
         if missing and _is_missing(e):
-            return missing
+            return RegistryError(missing)
         code = getattr(e, "error_code", "")
-        return f"{doing} failed: {_first_line(e).removeprefix(f'{code}: ')}"
+        return RegistryError(f"{doing} failed: {_first_line(e).removeprefix(f'{code}: ')}")
 
     # -- experiments and registration ---------------------------------------------------------
 

@@ -40,15 +40,10 @@ from stillhouse.serving.engines.pool import (
     pool_key,
     vllm_factory,
 )
+from stillhouse.serving.engines.registry_view import RegistryCache, RegistryView
 from stillhouse.serving.engines.supervisor import EngineSupervisor
 from stillhouse.serving.engines.vllm import EngineSpec, validate_model_dir
-from stillhouse.serving.engines.watcher import (
-    MlflowRegistryView,
-    ModelWatcher,
-    RegistryView,
-    WatchedRole,
-    not_served,
-)
+from stillhouse.serving.engines.watcher import ModelWatcher, WatchedRole, not_served
 from stillhouse.serving.gateway.app import GATEWAY, MalformedRequestLog, build_app
 from stillhouse.serving.gateway.auth import load_keys
 from stillhouse.serving.gateway.parts import EngineEndpoint
@@ -133,11 +128,12 @@ def resolve_engines(
     refs: Mapping[str, EngineRef], settings: Settings, registry: RegistryView | None = None
 ) -> dict[str, ResolvedEngine]:
     """The engines to run now. A challenger that follows an alias is left out while the alias
-    is unset or names the champion's version (`serve` still follows it)."""
+    is unset or names the champion's version (`serve` still follows it). With MLflow down, the
+    registry's last answers and the cached weights stand in (`RegistryCache.at_start`)."""
     missing = [role for role in (Role.TEACHER, Role.CHAMPION) if role not in refs]
     if missing:
         raise UsageError(f"no {missing[0]} engine configured (gateway.engines.{missing[0]})")
-    view = registry if registry is not None else MlflowRegistryView(settings)
+    view = registry if registry is not None else RegistryCache.for_settings(settings).at_start()
     order = [r for r in ROLES if r in refs] + [r for r in refs if r not in ROLES]
     resolved: dict[str, ResolvedEngine] = {}
     for role in order:
@@ -283,9 +279,11 @@ def serve(
     environ: Mapping[str, str],
     console: Console,
     refs: Mapping[str, EngineRef] | None = None,
+    registry: RegistryCache | None = None,
 ) -> None:
     """Run the engines and the gateway until Ctrl-C. `refs` (what `engines` were resolved
-    from) lets the model watcher follow a challenger alias that is unset right now."""
+    from) lets the model watcher follow a challenger alias that is unset right now; `registry`
+    is the cache they were resolved through (its fallbacks show in `/admin/engines`)."""
     # User mistakes in the gateway's own settings end here, before minutes of engine start-up.
     load_keys(settings, environ)
     check_port_free(settings.gateway.host, settings.gateway.port)
@@ -306,10 +304,15 @@ def serve(
             if role.serving is None:
                 console.print(f"{role.role:<10} follows {role.follow}: none yet")
         gateway = app[GATEWAY]
-        registry = MlflowRegistryView(settings)
+        registry = registry if registry is not None else RegistryCache.for_settings(settings)
+        for ref, fallback in registry.fallbacks.items():
+            console.print(
+                f"MLflow is unreachable: {ref} serves its last known version "
+                f"({fallback.answer or 'unset'}); watching resumes when MLflow answers"
+            )
         watcher = ModelWatcher(gateway.router, gateway.metrics, pool, registry, roles, settings)
         supervisor = EngineSupervisor(pool, gateway.router, gateway.metrics, settings.engine)
-        install_watcher(app, watcher, supervisor)
+        install_watcher(app, watcher, supervisor, registry)
         gw = settings.gateway
 
         def ready(url: str) -> None:

@@ -1,7 +1,7 @@
 """Which engines `stillhouse serve` runs: the configured ones, and for a student role the
 config leaves unset, the registry alias of that name (so the gateway follows it: hot swap).
 
-    refs = engine_refs(settings, RegistryClient.from_settings(settings), console.print)
+    refs = engine_refs(settings, RegistryCache.for_settings(settings).at_start(), console.print)
 
 Before the first promotion there is no champion: the newest challenger stands in for it (it is
 not promoted by this), so the gateway has a student to route to.
@@ -13,8 +13,9 @@ from collections.abc import Callable
 
 from stillhouse.common.config import EngineRef, Settings
 from stillhouse.common.errors import UsageError
-from stillhouse.common.registry import RegistryClient
+from stillhouse.common.registry import alias_uri
 from stillhouse.common.roles import Alias, Role
+from stillhouse.serving.engines.registry_view import RegistryView
 
 
 def teacher_ref(settings: Settings) -> EngineRef:
@@ -29,24 +30,24 @@ def teacher_ref(settings: Settings) -> EngineRef:
 
 
 def engine_refs(
-    settings: Settings, registry: RegistryClient, say: Callable[[str], object]
+    settings: Settings, registry: RegistryView, say: Callable[[str], object]
 ) -> dict[Role, EngineRef]:
     """The teacher, the champion and (followed even while unset) the challenger."""
     configured = settings.gateway.engines
     refs = {Role.TEACHER: teacher_ref(settings)}
     if configured.champion is not None and configured.challenger is not None:
         return {**refs, Role.CHAMPION: configured.champion, Role.CHALLENGER: configured.challenger}
-    name = registry.registered_model
+    name = settings.mlflow.registered_model
 
     def follow(alias: Alias) -> EngineRef:
-        return EngineRef(model=registry.alias_uri(alias), served_name=str(alias))
+        return EngineRef(model=alias_uri(name, alias), served_name=str(alias))
 
     if configured.champion is not None:
         refs[Role.CHAMPION] = configured.champion
-    elif registry.get_alias(Alias.CHAMPION) is not None:
+    elif registry.lookup(alias_uri(name, Alias.CHAMPION)) is not None:
         refs[Role.CHAMPION] = follow(Alias.CHAMPION)
     else:
-        challenger = registry.get_alias(Alias.CHALLENGER)
+        challenger = registry.lookup(alias_uri(name, Alias.CHALLENGER))
         if challenger is None:
             raise UsageError(
                 f"no student in the registry ({name}): run `stillhouse redistill` first "

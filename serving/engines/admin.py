@@ -20,6 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from stillhouse.common.roles import ROLES, Role
+from stillhouse.serving.engines.registry_view import RegistryCache
 from stillhouse.serving.engines.supervisor import EngineSupervisor
 from stillhouse.serving.engines.watcher import ModelWatcher
 from stillhouse.serving.gateway.app import json_response
@@ -29,16 +30,22 @@ from stillhouse.serving.gateway.requests import decode_json
 
 WATCHER = web.AppKey("watcher", ModelWatcher)
 SUPERVISOR = web.AppKey("supervisor", EngineSupervisor)
+REGISTRY = web.AppKey("registry", RegistryCache)
 
 
 def install_watcher(
-    app: web.Application, watcher: ModelWatcher, supervisor: EngineSupervisor | None = None
+    app: web.Application,
+    watcher: ModelWatcher,
+    supervisor: EngineSupervisor | None = None,
+    registry: RegistryCache | None = None,
 ) -> None:
     """Run `watcher` (and `supervisor`, which restarts a dead server) for the app's lifetime
-    and serve their admin routes."""
+    and serve their admin routes; `registry` is the cache whose fallbacks they show."""
     app[WATCHER] = watcher
     if supervisor is not None:
         app[SUPERVISOR] = supervisor
+    if registry is not None:
+        app[REGISTRY] = registry
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         await watcher.start()
@@ -57,7 +64,9 @@ def install_watcher(
 
 
 def engines_state(
-    watcher: ModelWatcher, supervisor: EngineSupervisor | None = None
+    watcher: ModelWatcher,
+    supervisor: EngineSupervisor | None = None,
+    registry: RegistryCache | None = None,
 ) -> dict[str, Any]:
     now = watcher.clock()
     engines: dict[str, Any] = {}
@@ -104,17 +113,20 @@ def engines_state(
                 retry_in_s=round(max(0.0, state.retry[1] - now), 1) if state.retry else None,
             )
         engines[str(role)] = item  # orjson takes only plain-str keys
-    return {
+    state: dict[str, Any] = {
         "watch_interval_s": watcher.interval_s,
         "last_poll": watcher.last_poll,
         "now": time.time(),
         "engines": engines,
     }
+    if registry is not None:  # which references serve the registry's last answer, not its word
+        state["registry"] = registry.status()
+    return state
 
 
 async def admin_engines(request: web.Request) -> web.Response:
     authorize_admin(request)
-    return json_response(engines_state(request.app[WATCHER], request.app.get(SUPERVISOR)))
+    return json_response(_state(request.app))
 
 
 async def admin_refresh(request: web.Request) -> web.Response:
@@ -130,5 +142,8 @@ async def admin_refresh(request: web.Request) -> web.Response:
     watcher = request.app[WATCHER]
     await watcher.refresh(wait)
     status = 200 if wait else 202
-    state = engines_state(watcher, request.app.get(SUPERVISOR))
-    return json_response({"refreshed": wait, **state}, status)
+    return json_response({"refreshed": wait, **_state(request.app)}, status)
+
+
+def _state(app: web.Application) -> dict[str, Any]:
+    return engines_state(app[WATCHER], app.get(SUPERVISOR), app.get(REGISTRY))

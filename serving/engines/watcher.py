@@ -14,20 +14,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from stillhouse.common.calibration_tags import calibration_only, serving_threshold
 from stillhouse.common.config import ConfidenceSettings, Settings
 from stillhouse.common.errors import StillhouseError
-from stillhouse.common.registry import RegistryClient, VersionInfo, parse_ref
+from stillhouse.common.registry import VersionInfo
 from stillhouse.common.roles import Role
 from stillhouse.common.rollout_tags import rolled_back
 from stillhouse.serving.engines.pool import EnginePool, PoolEntry, PoolKey, pool_key
+from stillhouse.serving.engines.registry_view import RegistryView
 from stillhouse.serving.engines.swap_plan import RoleView, SwapAction, plan, retry_delay
 from stillhouse.serving.engines.vllm import EngineSpec
 from stillhouse.serving.gateway.metrics import GatewayMetrics
@@ -35,46 +34,6 @@ from stillhouse.serving.gateway.router import Router
 from stillhouse.serving.gateway.upstream import Engine, new_engine
 
 log = logging.getLogger("stillhouse.watcher")
-
-
-class RegistryView(Protocol):
-    """The registry as the watcher needs it (blocking calls; run in a worker thread)."""
-
-    def lookup(self, ref: str) -> VersionInfo | None:
-        """The version `ref` names now; None when its alias is unset."""
-        ...
-
-    def download(self, uri: str) -> Path: ...
-
-
-class MlflowRegistryView:
-    """`RegistryView` over the configured MLflow registry (any registered model name)."""
-
-    def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-        self._clients: dict[str, RegistryClient] = {}
-        self._lock = threading.Lock()
-
-    def _client(self, name: str) -> RegistryClient:
-        with self._lock:
-            if name not in self._clients:
-                base = RegistryClient.from_settings(self._settings)
-                if base.registered_model != name:
-                    base = RegistryClient(base.tracking_uri, name, base.artifact_root)
-                self._clients[name] = base
-            return self._clients[name]
-
-    def lookup(self, ref: str) -> VersionInfo | None:
-        parsed = parse_ref(ref, self._settings.mlflow.registered_model)
-        client = self._client(parsed.name)
-        if parsed.alias is not None:
-            return client.get_alias(parsed.alias)
-        return client.resolve(str(parsed))
-
-    def download(self, uri: str) -> Path:
-        parsed = parse_ref(uri, self._settings.mlflow.registered_model)
-        cache = self._settings.state_dir / "cache" / "models"
-        return self._client(parsed.name).download(uri, cache)
 
 
 def not_served(tags: Mapping[str, str] | None, settings: Settings) -> bool:

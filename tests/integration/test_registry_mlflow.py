@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from stillhouse.common.registry import RegistryClient, RegistryError
+from stillhouse.common.registry import RegistryClient, RegistryError, RegistryUnreachable
 
 pytestmark = pytest.mark.slow
 
@@ -177,13 +177,14 @@ def test_a_missing_alias_over_rest_is_the_same_one_line_error(registered):
     with pytest.raises(RegistryError) as err:
         registered.registry.resolve(f"models:/{MODEL}@rollback")
     assert str(err.value) == f"no version of {MODEL} has alias 'rollback'"
+    assert not isinstance(err.value, RegistryUnreachable)  # the registry's own answer
 
 
 def test_an_unreachable_server_fails_within_seconds_with_one_line():
     url = f"http://127.0.0.1:{free_port()}"  # bound, then closed: nothing listens
     registry = RegistryClient(url, MODEL)  # the default (low) retry settings
     started = time.monotonic()
-    with pytest.raises(RegistryError) as err:
+    with pytest.raises(RegistryUnreachable) as err:  # what the gateway's cache falls back on
         registry.resolve("champion")
     elapsed = time.monotonic() - started
     assert str(err.value) == f"cannot reach MLflow at {url}: connection refused"

@@ -4,6 +4,7 @@ aliases, followed; before the first promotion the challenger stands in for the c
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -25,14 +26,15 @@ class FakeVersion:
 @dataclass
 class FakeRegistry:
     aliases: dict[str, int] = field(default_factory=dict)
-    registered_model: str = NAME
 
-    def get_alias(self, alias: str) -> FakeVersion | None:
+    def lookup(self, ref: str) -> FakeVersion | None:
+        alias = ref.removeprefix(f"models:/{NAME}@")
+        assert ref == alias_uri(NAME, alias), ref
         v = self.aliases.get(alias)
         return None if v is None else FakeVersion(f"models:/{NAME}/{v}")
 
-    def alias_uri(self, alias: str) -> str:
-        return alias_uri(NAME, alias)
+    def download(self, uri: str) -> Path:
+        raise AssertionError("engine_refs downloads nothing")
 
 
 def settings(**engines: EngineRef) -> Settings:
