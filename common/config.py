@@ -245,6 +245,10 @@ class AbSettings(_Section):
     # A challenger version tagged rolled back (its rollout failed) is not served, even while it
     # still holds the `challenger` alias; true serves it anyway (an operator's override).
     serve_rolled_back: bool = False
+    # A challenger registry version serves users (a share above 0) only at a threshold
+    # certified for it; until then it is started and mirrored but gets no users. True lets an
+    # uncertified one take the share anyway (an operator's override).
+    serve_uncertified: bool = False
 
 
 class ConfidenceSettings(_Section):

@@ -41,6 +41,19 @@ def not_served(tags: Mapping[str, str] | None, settings: Settings) -> bool:
     return rolled_back(tags) and not settings.gateway.ab.serve_rolled_back
 
 
+def share_refusal(role: Role, tags: Mapping[str, str] | None, settings: Settings) -> str | None:
+    """Why a challenger version may serve no users, or None when it may: a registry version
+    needs a threshold certified for it (else it answers every user at the configured one, with
+    no risk bound), unless `gateway.ab.serve_uncertified`. Other roles and engines that are no
+    registry version (`tags` None: a directory, a `base_url`) are the operator's choice."""
+    if role != Role.CHALLENGER or tags is None or settings.gateway.ab.serve_uncertified:
+        return None
+    value, why = serving_threshold(tags, settings.gateway.confidence)
+    if value is not None:
+        return None
+    return f"no certified threshold ({why}); gateway.ab.serve_uncertified: true overrides"
+
+
 def threshold_for(
     tags: Mapping[str, str] | None, conf: ConfidenceSettings, version: str
 ) -> tuple[float | None, str]:
@@ -120,9 +133,11 @@ class ModelWatcher:
 
     async def start(self) -> None:
         self._wake, self._lock = asyncio.Event(), asyncio.Lock()
+        before = self.router.share_in_force
         for role, engine in list(self.router.engines.items()):
             if role in self.roles:
-                self._set_threshold(engine, self.roles[role].tags)
+                self._apply_tags(engine, self.roles[role].tags)
+        self.router.note_share_in_force(before)
         self._task = asyncio.create_task(self._run(), name="model-watcher")
 
     async def stop(self) -> None:
@@ -228,7 +243,9 @@ class ModelWatcher:
                 state.tags = calibration_only(info.tags)
                 engine = self.router.engines.get(action.role)
                 if engine is not None:
-                    self._set_threshold(engine, info.tags)
+                    before = self.router.share_in_force
+                    self._apply_tags(engine, info.tags)
+                    self.router.note_share_in_force(before)
             elif action.kind == "hold" and state.last_error != action.reason:
                 log.warning("%s: %s", action.role, action.reason)
                 state.last_error = action.reason
@@ -308,7 +325,7 @@ class ModelWatcher:
             action.role, entry.base_url, entry.served_name, action.target, self.settings.gateway
         )
         tags = info.tags if info is not None else {}
-        self._set_threshold(engine, tags)
+        self._apply_tags(engine, tags)
         old = self.router.swap_engine(action.role, engine)
         started = state.swap_started if state.swap_started is not None else self.clock()
         retiring = _Retiring(
@@ -367,9 +384,14 @@ class ModelWatcher:
         if state.swapping_to == r.new_ref:
             state.swapping_to = state.swap_started = None
 
-    def _set_threshold(self, engine: Engine, tags: Mapping[str, str] | None) -> None:
+    def _apply_tags(self, engine: Engine, tags: Mapping[str, str] | None) -> None:
+        """The version's tags on its engine: its threshold, and whether it may serve users."""
         conf = self.settings.gateway.confidence
         engine.set_threshold(*threshold_for(tags, conf, engine.ref))
+        refused = share_refusal(engine.role, tags, self.settings)
+        if refused is not None and refused != engine.share_refused:
+            log.warning("%s %s serves no users: %s", engine.role, engine.ref, refused)
+        engine.share_refused = refused
         log.info(
             "%s serves %s with confidence threshold %.4g: %s",
             engine.role,

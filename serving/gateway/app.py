@@ -340,11 +340,14 @@ async def metrics_engines(request: web.Request) -> web.Response:
 
 def _ab_state(gw: Gateway) -> dict[str, Any]:
     ab = gw.router.ab
+    challenger = gw.router.engines.get(Role.CHALLENGER)
     return {
         "challenger_share": ab.share,
         "seed": ab.seed,
         "mirror_share": ab.mirror,
         "has_challenger": gw.router.has_challenger,
+        "share_in_force": gw.router.share_in_force,
+        "share_refused": challenger.share_refused if challenger is not None else None,
     }
 
 

@@ -100,7 +100,7 @@ class Gateway:
         ab = self.router.ab
         with TrafficLogReader(self.settings.traffic_log_path) as reader:
             changes = reader.ab_changes()
-        share = ab.share if self.router.has_challenger else 0.0
+        share = self.router.share_in_force
         last = changes[-1] if changes else None
         previous = (last.share, last.seed) if last else (share, ab.seed)
         self.writer.submit(

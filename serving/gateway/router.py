@@ -59,17 +59,29 @@ class Router:
     def has_challenger(self) -> bool:
         return Role.CHALLENGER in self.engines
 
+    @property
+    def share_in_force(self) -> float:
+        """The challenger's share as it applies: 0 with no challenger engine, or with one that
+        may serve no users (`Engine.share_refused`: a version not certified), else the split's."""
+        challenger = self.engines.get(Role.CHALLENGER)
+        if challenger is None or challenger.share_refused is not None:
+            return 0.0
+        return self.ab.share
+
     def assign(self, key: str) -> Arm:
-        if Role.CHALLENGER not in self.engines:
+        share = self.share_in_force
+        if share == 0.0:
             return Role.CHAMPION
-        return assign_arm(key, self.ab.seed, self.ab.share)
+        return assign_arm(key, self.ab.seed, share)
 
     # --- the split and the mirror share ------------------------------------------------------
 
     async def set_split(self, share: float, seed: str, actor: str) -> AbChange:
-        """Change the split; returns once the change is in the traffic log."""
-        change = AbChange(time.time(), share, seed, self.ab.share, self.ab.seed, actor)
+        """Change the split; returns once the change is in the traffic log, which records the
+        shares in force (what the sample-ratio check must compare with)."""
+        before, previous_seed = self.share_in_force, self.ab.seed
         self.ab.share, self.ab.seed = share, seed
+        change = AbChange(time.time(), self.share_in_force, seed, before, previous_seed, actor)
         self.export_shares()
         log.info(
             "A/B changed by %s: share %.4f -> %.4f, seed %r -> %r",
@@ -92,9 +104,8 @@ class Router:
 
     def export_shares(self) -> None:
         """The gauges: the shares in force (0 while there is no challenger engine)."""
-        present = self.has_challenger
-        self.metrics.challenger_share.set(self.ab.share if present else 0.0)
-        self.metrics.mirror_share.set(self.ab.mirror if present else 0.0)
+        self.metrics.challenger_share.set(self.share_in_force)
+        self.metrics.mirror_share.set(self.ab.mirror if self.has_challenger else 0.0)
 
     # --- the engines (hot swap) --------------------------------------------------------------
 
@@ -102,23 +113,23 @@ class Router:
         """Route `role` to `engine` from now on and return the engine it replaces (None: the
         role is new). No await: atomic for every request; those already running keep the
         Engine they picked (drain it before stopping its server)."""
+        before = self.share_in_force
         old = self.engines.get(role)
         self.engines[role] = engine
         self.metrics.export_breaker(role, engine.breaker.current_state())
-        if role == Role.CHALLENGER and old is None:
-            self._challenger_presence(True)
+        self.note_share_in_force(before)
         return old
 
     def remove_engine(self, role: Role) -> Engine | None:
         """Stop routing to `role` (only the challenger may go); returns its engine, to drain."""
         if role in (Role.TEACHER, Role.CHAMPION):
             raise ValueError(f"the gateway cannot run without a {role}")
+        before = self.share_in_force
         old = self.engines.pop(role, None)
         if old is not None:
             with contextlib.suppress(KeyError):
                 self.metrics.circuit_state.remove(role)
-            if role == Role.CHALLENGER:
-                self._challenger_presence(False)
+            self.note_share_in_force(before)
         return old
 
     async def drain(self, engine: Engine, timeout_s: float) -> bool:
@@ -130,12 +141,13 @@ class Router:
             await asyncio.sleep(DRAIN_POLL_S)
         return True
 
-    def _challenger_presence(self, present: bool) -> None:
-        # The share in force changes without an admin call: logged like one, so the A/B
-        # sample-ratio check knows which share applied to every request.
-        share = self.ab.share if present else 0.0
-        previous = 0.0 if present else self.ab.share
+    def note_share_in_force(self, before: float, actor: str = "engine-watcher") -> None:
+        """Record a change of the share in force since `before` (a challenger came, went, or
+        was refused users) without an admin call: logged like one, so the A/B sample-ratio
+        check knows which share applied to every request."""
+        share = self.share_in_force
+        if share == before:
+            return
         self.export_shares()
-        self.writer.submit(
-            AbChange(time.time(), share, self.ab.seed, previous, self.ab.seed, "engine-watcher")
-        )
+        log.info("challenger share in force changed by %s: %.4f -> %.4f", actor, before, share)
+        self.writer.submit(AbChange(time.time(), share, self.ab.seed, before, self.ab.seed, actor))

@@ -50,6 +50,8 @@ class Engine:
     policy: FallbackPolicy  # its confidence rule, with the threshold of the version it serves
     threshold_source: str = "config"
     in_flight: int = 0  # engine calls and open streams now using it
+    # Why this challenger may serve no users (its share in force is 0); None: it may.
+    share_refused: str | None = None
 
     def set_threshold(self, calibrated: float | None, source: str) -> None:
         """Fall back at `calibrated` from now on (None: the configured threshold)."""

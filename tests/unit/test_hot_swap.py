@@ -23,11 +23,12 @@ from gateway_harness import ADMIN_KEY, CLIENT_KEY, Harness, gateway_harness, set
 from stillhouse.common.calibration_tags import CALIBRATION_TAG_PREFIX as P
 from stillhouse.common.errors import EngineStartError
 from stillhouse.common.registry import RegistryError, VersionInfo
+from stillhouse.common.roles import Role
 from stillhouse.common.traffic import TrafficLogReader
 from stillhouse.serving.engines.admin import install_watcher
 from stillhouse.serving.engines.pool import EnginePool, pool_key
 from stillhouse.serving.engines.vllm import EngineSpec
-from stillhouse.serving.engines.watcher import ModelWatcher, WatchedRole
+from stillhouse.serving.engines.watcher import ModelWatcher, WatchedRole, share_refusal
 from stillhouse.serving.gateway.app import GATEWAY, build_app
 from stillhouse.serving.gateway.parts import EngineEndpoint
 from stillhouse.serving.gateway.upstream import Engine, new_engine
@@ -423,6 +424,69 @@ def test_a_challenger_alias_that_appears_is_served_at_the_configured_share(tmp_p
         (change,) = _ab_changes(w.h, "engine-watcher")
         assert (change.share, change.previous_share) == (1.0, 0.0)
         assert "stillhouse_gateway_challenger_share 1.0" in w.metrics()
+
+
+def test_an_uncertified_challenger_is_started_but_serves_no_user_until_certified(tmp_path):
+    with watched_gateway(tmp_path, ab={"challenger_share": 1.0}) as w:
+        gw = w.h.gateway.router
+        w.registry.aliases["challenger"] = 2
+        w.registry.tags[2] = {P + "certified": "false", **{k: v for k, v in FIT.items()
+                                                            if k != P + "certified"}}  # fmt: skip
+        w.refresh()
+        assert gw.has_challenger and gw.share_in_force == 0.0  # started: the mirror can use it
+        arms = {
+            w.h.post("/v1/chat/completions", BODY, headers={"x-request-id": f"u{i}"}).headers[
+                "x-stillhouse-arm"
+            ]
+            for i in range(40)
+        }
+        assert arms == {"champion"}
+        ab = w.h.http.get(w.h.url + "/admin/ab", headers=ADMIN).json()
+        assert (ab["challenger_share"], ab["share_in_force"]) == (1.0, 0.0)
+        assert "not certified" in ab["share_refused"] and "serve_uncertified" in ab["share_refused"]
+        assert "stillhouse_gateway_challenger_share 0.0" in w.metrics()
+        assert _ab_changes(w.h, "engine-watcher") == []  # its share in force never left 0
+
+        w.registry.tags[2] = FIT  # calibration certified it
+        w.refresh()
+        resp = w.h.post("/v1/chat/completions", BODY, headers={"x-request-id": "c"})
+        assert resp.headers["x-stillhouse-arm"] == "challenger"
+        wait_until(lambda: len(_ab_changes(w.h, "engine-watcher")) == 1)
+        (change,) = _ab_changes(w.h, "engine-watcher")
+        assert (change.share, change.previous_share) == (1.0, 0.0)
+
+
+def test_an_operator_may_force_an_uncalibrated_challenger_to_serve(tmp_path):
+    ab = {"challenger_share": 1.0, "serve_uncertified": True}
+    with watched_gateway(tmp_path, ab=ab) as w:
+        w.registry.aliases["challenger"] = 2  # no calibration tags at all
+        w.refresh()
+        resp = w.h.post("/v1/chat/completions", BODY, headers={"x-request-id": "c"})
+        assert resp.headers["x-stillhouse-arm"] == "challenger"
+
+
+SHARE_RULE = [
+    ("a_certified_challenger", "challenger", FIT, {}, None),
+    ("an_uncalibrated_challenger", "challenger", {}, {}, "no calibrated threshold"),
+    ("a_challenger_fit_for_another_window", "challenger", {**FIT, P + "hold_tokens": "16"}, {},
+     "16 tokens"),
+    ("the_override", "challenger", {}, {"serve_uncertified": True}, None),
+    ("no_registry_version", "challenger", None, {}, None),
+    ("the_champion", "champion", {}, {}, None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("case", "role", "tags", "ab", "refused"), SHARE_RULE, ids=[c[0] for c in SHARE_RULE]
+)
+def test_only_a_challenger_version_without_a_certified_threshold_is_refused_users(
+    tmp_path, case, role, tags, ab, refused
+):
+    settings = settings_for(tmp_path, ab=ab) if ab else settings_for(tmp_path)
+    why = share_refusal(Role(role), tags, settings)
+    assert (why is None) == (refused is None)
+    if refused is not None:
+        assert why is not None and refused in why
 
 
 def test_an_unreachable_registry_changes_nothing_and_is_reported(tmp_path):
