@@ -1,9 +1,15 @@
-"""Case 5: the registry down while the gateway restarts. A real `mlflow server`, a real
-`stillhouse serve` whose champion follows `models:/…@champion` (a real vLLM server on the tiny
-teacher's weights), a fake teacher. The first gateway starts with MLflow up; MLflow is stopped;
-the restarted gateway starts on the version the alias last named, from the cached weights,
-answers, and says so in /admin/engines; MLflow comes back on the same port, and one poll later
-the gateway watches again."""
+"""Cases 5 and 12 with a real `mlflow server`, a real `stillhouse serve` whose students follow
+the registry's aliases (the champion a real vLLM server on the tiny teacher's weights), and a
+fake teacher.
+
+- 12: the challenger alias names a version the controller rolled back (its own
+  `record_challenger_rollback`). A gateway with the default A/B settings (share 0.1) sends
+  requests from 200 users to the champion only, and never starts the challenger.
+- 5: MLflow is stopped; the restarted gateway starts on the version the alias last named, from
+  the cached weights, answers, and says so in /admin/engines; MLflow comes back on the same
+  port, and one poll later the gateway watches again.
+
+Both share one test: each gateway start is a vLLM start (about a minute here)."""
 
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +31,8 @@ from serve_process import ADMIN_KEY, GatewayProcess
 from stillhouse.common.config import Settings
 from stillhouse.common.prompts import triage_user_message
 from stillhouse.common.registry import RegistryClient
+from stillhouse.common.tracking import RunTracker
+from stillhouse.rollout.promotion import record_challenger_rollback
 from stillhouse.serving.engines.vllm import free_port
 
 pytestmark = pytest.mark.slow
@@ -32,6 +41,7 @@ MODEL = "outage-student"
 CHAMPION = f"models:/{MODEL}@champion"
 MLFLOW_READY_S = 120.0
 ENGINE_START_S = 480.0  # a gateway whose champion is a vLLM server: one start, loaded machine
+USERS = 200  # at the default share 0.1, about 20 would meet a challenger that is served
 
 
 class MlflowServer:
@@ -105,10 +115,12 @@ def until(
         time.sleep(0.5)
 
 
-def ask(gp: GatewayProcess) -> httpx.Response:
+def ask(gp: GatewayProcess, user: str | None = None) -> httpx.Response:
     content = triage_user_message("I was charged twice")
     body = {"model": "stillhouse", "max_tokens": 8, "temperature": 0.0,
             "messages": [{"role": "user", "content": content}]}  # fmt: skip
+    if user is not None:
+        body["user"] = user
     headers = {"authorization": "Bearer sk-integration"}
     return httpx.post(gp.url + "/v1/chat/completions", json=body, headers=headers, timeout=120)
 
@@ -121,6 +133,10 @@ def test_a_restart_with_mlflow_down_serves_the_cached_champion_and_watches_again
     with registry.session("create a run") as client:
         run_id = client.create_run(registry.ensure_experiment("outage")).info.run_id
     v1 = registry.register_version(run_id, tiny_world.teacher_dir, {}, alias="champion")
+    v2 = registry.register_version(run_id, tiny_world.teacher_dir, {}, alias="challenger")
+    tracker = RunTracker(registry, "outage")
+    record_challenger_rollback(registry, tracker, v2.version, actor="controller:calibration",
+                               reason="calibration certified no threshold")  # fmt: skip
 
     teacher = fault_engines("teacher")["teacher"]
     engine = {**tiny_settings.engine.model_dump(mode="json", exclude={"api_key"}),
@@ -139,6 +155,13 @@ def test_a_restart_with_mlflow_down_serves_the_cached_champion_and_watches_again
         running.append(first)
         assert ask(first).headers["x-stillhouse-served-by"] == "champion"
         assert admin(first)["registry"]["from_cache"] == {}
+        with ThreadPoolExecutor(4) as pool:
+            arms = list(pool.map(lambda i: ask(first, user=f"user-{i}"), range(USERS)))
+        assert [a.status_code for a in arms] == [200] * USERS
+        assert {a.headers["x-stillhouse-arm"] for a in arms} == {"champion"}
+        engines = admin(first)["engines"]
+        assert not engines["challenger"]["active"] and engines["challenger"]["pid"] is None
+        assert f"challenger v{v2.version} was rolled back: not served" in first.output()
         assert first.interrupt() == 0
 
         mlflow_server.stop()
@@ -165,7 +188,10 @@ def test_a_restart_with_mlflow_down_serves_the_cached_champion_and_watches_again
         )
         assert back["engines"]["champion"]["model"] == v1.uri
         assert ask(second).status_code == 200
-        print(f"restart with MLflow down: healthy in {start_s:.0f} s, 5/5 answered by champion")
+        print(
+            f"rolled-back challenger: {USERS}/{USERS} users on the champion; restart with "
+            f"MLflow down: healthy in {start_s:.0f} s, 5/5 answered by the champion"
+        )
         assert second.interrupt() == 0
     finally:
         for gp in running:
