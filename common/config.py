@@ -348,6 +348,9 @@ class GatewaySettings(_Section):
     # How often `stillhouse serve` asks the registry where its aliases point (hot swap) and
     # for the served versions' calibrated thresholds; 0 turns the polling off.
     watch_interval_s: float = Field(default=10.0, ge=0.0)
+    # Downloaded versions kept per registered model in <state_dir>/cache/models after a swap:
+    # the newest this many, and every one still served (older ones are deleted).
+    model_cache_keep: int = Field(default=3, ge=1)
     ab: AbSettings = AbSettings()
     confidence: ConfidenceSettings = ConfidenceSettings()
     fallback: FallbackSettings = FallbackSettings()

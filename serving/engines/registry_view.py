@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 from stillhouse.common.config import Settings
 from stillhouse.common.registry import RegistryClient, RegistryUnreachable, VersionInfo, parse_ref
+from stillhouse.serving.engines.model_cache import models_root
 
 log = logging.getLogger("stillhouse.registry_cache")
 
@@ -69,8 +70,7 @@ class MlflowRegistryView:
     def download(self, uri: str) -> Path:
         """A version's weights; a version already in the cache needs no registry."""
         parsed = parse_ref(uri, self._settings.mlflow.registered_model)
-        cache = self._settings.state_dir / "cache" / "models"
-        return self._client(parsed.name).download(uri, cache)
+        return self._client(parsed.name).download(uri, models_root(self._settings))
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,10 @@ from typing import Any
 from stillhouse.common.calibration_tags import calibration_only, serving_threshold
 from stillhouse.common.config import ConfidenceSettings, Settings
 from stillhouse.common.errors import StillhouseError
-from stillhouse.common.registry import VersionInfo
+from stillhouse.common.registry import RegistryError, VersionInfo, parse_ref
 from stillhouse.common.roles import Role
 from stillhouse.common.rollout_tags import rolled_back
+from stillhouse.serving.engines.model_cache import models_root, prune
 from stillhouse.serving.engines.pool import EnginePool, PoolEntry, PoolKey, pool_key
 from stillhouse.serving.engines.registry_view import RegistryView
 from stillhouse.serving.engines.swap_plan import RoleView, SwapAction, plan, retry_delay
@@ -259,6 +260,9 @@ class ModelWatcher:
         ]
         retiring += [self._remove(a) for a in removals]
         await asyncio.gather(*(self._retire(r) for r in retiring))
+        if retiring:
+            keep = self.settings.gateway.model_cache_keep
+            await asyncio.to_thread(prune, models_root(self.settings), keep, self._in_use())
 
     async def _acquire(self, moves: Sequence[SwapAction]) -> dict[str, PoolEntry]:
         """The server for each move (started in parallel, once per key); failures noted."""
@@ -383,6 +387,18 @@ class ModelWatcher:
         }
         if state.swapping_to == r.new_ref:
             state.swapping_to = state.swap_started = None
+
+    def _in_use(self) -> list[tuple[str, int]]:
+        """The registry versions this gateway serves or is starting: their weights stay."""
+        refs = [e.ref for e in self.router.engines.values()]
+        refs += [s.swapping_to for s in self.roles.values() if s.swapping_to is not None]
+        used: list[tuple[str, int]] = []
+        for ref in refs:
+            with contextlib.suppress(RegistryError):  # a directory or a URL: not cached here
+                parsed = parse_ref(ref, self.settings.mlflow.registered_model)
+                if parsed.version is not None:
+                    used.append((parsed.name, parsed.version))
+        return used
 
     def _apply_tags(self, engine: Engine, tags: Mapping[str, str] | None) -> None:
         """The version's tags on its engine: its threshold, and whether it may serve users."""

@@ -26,6 +26,7 @@ from stillhouse.common.registry import RegistryError, VersionInfo
 from stillhouse.common.roles import Role
 from stillhouse.common.traffic import TrafficLogReader
 from stillhouse.serving.engines.admin import install_watcher
+from stillhouse.serving.engines.model_cache import models_root
 from stillhouse.serving.engines.pool import EnginePool, pool_key
 from stillhouse.serving.engines.vllm import EngineSpec
 from stillhouse.serving.engines.watcher import ModelWatcher, WatchedRole, share_refusal
@@ -333,6 +334,17 @@ def test_the_champion_alias_moves_new_requests_go_to_the_new_version_the_old_dra
         assert champion["last_swap"]["seconds"] >= 0.5
         assert 'stillhouse_engine_swaps_total{outcome="ok",role="champion"} 1.0' in w.metrics()
         assert w.pool.keys() == {(V3, ())}
+
+
+def test_after_a_swap_the_model_cache_keeps_the_newest_and_the_served_versions(tmp_path):
+    with watched_gateway(tmp_path, model_cache_keep=1) as w:
+        root = models_root(w.h.settings) / "student"
+        for name in ("1", "2", "4", ".download-5"):
+            (root / name).mkdir(parents=True)
+        w.registry.aliases["champion"] = 2  # an older version than the newest cached (4)
+        w.refresh()
+        assert w.h.gateway.router.engines["champion"].ref == V2
+        assert sorted(p.name for p in root.iterdir()) == [".download-5", "2", "4"]
 
 
 def test_promoting_the_challenger_reuses_its_server_and_stops_only_the_old_champion(tmp_path):
