@@ -14,6 +14,7 @@ registry.py, up.py, demo.py), which registers its commands here.
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -69,13 +70,28 @@ def _quiet_foreign_loggers() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread: it unwinds like Ctrl-C (every `finally` and exit
+    stack runs, so engines a command started are stopped), then exits 143."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main() -> None:
     _quiet_foreign_loggers()
+    # Python's default SIGTERM ends the process on the spot, leaving the vLLM servers a
+    # command started running (`kill`, `up` stopping a child, Kubernetes). Commands that
+    # shut down in their own way (serve once ready, up, controller) install their own.
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         build_app()()
     except StillhouseError as e:
         Console(stderr=True, highlight=False, soft_wrap=True).print(f"error: {e}", markup=False)
         sys.exit(e.exit_code)
+    except Terminated:
+        sys.exit(128 + signal.SIGTERM)
     except KeyboardInterrupt:
         sys.exit(130)
 

@@ -38,6 +38,7 @@ from stillhouse.eval.judge import judge_engine_args
 from stillhouse.eval.judging import make_template
 from stillhouse.rollout.calibration.prompts import calibration_prompts
 from stillhouse.rollout.gateway_admin import GatewayAdmin, engine_entry
+from stillhouse.serving.engines.pool import engine_notes
 from stillhouse.serving.serve import resolve_engine, start_engines
 
 STEPS = 6
@@ -100,6 +101,7 @@ def run_demo(settings: Settings, console: Console, *, write_report: WriteReport)
     cycle.reset_controller(settings)
 
     _step(console, 3, "serving: the teacher, and the gateway following the student aliases")
+    engine_notes(settings).reap_orphans()  # a demo killed before this one left its engines
     with ExitStack() as stack:
         teacher_url = _serve_teacher(settings, world, stack, console)
         gateway, admin, settings = _start_gateway(settings, teacher_url, stack, console)
