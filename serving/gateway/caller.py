@@ -23,6 +23,7 @@ from typing import Any
 import aiohttp
 
 from stillhouse.common.config import FallbackSettings
+from stillhouse.common.roles import Role
 from stillhouse.serving.gateway.breaker import Permit
 from stillhouse.serving.gateway.metrics import GatewayMetrics
 from stillhouse.serving.gateway.trace import Trace
@@ -100,14 +101,22 @@ class EngineCaller:
             raise UpstreamFailure("deadline", "the request's deadline passed")
         return remaining
 
-    def attempt_timeout(self, trace: Trace, max_tokens: int | None = None) -> float:
+    def attempt_timeout(
+        self, trace: Trace, max_tokens: int | None = None, engine: Engine | None = None
+    ) -> float:
         """The next attempt's timeout, cut to what is left of the deadline: `attempt_timeout_s`
         for the first tokens, plus the generation time of `max_tokens` at `min_tokens_per_s`
-        for a non-streamed answer (its headers come only when it is whole)."""
+        for a non-streamed answer (its headers come only when it is whole). The teacher, which
+        nothing falls back from, gets all that is left: the attempt timeout exists to leave
+        time for a fallback, and cutting the last resort short only turns a slow answer into
+        a 503 (seen in the demo: a teacher busy with calibration timed out at 20 s)."""
+        remaining = self.remaining(trace)
+        if engine is not None and engine.role == Role.TEACHER:
+            return remaining
         limit = self.settings.attempt_timeout_s
         if max_tokens is not None:
             limit += max_tokens / self.settings.min_tokens_per_s
-        return min(limit, self.remaining(trace))
+        return min(limit, remaining)
 
     def failed(self, engine: Engine, permit: Permit) -> None:
         """The engine failed this attempt (also mid-stream): its breaker and metrics hear it."""
@@ -187,7 +196,7 @@ class EngineCaller:
             if try_index:
                 await self._back_off(trace, try_index)
             # A passed deadline is no fault of the engine: checked before its breaker is asked.
-            timeout = self.attempt_timeout(trace, max_tokens)
+            timeout = self.attempt_timeout(trace, max_tokens, engine)
             permit = engine.breaker.allow()
             if permit is None:
                 self.export_breaker(engine)

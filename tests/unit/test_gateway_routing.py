@@ -86,6 +86,18 @@ def test_a_failing_student_falls_back_within_the_deadline(gw, mode, reason):
     assert time.monotonic() - started < gw.settings.gateway.fallback.deadline_s
 
 
+def test_a_teacher_slower_than_the_attempt_timeout_still_answers_within_the_deadline(gw):
+    # Nothing falls back from the teacher, so its attempt has the rest of the deadline
+    # (attempt 2 s + 8 tokens at 20/s = 2.4 s here; the deadline is 5 s).
+    gw.engines["champion"].mode = "error500"
+    gw.engines["teacher"].delay_s = 3.0
+    raw = gw.client().chat.completions.with_raw_response.create(
+        model="stillhouse", messages=MSG, max_tokens=8
+    )
+    assert served(raw) == ("champion", "teacher", "upstream_5xx")
+    assert gw.gateway.router.engines["teacher"].breaker.state == "closed"
+
+
 def test_a_dead_student_falls_back_and_its_circuit_opens(gw):
     gw.stop_engine("champion")
     client = gw.client()
