@@ -72,28 +72,32 @@ def _quiet_foreign_loggers() -> None:
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread: it unwinds like Ctrl-C (every `finally` and exit
-    stack runs, so engines a command started are stopped), then exits 143."""
-
-
-def _raise_terminated(signum: int, frame: object) -> None:
-    raise Terminated
+    stack runs, so engines a command started are stopped), then the process exits 143."""
 
 
 def main() -> None:
     _quiet_foreign_loggers()
+    terminated: list[int] = []
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        terminated.append(signum)
+        raise Terminated
+
     # Python's default SIGTERM ends the process on the spot, leaving the vLLM servers a
     # command started running (`kill`, `up` stopping a child, Kubernetes). Commands that
     # shut down in their own way (serve once ready, up, controller) install their own.
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         build_app()()
     except StillhouseError as e:
         Console(stderr=True, highlight=False, soft_wrap=True).print(f"error: {e}", markup=False)
         sys.exit(e.exit_code)
-    except Terminated:
-        sys.exit(128 + signal.SIGTERM)
     except KeyboardInterrupt:
-        sys.exit(130)
+        sys.exit(128 + signal.SIGTERM if terminated else 130)
+    except SystemExit:
+        if terminated:  # typer turned the interrupt into exit 130; SIGTERM's is 143
+            sys.exit(128 + signal.SIGTERM)
+        raise
 
 
 if __name__ == "__main__":
