@@ -92,7 +92,8 @@ def engines_state(
             managed = by_url.get(engine.base_url)
             if managed is not None:  # a server this gateway started: its process, truly
                 status = supervisor.status(managed.key) if supervisor is not None else None
-                alive = managed.engine.returncode is None
+                # No process at all (between a restart's stop and start) is not alive.
+                alive = managed.engine.pid is not None and managed.engine.returncode is None
                 item["process"] = {
                     "pid": managed.engine.pid,
                     "alive": alive,

@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # leftovers.py imports this module
 
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 LOG_TAIL_LINES = 25
-KILL_WAIT_S = 10.0
+KILL_WAIT_S = 30.0  # a SIGKILLed vLLM worker freeing its KV cache on a loaded machine: seconds
 
 
 @dataclass(frozen=True)
