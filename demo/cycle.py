@@ -40,7 +40,13 @@ DEMO_CONTROLLER = {
     "tick_s": 3.0,
     "judge_sample": 60,
 }
-CYCLE_TIMEOUT_S = 1200.0
+# The controller bounds each phase itself (max_inconclusive_s, then a rollback), so the demo
+# waits for as long as the controller keeps taking steps: a ramp at 5% of teacher-bound traffic
+# can take ten minutes, and a fixed budget cut such a rollout off just before its promotion.
+STALL_S = (
+    DEMO_CONTROLLER["max_inconclusive_s"] + 300.0
+)  # no step this long: the controller is stuck
+CYCLE_CAP_S = 3600.0
 SWAP_TIMEOUT_S = 600.0
 
 
@@ -114,31 +120,49 @@ class ControllerThread:
         return self.store.load() or ControllerState()
 
 
-def wait_for_decision(
-    controller: ControllerThread, version: int, timeout_s: float = CYCLE_TIMEOUT_S
-) -> CycleOutcome:
-    started = time.monotonic()
-    while time.monotonic() - started < timeout_s:
+def gave_up(
+    now: float,
+    started: float,
+    last_step: float,
+    stall_s: float = STALL_S,
+    cap_s: float = CYCLE_CAP_S,
+) -> str | None:
+    """Why the demo stops waiting for a decision (None: keep waiting). Times are wall clock;
+    `last_step` is the newest journal row for the version (or the start)."""
+    if now - started >= cap_s:
+        return f"undecided after {now - started:.0f} s"
+    if now - max(last_step, started) >= stall_s:
+        return f"undecided: the controller took no step for {now - max(last_step, started):.0f} s"
+    return None
+
+
+def wait_for_decision(controller: ControllerThread, version: int) -> CycleOutcome:
+    started = time.time()
+    while True:
         if controller.error is not None:
             raise controller.error
         state = controller.state()
+        rows = controller.store.decisions(version)
         if version in state.decided:
+            stopped = None
+            break
+        stopped = gave_up(time.time(), started, max((r.ts for r in rows), default=started))
+        if stopped is not None:
             break
         time.sleep(2.0)
-    state = controller.state()
     rows = controller.store.decisions(version)
     shares = [
         float(r.payload.get("share", 0.0)) for r in rows if r.action == "set_share" and r.payload
     ]
     final = [r for r in rows if r.action in ("promote", "rollback")]
-    if version in state.decided and final:
+    if stopped is None and final:
         phase = "promoted" if final[-1].action == "promote" else "rolled_back"
         reason = final[-1].reason
     else:
-        phase = f"undecided after {timeout_s:.0f} s ({state.phase})"
+        phase = f"{stopped or 'undecided'} ({state.phase})"
         reason = state.reason or ""
     return CycleOutcome(
-        version, phase, reason, time.monotonic() - started, max(shares, default=0.0), rows
+        version, phase, reason, time.time() - started, max(shares, default=0.0), rows
     )
 
 
