@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
 import socket
 import sys
@@ -42,7 +43,7 @@ from stillhouse.serving.engines.pool import (
 )
 from stillhouse.serving.engines.registry_view import RegistryCache, RegistryView
 from stillhouse.serving.engines.supervisor import EngineSupervisor
-from stillhouse.serving.engines.vllm import EngineSpec, validate_model_dir
+from stillhouse.serving.engines.vllm import EngineSpec, engine_fingerprint, validate_model_dir
 from stillhouse.serving.engines.watcher import ModelWatcher, WatchedRole, not_served
 from stillhouse.serving.gateway.app import GATEWAY, MalformedRequestLog, build_app
 from stillhouse.serving.gateway.auth import load_keys
@@ -66,6 +67,13 @@ class ResolvedEngine:
     @property
     def pool_key(self) -> PoolKey:
         return pool_key(self.ref, self.extra_args)
+
+    @property
+    def spec(self) -> EngineSpec | None:
+        """The vLLM server to start for it; None for an engine given by its URL."""
+        if self.model_dir is None:
+            return None
+        return EngineSpec(self.model_dir, self.served_name, None, self.extra_args)
 
 
 def follows_alias(ref: EngineRef) -> bool:
@@ -189,9 +197,8 @@ def start_engines(
         stack.callback(pool.close)
     launched: dict[PoolKey, tuple[str, ManagedEngine]] = {}
     for role, engine in engines.items():
-        if engine.model_dir is not None and engine.pool_key not in launched:
-            spec = EngineSpec(engine.model_dir, engine.served_name, None, engine.extra_args)
-            launched[engine.pool_key] = (role, pool.launch(spec))
+        if engine.spec is not None and engine.pool_key not in launched:
+            launched[engine.pool_key] = (role, pool.launch(engine.spec))
     for key, (role, vllm) in launched.items():
         with console.status(f"starting vLLM for the {role}; log: {vllm.log_path}"):
             pool.finish(key, vllm, engines[role].served_name)
@@ -205,6 +212,16 @@ def start_engines(
         console.print(f"{role:<10} {engine.ref}  vLLM at {entry.base_url}")
         endpoints[role] = EngineEndpoint(entry.base_url, entry.served_name, engine.ref)
     return endpoints
+
+
+def wanted_fingerprints(engines: Mapping[str, ResolvedEngine], settings: Settings) -> set[str]:
+    """The fingerprints of the vLLM servers `start_engines` will start (the same factory's
+    environment: this process's)."""
+    return {
+        engine_fingerprint(e.spec, settings.engine, os.environ)
+        for e in engines.values()
+        if e.spec is not None
+    }
 
 
 def log_to_stderr() -> None:
@@ -292,12 +309,15 @@ def serve(
             settings.gateway.admin_host or settings.gateway.host, settings.gateway.admin_port
         )
     log_to_stderr()
-    # A gateway of this state dir that was killed may have left its engines running.
-    engine_notes(settings).reap_orphans()
+    # A gateway of this state dir that was killed may have left its engines running: those
+    # serving what this one wants are re-adopted as it starts them, the others stopped first.
+    notes = engine_notes(settings)
+    notes.reap_orphans(keep=wanted_fingerprints(engines, settings))
     with ExitStack() as stack:
         pool = EnginePool(vllm_factory(settings))
         stack.callback(pool.close)  # after the gateway has stopped: engines last
         endpoints = start_engines(engines, settings, stack, console, pool)
+        notes.reap_orphans()  # one kept for re-adoption that no role took after all
         app = build_app(settings, endpoints, environ)
         roles = watched_roles(engines, refs or {})
         for role in roles:

@@ -11,6 +11,9 @@ period) takes its workers along; a failed start raises `EngineStartError` quotin
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import logging
 import os
 import signal
 import socket
@@ -32,8 +35,11 @@ from stillhouse.common.errors import EngineStartError, UsageError
 if TYPE_CHECKING:  # leftovers.py imports this module
     from stillhouse.serving.engines.leftovers import EngineNotes
 
+log = logging.getLogger("stillhouse.serve")
+
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 LOG_TAIL_LINES = 25
+ADOPT_PROBE_S = 5.0  # a healthy orphan answers /v1/models in milliseconds
 KILL_WAIT_S = 30.0  # a SIGKILLed vLLM worker freeing its KV cache on a loaded machine: seconds
 
 
@@ -153,6 +159,44 @@ def build_engine_env(settings: EngineSettings, base: Mapping[str, str]) -> dict[
     return env
 
 
+def engine_fingerprint(
+    spec: EngineSpec, settings: EngineSettings, environ: Mapping[str, str]
+) -> str:
+    """What a server started for `spec` runs: its command line (the port only where one is
+    configured) and environment, hashed (the environment holds its API key). A gateway
+    re-adopts an orphaned server only when this matches (leftovers.py)."""
+    port = spec.port or settings.port or 0
+    argv = build_engine_command(spec, settings, port)
+    env = build_engine_env(settings, environ)
+    blob = json.dumps([argv, sorted(env.items())])
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class AdoptedProcess:
+    """A server process this gateway did not start (it re-adopted an orphan), with the part of
+    `subprocess.Popen` that `VllmEngine` uses. Not our child, so its exit status is unknown:
+    -1 once it has gone."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._proc = psutil.Process(pid)
+
+    def poll(self) -> int | None:
+        try:
+            running = self._proc.is_running() and self._proc.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            running = False
+        return None if running else -1
+
+    def wait(self, timeout: float | None = None) -> int:
+        with contextlib.suppress(psutil.Error):
+            try:
+                self._proc.wait(timeout)
+            except psutil.TimeoutExpired:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout or 0.0) from None
+        return -1
+
+
 def read_log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     try:
         with path.open("rb") as f:
@@ -190,7 +234,12 @@ class VllmEngine:
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / f"engine-{spec.served_model_name}-{self.port}.log"
         self._environ = dict(os.environ if environ is None else environ)
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc: subprocess.Popen[bytes] | AdoptedProcess | None = None
+        self.adopted = False  # the server is an orphan of a killed gateway, re-adopted
+
+    @property
+    def fingerprint(self) -> str:
+        return engine_fingerprint(self.spec, self.settings, self._environ)
 
     @property
     def base_url(self) -> str:
@@ -210,14 +259,41 @@ class VllmEngine:
         return None if self._proc is None else self._proc.poll()
 
     def start(self, *, append_log: bool = False) -> None:
-        """Start the server process (a restart appends to the log rather than losing it)."""
+        """Start the server process (a restart appends to the log rather than losing it), or
+        re-adopt the same server a killed gateway left running."""
         validate_model_dir(self.spec.model_path)
+        if self.notes is not None and self._adopt(self.notes):
+            return
         cmd = build_engine_command(self.spec, self.settings, self.port)
         env = build_engine_env(self.settings, self._environ)
         # stop() reaches every worker
         self._proc = start_group(cmd, self.log_path, env, append=append_log)
         if self.notes is not None:
-            self.notes.add(self._proc.pid)
+            self.notes.add(self._proc.pid, self.fingerprint, self.port)
+
+    def _adopt(self, notes: EngineNotes) -> bool:
+        """Re-adopt an orphan with this server's fingerprint if it answers now; one that does
+        not (still booting, or hung) is stopped, and a fresh server starts in its place."""
+        orphan = notes.claim(self.fingerprint)
+        if orphan is None:
+            return False
+        url = f"http://{self.settings.host}:{orphan.port}/v1/models"
+        try:
+            answered = httpx.get(url, timeout=ADOPT_PROBE_S, headers=self.settings.auth_headers())
+            healthy = answered.status_code == 200
+        except httpx.HTTPError:
+            healthy = False
+        if not healthy:
+            log.warning("the orphaned vLLM server on port %d does not answer: stopped", orphan.port)
+            stop_group_id(orphan.pgid, self.settings.stop_grace_s)
+            notes.remove(orphan.pgid)
+            return False
+        self.port = orphan.port
+        self.log_path = self.log_path.with_name(
+            f"engine-{self.spec.served_model_name}-{self.port}.log"
+        )
+        self._proc, self.adopted = AdoptedProcess(orphan.pgid), True
+        return True
 
     def wait_ready(self, timeout_s: float | None = None) -> None:
         """Poll `/v1/models` until it answers 200; raise with the log tail if the server dies
