@@ -60,6 +60,14 @@ def _noted_groups(state: Path, until: float) -> list[int]:
     raise AssertionError(f"no vLLM server was started within {SPAWN_S} s")
 
 
+def _kill_all(proc: subprocess.Popen, groups: list[int]) -> None:
+    """Whatever a failed test left: the command's process group and every vLLM group."""
+    for pgid in [proc.pid, *groups]:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+    proc.wait(30)
+
+
 def _left(config: Path, groups: list[int], group_processes) -> list[str]:
     left = [
         f"group {g}: {[p.pid for p in group_processes(g)]}" for g in groups if group_processes(g)
@@ -95,12 +103,7 @@ def test_stopping_during_engine_start_up_leaves_no_process(
         assert _left(config, groups, group_processes) == []
         assert "Traceback" not in (tmp_path / f"{command}.log").read_text()
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        for g in groups:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(g, signal.SIGKILL)
-        proc.wait(30)
+        _kill_all(proc, groups)
         log.close()
 
 
@@ -220,10 +223,5 @@ def test_a_killed_gateway_under_up_re_adopts_its_vllm_server(
         assert up.wait(EXIT_S) == 0
         assert _left(config, groups, group_processes) == []
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(up.pid, signal.SIGKILL)
-        for g in groups:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(g, signal.SIGKILL)
-        up.wait(30)
+        _kill_all(up, groups)
         log.close()
