@@ -1,7 +1,8 @@
 """The controller loop over a scripted world: in process (a degraded challenger is rolled back at
 the first ramp step; failures are retried in order; a restart finishes what was journaled), and
 in a subprocess killed with SIGKILL: it resumes at the same step, with the same step start, and
-re-asserts its share without ever going back to the mirror phase or an earlier step."""
+re-asserts its share without ever going back to the mirror phase or an earlier step; and a
+promotion it journaled before the kill is not replayed over an operator's rollback."""
 
 from __future__ import annotations
 
@@ -224,11 +225,27 @@ CONTROLLER = textwrap.dedent(
         cal = Calibration(True, 0.4)
         return Observation(now, w["challenger"], 3, cal, w["samples"], gates)
 
+    runtime = None
+    if world().get("registry"):  # promotions go to a real MLflow registry, through the runtime
+        from stillhouse.common.config import Settings
+        from stillhouse.common.registry import RegistryClient
+        from stillhouse.rollout.controller.runtime import ControllerRuntime
+
+        class NoGateway:
+            def refresh(self):
+                pass
+
+        settings = Settings(state_dir=Path(world()["registry"]))
+        registry = RegistryClient.from_settings(settings)
+        runtime = ControllerRuntime(settings, NoGateway(), registry, lambda m: print(m, flush=True))
+
     def execute(action):
         record = {"pid": os.getpid(), **action_to_dict(action)}
         die_on = world().get("die_on")
         if die_on and all(record.get(k) == v for k, v in die_on.items()):
             os.kill(os.getpid(), signal.SIGKILL)  # mid-decision: journaled, not yet executed
+        if runtime is not None and action.kind == "promote":
+            runtime.execute(action)
         with open(work / "actions.jsonl", "a") as f:
             f.write(json.dumps(record) + "\\n")
 
@@ -351,3 +368,70 @@ def test_a_kill_9_between_deciding_and_executing_runs_the_decision_on_restart(tm
         {"kind": "set_mirror", "share": 0.0},  # then the restore
         {"kind": "set_share", "share": 0.05},
     ]
+
+
+def test_a_kill_9_before_a_journaled_promotion_does_not_undo_a_manual_rollback(tmp_path):
+    """Case 9: the controller journals "promote v3" and is killed before it runs; an operator
+    rolls the champion back with `stillhouse rollback`; the restarted controller replays its
+    journal and must not promote over the operator's decision. Real MLflow registry (sqlite),
+    real CLI, real controller processes."""
+    import yaml
+
+    from stillhouse.common.config import Settings
+    from stillhouse.common.registry import RegistryClient
+    from stillhouse.common.tracking import RunTracker
+    from stillhouse.rollout.promotion import admin_actor, promote
+
+    state = tmp_path / "state"
+    settings = Settings(state_dir=state)
+    registry = RegistryClient.from_settings(settings)
+    experiment = registry.ensure_experiment(settings.mlflow.experiment)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    from mlflow import MlflowClient
+
+    client = MlflowClient(settings.tracking_uri, registry_uri=settings.tracking_uri)
+    for i in range(3):
+        run_id = client.create_run(experiment).info.run_id
+        registry.register_version(run_id, model, {"n": str(i)}, alias=None)
+    tracker = RunTracker(registry, settings.mlflow.experiment)
+    earlier = time.time() - 120
+    promote(registry, tracker, 1, actor=admin_actor("ops"), reason="first", at=earlier)
+    promote(registry, tracker, 2, actor=admin_actor("ops"), reason="second", at=earlier + 30)
+
+    store = ControllerStore.open(tmp_path / "controller")
+    passed = {"mirror": "pass", **{f"ramp-{i}/4": "pass" for i in range(1, 5)}}
+    die_on = {"kind": "promote"}
+    write_world(tmp_path, challenger=3, gates=passed, die_on=die_on, registry=str(state))
+    first = start(tmp_path, "first")
+    second: subprocess.Popen | None = None
+    try:
+        first.wait(timeout=120)  # it kills itself executing Promote(3)
+        assert first.returncode == -signal.SIGKILL
+        assert [r.to_action().kind for r in store.pending()] == ["promote"]
+        assert registry.get_alias("champion").version == 2  # decided, not done
+
+        config = tmp_path / "stillhouse.yaml"
+        config.write_text(yaml.safe_dump({"state_dir": str(state), "demo": {"enabled": False}}))
+        rolled = subprocess.run(
+            [sys.executable, "-m", "stillhouse", "--config", str(config), "rollback", "--yes"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+        assert registry.get_alias("champion").version == 1
+
+        write_world(tmp_path, challenger=3, gates=passed, registry=str(state))
+        second = start(tmp_path, "second")
+        wait_for("the replay", lambda: store.pending() == [], [second])
+    finally:
+        stop(first)
+        if second is not None:
+            stop(second)
+    assert registry.get_alias("champion").version == 1  # the operator's rollback stands
+    assert (
+        "not promoting v3 as decided: rollback of v2 by admin:"
+        in (tmp_path / "second.log").read_text()
+    )
