@@ -34,6 +34,7 @@ from stillhouse.cli.context import CliState
 from stillhouse.common.config import Settings
 from stillhouse.common.errors import StillhouseError
 from stillhouse.serving.engines.vllm import read_log_tail, start_group, stop_group
+from stillhouse.serving.listener import LISTEN_FD_ENV, bind_listener
 
 MAX_RESTARTS = 5
 RESTART_WINDOW_S = 600.0
@@ -94,9 +95,12 @@ class Child:
     proc: subprocess.Popen[bytes] | None = None
     exits: list[float] = field(default_factory=list)
     restart_at: float | None = None
+    pass_fds: tuple[int, ...] = ()  # the gateway's: the listening socket `up` keeps
 
     def start(self) -> None:
-        self.proc = start_group(self.argv, self.log_path, self.env, append=True)
+        self.proc = start_group(
+            self.argv, self.log_path, self.env, append=True, pass_fds=self.pass_fds
+        )
 
     def poll(self) -> int | None:
         return None if self.proc is None else self.proc.poll()
@@ -213,7 +217,10 @@ def run_up(
 ) -> None:
     """`prometheus_port`: also run a local Prometheus on it (when the binary is installed)."""
     gw = settings.gateway
-    port = gw.port if port is None else port
+    # `up` holds the gateway's port for its whole run: a restarted gateway inherits the socket,
+    # so connections made while it restarts wait in the kernel's queue instead of failing.
+    listener = bind_listener(gw.host, gw.port if port is None else port)
+    port = listener.getsockname()[1]
     url = f"http://{gw.host}:{port}"
     env, generated = child_environment(settings, os.environ if environ is None else environ, url)
     logs = settings.logs_dir
@@ -231,6 +238,8 @@ def run_up(
     children = {
         name: Child(name, argv, env, logs / f"up-{name}.log") for name, argv in commands.items()
     }
+    gateway_env = {**env, LISTEN_FD_ENV: str(listener.fileno())}
+    children["gateway"].env, children["gateway"].pass_fds = gateway_env, (listener.fileno(),)
     stop = threading.Event()
     signals = (signal.SIGINT, signal.SIGTERM)
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in signals}
@@ -271,3 +280,4 @@ def run_up(
                 children[name].stop(STOP_GRACE_S)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        listener.close()

@@ -38,9 +38,11 @@ CONFIG_ENV = "STILLHOUSE_CONFIG"
 DEFAULT_CONFIG_FILE = "stillhouse.yaml"
 API_KEYS_ENV = "STILLHOUSE_API_KEYS"
 ADMIN_KEY_ENV = "STILLHOUSE_ADMIN_KEY"
-# Variables that share the prefix but are not config overrides: the config file's path and the
-# gateway's secrets (read by the gateway itself, never parsed into Settings).
-NOT_OVERRIDES = frozenset({CONFIG_ENV, API_KEYS_ENV, ADMIN_KEY_ENV})
+GATEWAY_FD_ENV = "STILLHOUSE_GATEWAY_FD"  # the listening socket `up` hands the gateway
+# Variables that share the prefix but are not config overrides: the config file's path, the
+# gateway's secrets and its inherited socket (read by the gateway itself, never parsed into
+# Settings).
+NOT_OVERRIDES = frozenset({CONFIG_ENV, API_KEYS_ENV, ADMIN_KEY_ENV, GATEWAY_FD_ENV})
 
 
 class EngineSettings(_Section):

@@ -48,6 +48,7 @@ from stillhouse.serving.engines.watcher import ModelWatcher, WatchedRole, not_se
 from stillhouse.serving.gateway.app import GATEWAY, MalformedRequestLog, build_app
 from stillhouse.serving.gateway.auth import load_keys
 from stillhouse.serving.gateway.parts import EngineEndpoint
+from stillhouse.serving.listener import inherited_listener
 
 log = logging.getLogger("stillhouse.serve")
 
@@ -258,15 +259,20 @@ async def run_gateway(
     port: int,
     on_ready: Callable[[str], None],
     admin: tuple[str, int] | None = None,
+    listener: socket.socket | None = None,
 ) -> None:
     """Serve `app` until SIGINT or SIGTERM, then shut down gracefully; also on `admin`
-    (host, port) when the admin API has a port of its own."""
+    (host, port) when the admin API has a port of its own. `listener`: a listening socket
+    handed over by `stillhouse up` (serving/listener.py), used instead of binding host:port."""
     # handler_cancellation: a client that goes away cancels its request's handler, and with
     # it the engine call (and any teacher fallback) it was waiting on.
     runner = web.AppRunner(app, handle_signals=False, access_log=None, handler_cancellation=True)
     await runner.setup()
     try:
-        for site_host, site_port in [(host, port), *([admin] if admin else [])]:
+        if listener is not None:
+            await web.SockSite(runner, listener, shutdown_timeout=10.0).start()
+        addresses = [] if listener is not None else [(host, port)]
+        for site_host, site_port in [*addresses, *([admin] if admin else [])]:
             site = web.TCPSite(runner, site_host, site_port, shutdown_timeout=10.0)
             try:
                 await site.start()
@@ -303,7 +309,10 @@ def serve(
     is the cache they were resolved through (its fallbacks show in `/admin/engines`)."""
     # User mistakes in the gateway's own settings end here, before minutes of engine start-up.
     load_keys(settings, environ)
-    check_port_free(settings.gateway.host, settings.gateway.port)
+    # Under `stillhouse up`: the socket `up` keeps across gateway restarts (serving/listener.py).
+    listener = inherited_listener(environ)
+    if listener is None:
+        check_port_free(settings.gateway.host, settings.gateway.port)
     if settings.gateway.admin_port is not None:
         check_port_free(
             settings.gateway.admin_host or settings.gateway.host, settings.gateway.admin_port
@@ -344,5 +353,5 @@ def serve(
 
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             admin = None if gw.admin_port is None else (gw.admin_host or gw.host, gw.admin_port)
-            runner.run(run_gateway(app, gw.host, gw.port, ready, admin))
+            runner.run(run_gateway(app, gw.host, gw.port, ready, admin, listener))
         console.print("gateway stopped; stopping engines")

@@ -366,10 +366,15 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
 
 
 def start_group(
-    argv: Sequence[str], log_path: Path, env: Mapping[str, str], *, append: bool = False
+    argv: Sequence[str],
+    log_path: Path,
+    env: Mapping[str, str],
+    *,
+    append: bool = False,
+    pass_fds: Sequence[int] = (),
 ) -> subprocess.Popen[bytes]:
     """`argv` as the leader of its own process group (so `stop_group` reaches every child it
-    starts), its stdout and stderr into `log_path`, no stdin."""
+    starts), its stdout and stderr into `log_path`, no stdin; `pass_fds` stay open in it."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab" if append else "wb") as log:
         return subprocess.Popen(
@@ -379,6 +384,7 @@ def start_group(
             stdin=subprocess.DEVNULL,
             env=dict(env),
             start_new_session=True,
+            pass_fds=tuple(pass_fds),
         )
 
 

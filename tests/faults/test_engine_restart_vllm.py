@@ -31,6 +31,13 @@ def champion_process(gp) -> dict:
     return engines["champion"]["process"]
 
 
+def _champion_log_tail(gp, lines: int = 40) -> str:
+    """Why a restart was slow, when it was: vLLM's own last lines (a CI run once timed out
+    with nothing else to go on)."""
+    logs = sorted((gp.state / "logs").glob("engine-champion-*.log"))
+    return "\n".join("\n".join(p.read_text(errors="replace").splitlines()[-lines:]) for p in logs)
+
+
 def test_a_killed_champion_is_restarted_and_no_client_sees_it(
     tiny_world, tiny_settings, teacher_engine, start_gateway
 ):
@@ -78,7 +85,10 @@ def test_a_killed_champion_is_restarted_and_no_client_sees_it(
             back = [t for t, s in seen if t > killed_at and s.served_by == "champion"]
             if process["restarts"] == 1 and process["state"] == "running" and back:
                 break
-            assert time.monotonic() < deadline, f"not serving again: {process}"
+            assert time.monotonic() < deadline, (
+                f"not serving again: {process}; load average {os.getloadavg()}; "
+                f"the server's log ends:\n{_champion_log_tail(gp)}"
+            )
             time.sleep(0.5)
         time.sleep(2)
     finally:

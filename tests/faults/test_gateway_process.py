@@ -2,7 +2,8 @@
 
 - a `kill -9` of the gateway under `stillhouse up`, with clients sending requests: `up` restarts
   it, the restarted gateway re-adopts the vLLM server the dead one left (no second server, no
-  cold start), and requests succeed again;
+  cold start), and since `up` holds the listening socket, requests made meanwhile wait for the
+  restarted gateway instead of being refused: only those in flight at the kill are lost;
 - stopping `stillhouse serve` (SIGTERM) or `stillhouse up` (Ctrl-C) while the vLLM server is
   still starting leaves no process behind.
 
@@ -111,12 +112,17 @@ CLIENTS = 2
 READY_S = 300.0  # `up`, the gateway and a cold vLLM start on a loaded two-core machine
 
 
+REFUSED = 0  # the connection was refused
+BROKEN = -1  # the connection broke (the gateway died with the request in flight)
+
+
 class Load:
-    """Clients sending requests in a loop: (time sent, status; 0 for a refused connection)."""
+    """Clients sending requests in a loop: (time sent, seconds taken, status or REFUSED/BROKEN).
+    The timeout is longer than a gateway restart: a request made meanwhile may wait for it."""
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.seen: list[tuple[float, int]] = []
+        self.seen: list[tuple[float, float, int]] = []
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run) for _ in range(CLIENTS)]
 
@@ -124,11 +130,13 @@ class Load:
         while not self._stop.is_set():
             sent = time.monotonic()
             try:
-                status = ask(self.url, False, timeout=20.0).status
-            except httpx.HTTPError:
-                status = 0
+                status = ask(self.url, False, timeout=120.0).status
+            except httpx.ConnectError:
+                status = REFUSED
                 time.sleep(0.2)
-            self.seen.append((sent, status))
+            except httpx.HTTPError:
+                status = BROKEN
+            self.seen.append((sent, time.monotonic() - sent, status))
 
     def __enter__(self) -> Load:
         for thread in self._threads:
@@ -138,7 +146,7 @@ class Load:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         for thread in self._threads:
-            thread.join(30)
+            thread.join(150)
 
 
 def _gateway_child(up: subprocess.Popen) -> psutil.Process | None:
@@ -203,14 +211,23 @@ def test_a_killed_gateway_under_up_re_adopts_its_vllm_server(
                 "`up` to restart the gateway",
             )
             _until(
-                lambda: any(s == 200 and t > killed for t, s in load.seen[:]),
+                lambda: any(t > killed and s == 200 for t, _, s in load.seen[:]),
                 READY_S,
-                "a request to succeed after the kill",
+                "a request made after the kill to succeed",
             )
             time.sleep(3.0)
-        back = min(t for t, s in load.seen if s == 200 and t > killed) - killed
-        refused = sum(1 for t, s in load.seen if t > killed and s != 200)
-        print(f"requests succeed again {back:.1f} s after the kill; {refused} failed meanwhile")
+        after = [(t - killed, took, s) for t, took, s in load.seen if t + took > killed]
+        back = min(t + took for t, took, s in after if s == 200)
+        failed = [s for _, _, s in after if s != 200]
+        print(
+            f"answered again {back:.1f} s after the kill; {len(after)} requests in flight or made "
+            f"since, {len(failed)} failed ({failed}); the longest waited "
+            f"{max(took for _, took, _ in after):.1f} s"
+        )
+        # `up` holds the port: nothing is refused, and only what the dead gateway had in flight
+        # (one request per client at most) is lost.
+        assert REFUSED not in failed
+        assert len(failed) <= CLIENTS and set(failed) <= {BROKEN}
         # The same vLLM server, noted as the restarted gateway's: re-adopted, not restarted.
         notes = [json.loads(p.read_text()) for p in (tmp_path / "state" / "engines").glob("*.json")]
         assert [n["pgid"] for n in notes] == groups
@@ -218,7 +235,6 @@ def test_a_killed_gateway_under_up_re_adopts_its_vllm_server(
         assert group_processes(groups[0])
         gateway_log = tmp_path / "state" / "logs" / "up-gateway.log"
         assert "re-adopted the vLLM server" in gateway_log.read_text()
-        assert all(s == 200 for t, s in load.seen if t > killed + back)
         up.send_signal(signal.SIGINT)
         assert up.wait(EXIT_S) == 0
         assert _left(config, groups, group_processes) == []
