@@ -219,65 +219,66 @@ def run_up(
     gw = settings.gateway
     # `up` holds the gateway's port for its whole run: a restarted gateway inherits the socket,
     # so connections made while it restarts wait in the kernel's queue instead of failing.
-    listener = bind_listener(gw.host, gw.port if port is None else port)
-    port = listener.getsockname()[1]
-    url = f"http://{gw.host}:{port}"
-    env, generated = child_environment(settings, os.environ if environ is None else environ, url)
-    logs = settings.logs_dir
-    commands = child_commands(config, port, with_schedule)
-    if prometheus_port is not None:
-        prometheus = _prometheus_command(settings, f"{gw.host}:{port}", prometheus_port)
-        if prometheus is None:
-            console.print(
-                "prometheus: not installed (Debian's `prometheus` package; `make test` "
-                "installs it); going on without it",
-                markup=False,
-            )
-        else:
-            commands["prometheus"] = prometheus
-    children = {
-        name: Child(name, argv, env, logs / f"up-{name}.log") for name, argv in commands.items()
-    }
-    gateway_env = {**env, LISTEN_FD_ENV: str(listener.fileno())}
-    children["gateway"].env, children["gateway"].pass_fds = gateway_env, (listener.fileno(),)
-    stop = threading.Event()
-    signals = (signal.SIGINT, signal.SIGTERM)
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in signals}
+    with bind_listener(gw.host, gw.port if port is None else port) as listener:
+        port = listener.getsockname()[1]
+        url = f"http://{gw.host}:{port}"
+        env, generated = child_environment(
+            settings, os.environ if environ is None else environ, url
+        )
+        logs = settings.logs_dir
+        commands = child_commands(config, port, with_schedule)
+        if prometheus_port is not None:
+            prometheus = _prometheus_command(settings, f"{gw.host}:{port}", prometheus_port)
+            if prometheus is None:
+                console.print(
+                    "prometheus: not installed (Debian's `prometheus` package; `make test` "
+                    "installs it); going on without it",
+                    markup=False,
+                )
+            else:
+                commands["prometheus"] = prometheus
+        children = {
+            name: Child(name, argv, env, logs / f"up-{name}.log") for name, argv in commands.items()
+        }
+        gateway_env = {**env, LISTEN_FD_ENV: str(listener.fileno())}
+        children["gateway"].env, children["gateway"].pass_fds = gateway_env, (listener.fileno(),)
+        stop = threading.Event()
+        signals = (signal.SIGINT, signal.SIGTERM)
+        previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in signals}
 
-    def say(line: str) -> None:
-        console.print(line, markup=False, highlight=False)
+        def say(line: str) -> None:
+            console.print(line, markup=False, highlight=False)
 
-    try:
-        gateway = children["gateway"]
-        say(f"gateway: starting engines and the gateway (log {gateway.log_path})")
-        gateway.start()
-        with console.status("waiting for the gateway (engines start in a minute or more each)"):
-            wait_ready(url, gateway, READY_TIMEOUT_S, stop)
-        if stop.is_set():
-            return
-        say(f"gateway ready at {url}/v1; metrics {url}/metrics")
-        if "prometheus" in children:
-            children["prometheus"].start()
-            say(
-                f"prometheus: http://127.0.0.1:{prometheus_port}/targets (UI and targets; "
-                f"log {children['prometheus'].log_path})"
-            )
-        for name in ("controller", "schedule"):
-            if name in children:
-                children[name].start()
-                say(f"{name}: started (log {children[name].log_path})")
-        if generated:
-            say(
-                f"admin API: a key was generated for this session; set ${gw.admin_key_env} "
-                "before `stillhouse up` to call /admin yourself"
-            )
-        say("Ctrl-C stops everything.")
-        supervise(list(children.values()), stop, say)
-    finally:
-        for name in ("controller", "schedule", "gateway", "prometheus"):
-            if name in children and children[name].proc is not None:
-                say(f"stopping {name}")
-                children[name].stop(STOP_GRACE_S)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        listener.close()
+        try:
+            gateway = children["gateway"]
+            say(f"gateway: starting engines and the gateway (log {gateway.log_path})")
+            gateway.start()
+            with console.status("waiting for the gateway (engines start in a minute or more each)"):
+                wait_ready(url, gateway, READY_TIMEOUT_S, stop)
+            if stop.is_set():
+                return
+            say(f"gateway ready at {url}/v1; metrics {url}/metrics")
+            if "prometheus" in children:
+                children["prometheus"].start()
+                say(
+                    f"prometheus: http://127.0.0.1:{prometheus_port}/targets (UI and targets; "
+                    f"log {children['prometheus'].log_path})"
+                )
+            for name in ("controller", "schedule"):
+                if name in children:
+                    children[name].start()
+                    say(f"{name}: started (log {children[name].log_path})")
+            if generated:
+                say(
+                    f"admin API: a key was generated for this session; set ${gw.admin_key_env} "
+                    "before `stillhouse up` to call /admin yourself"
+                )
+            say("Ctrl-C stops everything.")
+            supervise(list(children.values()), stop, say)
+        finally:
+            for name in ("controller", "schedule", "gateway", "prometheus"):
+                if name in children and children[name].proc is not None:
+                    say(f"stopping {name}")
+                    children[name].stop(STOP_GRACE_S)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)

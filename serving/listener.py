@@ -19,15 +19,32 @@ from stillhouse.common.errors import UsageError
 BACKLOG = 1024  # connections the kernel holds while no gateway accepts (a restart)
 
 
+def cannot_listen(host: str, port: int, exc: OSError) -> UsageError:
+    """The one error for a gateway port that is taken or not ours to bind."""
+    return UsageError(
+        f"the gateway cannot listen on {host}:{port} ({exc.strerror}); "
+        "choose another with --port or gateway.port"
+    )
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fail before minutes of engine start-up, not after: the port is bound later."""
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise cannot_listen(host, port, exc) from None
+
+
 def bind_listener(host: str, port: int) -> socket.socket:
     """A listening TCP socket on host:port that children inherit."""
     try:
         listener = socket.create_server((host, port), backlog=BACKLOG)
     except OSError as exc:
-        raise UsageError(
-            f"the gateway cannot listen on {host}:{port} ({exc.strerror}); "
-            "choose another with --port or gateway.port"
-        ) from None
+        raise cannot_listen(host, port, exc) from None
     listener.set_inheritable(True)
     return listener
 

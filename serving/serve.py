@@ -48,7 +48,7 @@ from stillhouse.serving.engines.watcher import ModelWatcher, WatchedRole, not_se
 from stillhouse.serving.gateway.app import GATEWAY, MalformedRequestLog, build_app
 from stillhouse.serving.gateway.auth import load_keys
 from stillhouse.serving.gateway.parts import EngineEndpoint
-from stillhouse.serving.listener import inherited_listener
+from stillhouse.serving.listener import cannot_listen, check_port_free, inherited_listener
 
 log = logging.getLogger("stillhouse.serve")
 
@@ -239,20 +239,6 @@ def log_to_stderr() -> None:
         logger.setLevel(logging.INFO)
 
 
-def check_port_free(host: str, port: int) -> None:
-    if port == 0:
-        return
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            raise UsageError(
-                f"the gateway cannot listen on {host}:{port} ({exc.strerror}); "
-                "choose another with --port or gateway.port"
-            ) from None
-
-
 async def run_gateway(
     app: web.Application,
     host: str,
@@ -277,9 +263,7 @@ async def run_gateway(
             try:
                 await site.start()
             except OSError as exc:  # taken since the check before the engines started
-                raise UsageError(
-                    f"the gateway cannot listen on {site_host}:{site_port} ({exc.strerror})"
-                ) from None
+                raise cannot_listen(site_host, site_port, exc) from None
         bound = runner.addresses[0][1] if runner.addresses else port
         # Everything imported so far (aiohttp, pydantic, maybe torch via the demo) lives for the
         # whole process: frozen, it is out of the garbage collector's full passes, which

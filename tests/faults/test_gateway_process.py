@@ -228,6 +228,7 @@ def test_a_killed_gateway_under_up_re_adopts_its_vllm_server(
         # (one request per client at most) is lost.
         assert REFUSED not in failed
         assert len(failed) <= CLIENTS and set(failed) <= {BROKEN}
+        assert all(s == 200 for t, _, s in after if t > back)  # and once back, nothing fails
         # The same vLLM server, noted as the restarted gateway's: re-adopted, not restarted.
         notes = [json.loads(p.read_text()) for p in (tmp_path / "state" / "engines").glob("*.json")]
         assert [n["pgid"] for n in notes] == groups
